@@ -1,0 +1,44 @@
+# fedctl developer entry points. `make demo` and `make test` work on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-stamp
+PIP     := $(BIN)/python -m pip
+# Tests that start servers or Ray must keep all traffic on loopback; CI wraps `make test` itself.
+PYTEST  := $(BIN)/python -m pytest
+
+.PHONY: install demo test test-slow test-all lint bench bench-quick clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned by constraints.txt so pip never pulls a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedctl simulate recipes/hello_pt --clients 8 --workspace fedctl-runs
+
+test: $(STAMP)
+	$(PYTEST) -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PYTEST) -q -m slow
+
+test-all: $(STAMP)
+	$(PYTEST) -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedctl tests bench recipes
+	$(BIN)/ruff format --check fedctl tests bench recipes
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_sim.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/bench_sim.py --quick
+
+clean:
+	rm -rf $(VENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""The ``fedctl`` command line: parses, calls the Python API, prints. No heavy imports here."""
