@@ -45,3 +45,7 @@ class NotFound(FedctlError):
     """A job, site or file that was named does not exist."""
 
     exit_code = 4
+
+
+class ClientAPIError(FedctlError, RuntimeError):
+    """A training script used ``fedctl.client`` the wrong way (e.g. receive before init)."""

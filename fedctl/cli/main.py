@@ -11,6 +11,7 @@ import sys
 import typer
 
 from fedctl import __version__
+from fedctl.cli import provision as _provision
 from fedctl.cli import simulate as _simulate
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ def _root(
 
 
 _simulate.register(app)
+_provision.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 
 
@@ -9,6 +12,59 @@ def register(app: typer.Typer) -> None:
     """Attach the command to the root app."""
 
     @app.command("simulate")
-    def simulate(recipe: str = typer.Argument(..., help="Recipe file or folder.")) -> None:
-        """Run a recipe in simulation."""
-        raise typer.Exit(1)
+    def simulate(
+        recipe: str = typer.Argument(
+            ..., help="Recipe file, folder holding recipe.py, or job folder."
+        ),
+        clients: int | None = typer.Option(
+            None, "--clients", "-n", help="Number of virtual sites."
+        ),
+        workers: int | None = typer.Option(
+            None, "--workers", "-w", help="Worker processes (default: min(clients, CPUs))."
+        ),
+        rounds: int | None = typer.Option(None, "--rounds", "-r", help="Override num_rounds."),
+        workspace: Path | None = typer.Option(
+            None, "--workspace", help="Where run folders are created (default: ./fedctl-runs)."
+        ),
+        seed: int | None = typer.Option(None, "--seed", help="Seed (same seed, same model)."),
+        backend: str | None = typer.Option(
+            None, "--backend", help="'ray' (default) or 'local' (one in-process worker, to debug)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON result object."),
+    ) -> int:
+        """Run RECIPE with N simulated sites and show its progress; exit 0 only on success."""
+        from dataclasses import replace
+
+        from fedctl.errors import UsageError
+        from fedctl.recipe.loader import load_recipe
+        from fedctl.sim.env import SimEnv
+
+        loaded = load_recipe(recipe)
+        r = loaded.recipe
+        if rounds is not None:
+            r = r.with_overrides(num_rounds=rounds)
+        env = loaded.env if isinstance(loaded.env, SimEnv) else SimEnv(num_clients=r.min_clients)
+        changes: dict[str, object] = {}
+        for key, value in (
+            ("num_clients", clients),
+            ("workers", workers),
+            ("workspace", workspace),
+            ("seed", seed),
+            ("backend", backend),
+        ):
+            if value is not None:
+                changes[key] = value
+        if as_json:
+            changes["display"] = "none"
+        if clients is not None and env.sites is not None:
+            changes["sites"] = None
+        try:
+            env = replace(env, **changes)
+        except TypeError as exc:  # pragma: no cover - options map 1:1 to fields
+            raise UsageError(str(exc)) from None
+        run = r.run(env)
+        if as_json:
+            print(json.dumps(run.to_json(), indent=2))
+        if run.status == "ABORTED" and run.reason == "interrupted by the user":
+            return 130
+        return 0 if run.ok else 1

@@ -1,0 +1,45 @@
+"""The API training scripts import (``import fedctl.client as flare``).
+
+A tiny public surface over a hidden runtime: the same script runs in the simulator, in POC and
+in production, and as a plain ``python client.py`` for debugging.
+"""
+
+from fedctl.client.api import (
+    get_job_id,
+    get_num_sites,
+    get_site_index,
+    get_site_name,
+    get_state,
+    get_task_name,
+    init,
+    is_evaluate,
+    is_running,
+    is_submit_model,
+    is_train,
+    log,
+    receive,
+    send,
+    system_info,
+)
+from fedctl.codec.model import NUM_STEPS_KEY, FLModel, ParamsType
+
+__all__ = [
+    "NUM_STEPS_KEY",
+    "FLModel",
+    "ParamsType",
+    "get_job_id",
+    "get_num_sites",
+    "get_site_index",
+    "get_site_name",
+    "get_state",
+    "get_task_name",
+    "init",
+    "is_evaluate",
+    "is_running",
+    "is_submit_model",
+    "is_train",
+    "log",
+    "receive",
+    "send",
+    "system_info",
+]

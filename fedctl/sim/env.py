@@ -1,0 +1,86 @@
+"""``SimEnv``: run a recipe on one machine (or a Ray cluster) with N virtual sites."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedctl.errors import UsageError
+
+if TYPE_CHECKING:
+    from fedctl.recipe.run import Run
+
+
+@dataclass
+class SimEnv:
+    """Simulation environment.
+
+    ``num_clients`` virtual sites (``site-1`` … ``site-N``) run on a pool of ``workers`` processes
+    (default min(num_clients, CPUs)). ``resident`` keeps each site's script alive across rounds;
+    by default it is on when there are no more sites than workers (see docs/simulation.md).
+    ``ray_address`` joins an existing Ray cluster instead of starting one on 127.0.0.1.
+    ``backend="local"`` runs everything in this process (one worker), for debugging.
+    ``gpus`` is the number of GPUs shared by the pool's workers.
+    """
+
+    num_clients: int = 2
+    workers: int | None = None
+    gpus: float | None = None
+    ray_address: str | None = None
+    seed: int = 0
+    workspace: str | os.PathLike[str] = "fedctl-runs"
+    resident: bool | None = None
+    backend: str = "ray"
+    display: str = "auto"
+    checkpoint: bool = False
+    sites: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sites is not None:
+            if not self.sites or len(set(self.sites)) != len(self.sites):
+                raise UsageError("sites must be a non-empty list of distinct names")
+            self.num_clients = len(self.sites)
+        if isinstance(self.num_clients, bool) or not isinstance(self.num_clients, int):
+            raise UsageError(f"num_clients must be an integer, got {self.num_clients!r}")
+        if self.num_clients < 1:
+            raise UsageError(f"num_clients must be at least 1, got {self.num_clients}")
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
+            raise UsageError(f"workers must be a positive integer, got {self.workers!r}")
+        if self.gpus is not None and self.gpus < 0:
+            raise UsageError(f"gpus must be ≥ 0, got {self.gpus}")
+        if self.backend not in ("ray", "local"):
+            raise UsageError(f"backend must be 'ray' or 'local', got {self.backend!r}")
+        if self.display not in ("auto", "rich", "plain", "none"):
+            raise UsageError("display must be auto, rich, plain or none")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UsageError(f"seed must be an integer, got {self.seed!r}")
+
+    def site_names(self) -> list[str]:
+        """The virtual sites' names."""
+        return (
+            list(self.sites) if self.sites else [f"site-{i + 1}" for i in range(self.num_clients)]
+        )
+
+    def resolved_workers(self) -> int:
+        """How many worker processes the pool gets."""
+        if self.backend == "local":
+            return 1
+        if self.workers is not None:
+            return self.workers
+        from fedctl.sim.pool import available_cpus
+
+        return max(1, min(self.num_clients, available_cpus()))
+
+    def run(self, recipe: Any) -> Run:
+        """Simulate ``recipe`` (what ``recipe.run(env)`` calls)."""
+        from fedctl.sim.runner import simulate
+
+        return simulate(recipe, self)
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(self.workspace)

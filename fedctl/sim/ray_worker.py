@@ -1,0 +1,28 @@
+"""The Ray actor that hosts a :class:`~fedctl.sim.worker.WorkerCore` (imported only with Ray)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fedctl.sim.transport import RayTransport
+from fedctl.sim.worker import WorkerConfig, WorkerCore, WorkItem
+
+
+class SimWorkerActor:
+    """One simulator worker process."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.core = WorkerCore(config, RayTransport())
+
+    def ready(self) -> int:
+        """Returns the worker's PID once it has started."""
+        return os.getpid()
+
+    def run_batch(self, items: list[WorkItem], model_id: str, box: list[Any]) -> list[Any]:
+        """Run a batch of work items (see WorkerCore.run_batch)."""
+        return self.core.run_batch(items, model_id, box)
+
+    def shutdown(self) -> None:
+        """Stop resident scripts before the actor is killed."""
+        self.core.close()

@@ -1,0 +1,217 @@
+"""``simulate(recipe, env)``: export the job, start the pool, run the workflow, report a Run.
+
+The simulator runs the *exported job folder*, not the recipe object: what works here is exactly
+what a POC or production server would receive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from fedctl.errors import FedctlError, RecipeError, RunFailed, UsageError
+from fedctl.recipe.base import Recipe, load_job
+from fedctl.recipe.run import ABORTED, FAILED, FINISHED, Run
+from fedctl.sim.env import SimEnv
+from fedctl.sim.pool import LocalPool, Pool, RayPool, SimCommunicator, available_cpus
+from fedctl.sim.worker import WorkerConfig
+from fedctl.tracking.display import Display
+from fedctl.tracking.store import RunStore, write_json_atomic
+from fedctl.workflows.base import JobAborted, WorkflowContext
+
+log = logging.getLogger("fedctl.sim")
+
+
+def new_job_id(name: str) -> str:
+    """A readable, unique id: name, UTC time, 4 random hex digits."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+class _QuietRay(logging.Filter):
+    """Drops Ray's start-up notice about token auth (docs/simulation.md explains it once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def ensure_ray(env: SimEnv, workers: int) -> bool:
+    """Start Ray on 127.0.0.1 without a dashboard (or join ``env.ray_address``).
+
+    Returns True when this call started it (and so must shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    for handler in logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _QuietRay) for f in handler.filters):
+            handler.addFilter(_QuietRay())
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    common: dict[str, Any] = {
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+        "include_dashboard": False,
+    }
+    try:
+        if env.ray_address:
+            ray.init(address=env.ray_address, **common)
+        else:
+            ray.init(
+                num_cpus=max(workers, available_cpus()),
+                num_gpus=int(env.gpus or 0),
+                _node_ip_address="127.0.0.1",
+                **common,
+            )
+    except Exception as exc:
+        raise RunFailed(f"could not start Ray: {type(exc).__name__}: {exc}") from None
+    return True
+
+
+def _check_gpus(env: SimEnv) -> None:
+    if env.gpus and not env.ray_address:
+        import torch
+
+        if torch.cuda.device_count() < env.gpus:
+            raise UsageError(
+                f"gpus={env.gpus} requested but {torch.cuda.device_count()} GPU(s) are visible"
+            )
+
+
+def simulate(recipe: Recipe, env: SimEnv) -> Run:
+    """Run ``recipe`` in the simulator described by ``env``; always returns a Run with a real
+    status (FINISHED, FAILED or ABORTED and why). Bad input raises a UsageError instead."""
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"expected a fedctl Recipe, got {type(recipe).__name__}")
+    _check_gpus(env)
+    if env.num_clients < recipe.min_clients:
+        raise UsageError(
+            f"{recipe.name} needs min_clients={recipe.min_clients} but the simulation has "
+            f"{env.num_clients} site(s); use more clients (--clients)"
+        )
+    started = time.monotonic()
+    job_id = new_job_id(recipe.name)
+    run_dir = (env.workspace_path / job_id).resolve()
+    job = load_job(recipe.export(run_dir / "job"))
+    script = run_dir / "job" / "code" / job.train_script
+    try:
+        compile(script.read_text(), str(script), "exec")
+    except SyntaxError as exc:
+        raise RecipeError(f"{recipe.train_script}:{exc.lineno}: {exc.msg}") from None
+
+    sites = env.site_names()
+    workers = env.resolved_workers()
+    resident = env.resident if env.resident is not None else len(sites) <= workers
+    store = RunStore(
+        run_dir,
+        key_metric=job.key_metric,
+        key_metric_mode=job.key_metric_mode,
+        checkpoint=env.checkpoint,
+    )
+    title = (
+        f"{job.name} · simulation · {len(sites)} sites on {workers} "
+        f"{'worker' if workers == 1 else 'workers'}"
+    )
+    display = Display(title, job.num_rounds, env.display)
+    store.log(f"{title}; job {job_id}; seed {env.seed}; {'resident' if resident else 'per-round'}")
+    config = WorkerConfig(
+        job_id=job_id,
+        code_dir=str(job.base_dir),
+        train_script=job.train_script,
+        train_args=job.train_args,
+        run_dir=str(run_dir),
+        seed=env.seed,
+        num_sites=len(sites),
+        resident=resident,
+        threads=max(1, available_cpus() // workers),
+    )
+    status, reason = FAILED, None
+    ray_started = False
+    pool: Pool | None = None
+    timings: dict[str, float] = {}
+    with display:
+        try:
+            t0 = time.monotonic()
+            if env.backend == "ray":
+                ray_started = ensure_ray(env, workers)
+                timings["ray_start_s"] = time.monotonic() - t0
+                pool = RayPool(config, workers, env.gpus)
+            else:
+                pool = LocalPool(config)
+            timings["startup_s"] = time.monotonic() - t0
+            comm = SimCommunicator(pool, sites, resident)
+            ctx = WorkflowContext(
+                comm,
+                job_id=job_id,
+                seed=env.seed,
+                store=store,
+                listeners=[store.listener, display.listener],
+            )
+            job.build_workflow().run(ctx, job.initial_params())
+            status = FINISHED
+        except JobAborted as exc:
+            status, reason = ABORTED, str(exc)
+        except KeyboardInterrupt:
+            status, reason = ABORTED, "interrupted by the user"
+        except RunFailed as exc:
+            status, reason = FAILED, str(exc)
+        except FedctlError as exc:
+            status, reason = FAILED, str(exc)
+        except Exception as exc:
+            status, reason = FAILED, f"internal error: {type(exc).__name__}: {exc}"
+            store.log(traceback.format_exc())
+        finally:
+            t1 = time.monotonic()
+            if pool is not None:
+                try:
+                    pool.close()
+                except Exception as exc:  # never hide the run's own outcome behind cleanup
+                    store.log(f"worker pool did not stop cleanly: {exc}")
+            if ray_started:
+                import ray
+
+                ray.shutdown()
+            timings["shutdown_s"] = time.monotonic() - t1
+
+    run = Run(
+        job_id=job_id,
+        name=job.name,
+        mode="simulation",
+        status=status,
+        reason=reason,
+        result_dir=run_dir,
+        final_model=store.model_path("final") if status == FINISHED else None,
+        best_model=store.model_path("best"),
+        metrics=list(store.history),
+        rounds_completed=len(store.history),
+        num_rounds=job.num_rounds,
+        duration=time.monotonic() - started,
+        extra={
+            "num_clients": len(sites),
+            "workers": workers,
+            "resident": resident,
+            "seed": env.seed,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "best": store.best,
+        },
+    )
+    store.log(f"{status}" + (f": {reason}" if reason else ""))
+    store.close()
+    write_json_atomic(run_dir / "result.json", run.to_json())
+    display.summary(status, reason, _summary_lines(run))
+    return run
+
+
+def _summary_lines(run: Run) -> list[str]:
+    lines = [f"results:     {run.result_dir}"]
+    if run.final_model:
+        lines.append(f"final model: {run.final_model}")
+    if run.best_model:
+        lines.append(f"best model:  {run.best_model}")
+    lines.append(f"metrics:     {Path(run.result_dir) / 'metrics' / 'global.jsonl'}")
+    lines.append(f"log:         {Path(run.result_dir) / 'run.log'}")
+    return lines

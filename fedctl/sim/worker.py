@@ -1,0 +1,352 @@
+"""A simulator worker: runs virtual sites' client scripts for the tasks it is given.
+
+How a script runs (the design is in docs/simulation.md):
+
+* **resident** (default when there are no more sites than workers): each site's script starts
+  once in a thread of its worker and stays alive across rounds, blocked in ``is_running()``
+  between tasks, so its Python variables (model, optimizer, data) persist like on a real site.
+* **per-round** (more sites than workers, e.g. 1000 sites on 2 workers): a site's script runs from
+  the top for each task and ends after its ``send`` (``is_running()`` then returns False).
+  Memory does not grow with the number of sites; what a site must keep between rounds goes in
+  ``fedctl.client.get_state()``, which the worker saves to ``sites/<site>/state.safetensors``.
+
+Either way a worker runs one script at a time, so per-process settings (``sys.argv``, the
+working directory) are set for the script that is running; ``print`` output of each script goes
+to its site's ``client.log``. Before each task the global generators are seeded from
+(seed, site, round), so results do not depend on the mode or on which worker ran what.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import shlex
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedctl.client import channel as client_channel
+from fedctl.client.channel import Channel, SiteInfo
+from fedctl.client.state import SiteState
+from fedctl.codec.model import FLModel, Task, TaskResult
+
+STATE_FILE = "state.safetensors"
+LOG_FILE = "client.log"
+_SCRIPT_END_GRACE = 60.0
+
+
+@dataclass
+class WorkerConfig:
+    """What a worker needs to run a job's scripts (plain data: it is sent to Ray actors)."""
+
+    job_id: str
+    code_dir: str
+    train_script: str
+    train_args: str
+    run_dir: str
+    seed: int
+    num_sites: int
+    resident: bool
+    threads: int = 1
+
+
+@dataclass
+class WorkItem:
+    """One task for one site (the global params travel separately, once per round)."""
+
+    site: str
+    site_index: int
+    task: Task
+
+
+class _RoutedStream(io.TextIOBase):
+    """sys.stdout/sys.stderr replacement that sends each thread's writes to its own file."""
+
+    def __init__(self, fallback: Any) -> None:
+        self.fallback = fallback
+        self.routes: dict[int, Any] = {}
+
+    def _target(self) -> Any:
+        return self.routes.get(threading.get_ident(), self.fallback)
+
+    def write(self, s: str) -> int:
+        return self._target().write(s)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+
+_streams: tuple[_RoutedStream, _RoutedStream] | None = None
+
+
+def _routed_streams() -> tuple[_RoutedStream, _RoutedStream]:
+    global _streams
+    if _streams is None:
+        _streams = (_RoutedStream(sys.stdout), _RoutedStream(sys.stderr))
+        sys.stdout, sys.stderr = _streams
+    return _streams
+
+
+class SimChannel(Channel):
+    """The client-API channel of one virtual site inside a worker."""
+
+    def __init__(self, host: ScriptHost) -> None:
+        super().__init__()
+        self.host = host
+        self.info = host.info
+        self.inbox: queue.Queue[Task | None] = queue.Queue()
+        self._state: SiteState | None = None
+
+    def next_task(self) -> Task | None:
+        task = self.inbox.get()
+        if task is not None:
+            self.host.enter_context()
+        return task
+
+    def submit(self, task: Task, model: FLModel) -> None:
+        params = model.params
+        handle = self.host.transport.put(params) if params is not None else None
+        sent = FLModel(
+            params_type=model.params_type,
+            params=None,
+            optimizer_params=model.optimizer_params,
+            metrics=model.metrics,
+            start_round=model.start_round,
+            current_round=model.current_round,
+            total_rounds=model.total_rounds,
+            meta=model.meta,
+        )
+        self.host.outbox.put(("result", sent, handle))
+        if not self.host.resident:
+            self.inbox.put(None)  # per-round: the script's loop ends after this send
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.host.records.append(record)
+
+    @property
+    def state(self) -> SiteState:
+        if self._state is None:
+            self._state = SiteState(self.host.site_dir / STATE_FILE)
+        return self._state
+
+
+class ScriptHost:
+    """One site's script: a thread running it, with queues to hand it tasks and take results."""
+
+    def __init__(self, worker: WorkerCore, site: str, site_index: int) -> None:
+        self.worker = worker
+        self.transport = worker.transport
+        self.resident = worker.config.resident
+        self.site = site
+        self.site_dir = Path(worker.config.run_dir) / "sites" / site
+        self.info = SiteInfo(
+            site,
+            site_index,
+            worker.config.num_sites,
+            worker.config.job_id,
+            "simulation",
+            seed=worker.config.seed,
+            workspace=str(self.site_dir),
+        )
+        self.outbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.records: list[dict[str, Any]] = []
+        self.channel: SimChannel | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def enter_context(self) -> None:
+        """Per-process settings for this script (it is the only one running in the worker)."""
+        os.chdir(self.site_dir)
+
+    def _start(self) -> None:
+        self.site_dir.mkdir(parents=True, exist_ok=True)
+        self.channel = SimChannel(self)
+        self.outbox = queue.Queue()
+        self.thread = threading.Thread(target=self._main, name=f"fedctl-{self.site}", daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        cfg = self.worker.config
+        script = str(Path(cfg.code_dir) / cfg.train_script)
+        out, err = _routed_streams()
+        log = open(self.site_dir / LOG_FILE, "a", buffering=1)  # noqa: SIM115
+        ident = threading.get_ident()
+        out.routes[ident] = err.routes[ident] = log
+        client_channel.install(self.channel, thread_only=True)
+        status: tuple[Any, ...] = ("exit", None, None)
+        try:
+            sys.argv = [script, *shlex.split(cfg.train_args)]
+            self.enter_context()
+            namespace = {"__name__": "__main__", "__file__": script, "__builtins__": __builtins__}
+            exec(self.worker.code, namespace)
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                status = ("exit", f"script exited with code {exc.code}", None)
+        except BaseException as exc:
+            tb = _script_traceback(exc, script)
+            status = ("exit", f"{type(exc).__name__}: {exc}", tb)
+            log.write(tb)
+        finally:
+            client_channel.install(None, thread_only=True)
+            out.routes.pop(ident, None)
+            err.routes.pop(ident, None)
+            log.close()
+            self.outbox.put(status)
+
+    def run(self, task: Task) -> tuple[TaskResult, Any]:
+        """Give the script ``task``; wait for its send (or its end). Returns (result, handle)."""
+        self.records = []
+        started = time.monotonic()
+        for _ in range(2):
+            if not self.alive:
+                self._start()
+            assert self.channel is not None
+            self.channel.inbox.put(task)
+            msg = self.outbox.get()
+            if msg[0] == "exit" and not msg[1] and not self.channel.inbox.empty():
+                # A resident script that ended on its own between tasks: start it again.
+                self.thread = None
+                continue
+            break
+        result = TaskResult(self.site, task.task_id)
+        handle = None
+        if msg[0] == "result":
+            _, model, handle = msg
+            result.model = model
+            if not self.resident:
+                self._join()
+        else:
+            _, error, tb = msg
+            result.error = error or "script finished without calling send()"
+            result.traceback = tb
+            self.thread = None
+        self._save_state()
+        result.records = self.records
+        result.duration = time.monotonic() - started
+        return result, handle
+
+    def _join(self) -> None:
+        """Per-round mode: let the script run to its end after send (code after its loop)."""
+        assert self.thread is not None
+        self.thread.join(_SCRIPT_END_GRACE)
+        while not self.outbox.empty():
+            msg = self.outbox.get()
+            if msg[0] == "exit" and msg[1]:
+                self.worker.notes.append(f"{self.site}: after send(): {msg[1]}")
+        self.thread = None
+
+    def _save_state(self) -> None:
+        ch = self.channel
+        if ch is not None and ch._state is not None and (len(ch._state) or ch._state.path.exists()):
+            ch._state.save()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End a resident script: its ``is_running()`` returns False."""
+        if self.alive and self.channel is not None:
+            self.channel.inbox.put(None)
+            assert self.thread is not None
+            self.thread.join(timeout)
+
+
+def _script_traceback(exc: BaseException, script: str) -> str:
+    """The traceback from the user's script down, without fedctl's own frames on top."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    start = next((i for i, f in enumerate(frames) if f.filename == script), 0)
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames[start:])]
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
+
+
+class WorkerCore:
+    """Runs batches of work items for one job; the Ray actor and the local backend wrap it."""
+
+    def __init__(self, config: WorkerConfig, transport: Any) -> None:
+        import torch
+
+        self.config = config
+        self.transport = transport
+        self.notes: list[str] = []
+        script = Path(config.code_dir) / config.train_script
+        self.code = compile(script.read_text(), str(script), "exec")
+        self._path_entry = str(Path(config.code_dir).resolve())
+        sys.path.insert(0, self._path_entry)
+        self._modules_before = set(sys.modules)
+        self._cwd = os.getcwd()
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.hosts: dict[str, ScriptHost] = {}
+        self._model_id: str | None = None
+        self._model: dict[str, Any] | None = None
+
+    def _global(self, model_id: str, handle: Any) -> dict[str, Any]:
+        if model_id != self._model_id:
+            self._model = None  # drop the previous round's model before fetching this one
+            self._model = self.transport.get(handle)
+            self._model_id = model_id
+        assert self._model is not None
+        return self._model
+
+    def run_batch(
+        self, items: list[WorkItem], model_id: str, handle_box: list[Any]
+    ) -> list[tuple[TaskResult, Any]]:
+        """Run each item's task in turn; the global params come from ``handle_box[0]``."""
+        out = []
+        for item in items:
+            params = None
+            if handle_box and handle_box[0] is not None:
+                base = self._global(model_id, handle_box[0])
+                params = {k: v.clone() for k, v in base.items()}  # the script's own copy
+            m = item.task.model
+            model = FLModel(
+                params_type=m.params_type,
+                params=params,
+                optimizer_params=None,
+                metrics=m.metrics,
+                start_round=m.start_round,
+                current_round=m.current_round,
+                total_rounds=m.total_rounds,
+                meta=dict(m.meta or {}),
+            )
+            task = Task(item.task.name, model, item.task.task_id, item.task.job_id)
+            host = self.hosts.get(item.site)
+            if host is None:
+                host = ScriptHost(self, item.site, item.site_index)
+                if self.config.resident:
+                    self.hosts[item.site] = host
+            out.append(host.run(task))
+        return out
+
+    def close(self) -> None:
+        """Stop resident scripts and undo this worker's changes to the process."""
+        for host in self.hosts.values():
+            host.stop()
+        self.hosts.clear()
+        self._model = None
+        try:
+            sys.path.remove(self._path_entry)
+        except ValueError:
+            pass
+        code_dir = Path(self._path_entry)
+        for name, mod in list(sys.modules.items()):
+            f = getattr(mod, "__file__", None)
+            if name not in self._modules_before and f and code_dir in Path(f).resolve().parents:
+                del sys.modules[name]
+        try:
+            os.chdir(self._cwd)
+        except OSError:
+            pass

@@ -1,0 +1,244 @@
+"""A run's result folder: models, per-round metrics, client tracking records, log, checkpoints.
+
+Layout (the same for simulation and for a job on a server)::
+
+    models/final.safetensors   the last global model
+    models/best.safetensors    the global model with the best key metric (when sites report it)
+    metrics/global.jsonl       one line per round: aggregated metrics, who answered, duration
+    metrics/sites.jsonl        one line per site result: metrics or error
+    metrics/tracking.jsonl     what scripts logged (SummaryWriter, fedctl.client.log)
+    checkpoint/                last completed round (model + workflow state), when enabled
+    run.log                    human-readable log, failed sites' tracebacks included
+    result.json                status, reason, paths and a summary, written at the end
+
+Nothing here is ever rewritten in place: JSONL files are appended, models and checkpoints are
+written to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedctl.codec.tensors import load_file, save_file
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if hasattr(value, "item"):
+        try:
+            return _jsonable(value.item())
+        except (ValueError, RuntimeError):
+            pass
+    return repr(value)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temp file and rename (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class RunStore:
+    """Writes a run's outputs under ``root``; also the event listener that logs the run."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        key_metric: str | None = "accuracy",
+        key_metric_mode: str = "max",
+        checkpoint: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.models = self.root / "models"
+        self.metrics_dir = self.root / "metrics"
+        self.checkpoint_dir = self.root / "checkpoint"
+        for d in (self.models, self.metrics_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        if key_metric_mode not in ("max", "min"):
+            raise ValueError("key_metric_mode must be 'max' or 'min'")
+        self.key_metric = key_metric
+        self.key_mode = key_metric_mode
+        self.checkpoint_enabled = checkpoint
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._files = {
+            name: open(self.metrics_dir / f"{name}.jsonl", "a", buffering=1)  # noqa: SIM115
+            for name in ("global", "sites", "tracking")
+        }
+        self._log = open(self.root / "run.log", "a", buffering=1)  # noqa: SIM115
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, message: str) -> None:
+        """Append a timestamped line to run.log."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with self._lock:
+            for i, line in enumerate(message.rstrip("\n").splitlines() or [""]):
+                self._log.write(f"{stamp} {line}\n" if i == 0 else f"    {line}\n")
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._files[name].write(json.dumps(_jsonable(record)) + "\n")
+
+    def listener(self, event: dict[str, Any]) -> None:
+        """Workflow event → run.log / metrics JSONL."""
+        kind = event["event"]
+        if kind == "result":
+            self._append(
+                "sites",
+                {
+                    "round": event.get("round"),
+                    "site": event["site"],
+                    "ok": event["ok"],
+                    "metrics": event.get("metrics") or {},
+                    "error": event.get("error"),
+                    "duration": round(event.get("duration") or 0.0, 4),
+                    "time": event["time"],
+                },
+            )
+            if not event["ok"]:
+                where = f"round {event['round'] + 1}" if event.get("round") is not None else ""
+                self.log(f"{event['site']} failed {where}: {event['error']}")
+                if event.get("traceback"):
+                    self.log(event["traceback"])
+        elif kind == "round_completed":
+            record = {
+                "round": event["round"],
+                "metrics": event.get("metrics") or {},
+                "accepted": len(event.get("accepted") or []),
+                "failed": sorted(event.get("failed") or {}),
+                "missing": event.get("missing") or [],
+                "duration": round(event.get("duration") or 0.0, 4),
+                "time": event["time"],
+            }
+            self.history.append(record)
+            self._append("global", record)
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in record["metrics"].items())
+            self.log(
+                f"round {event['round'] + 1} completed: {record['accepted']} results "
+                f"in {record['duration']:.2f}s {metrics}"
+            )
+        elif kind in ("warning", "error", "info"):
+            self.log(f"{kind}: {event.get('message')}")
+        elif kind == "round_started":
+            self.log(f"round {event['round'] + 1} started: {len(event['targets'])} sites")
+        elif kind == "resumed":
+            self.log(f"resumed from checkpoint at round {event['round'] + 1}")
+
+    def add_records(self, site: str, records: list[dict[str, Any]]) -> None:
+        """Append client tracking records (SummaryWriter, log) tagged with their site."""
+        for rec in records:
+            self._append("tracking", {"site": site, **rec})
+
+    # ------------------------------------------------------------------ models
+
+    def save_model(
+        self, name: str, params: dict[str, torch.Tensor], meta: dict[str, str] | None = None
+    ) -> Path:
+        """Write ``models/<name>.safetensors`` atomically."""
+        return save_file(params, self.models / f"{name}.safetensors", meta)
+
+    def model_path(self, name: str) -> Path | None:
+        path = self.models / f"{name}.safetensors"
+        return path if path.exists() else None
+
+    def round_completed(
+        self,
+        rnd: int,
+        model_in: dict[str, torch.Tensor],
+        model_out: dict[str, torch.Tensor],
+        metrics: dict[str, float],
+        state: dict[str, Any],
+    ) -> None:
+        """Keep the best model (the one the round's metrics describe) and checkpoint."""
+        key = self.key_metric
+        if key and key in metrics and math.isfinite(metrics[key]):
+            value = metrics[key]
+            better = self.best is None or (
+                value > self.best["value"] if self.key_mode == "max" else value < self.best["value"]
+            )
+            if better:
+                # Sites report metrics of the model they received (model_in), as in the
+                # usual "validate the global model, then train" client loop.
+                self.save_model("best", model_in, {"round": str(rnd), key: repr(value)})
+                self.best = {"round": rnd, "metric": key, "value": value}
+        if self.checkpoint_enabled:
+            self.save_checkpoint(rnd + 1, model_out, state)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(
+        self, next_round: int, params: dict[str, torch.Tensor], state: dict[str, Any]
+    ) -> None:
+        """Model first, then the small JSON that names it: a crash leaves the previous one."""
+        import torch
+
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        tensors = {f"p:{k}": v for k, v in params.items()}
+        values: dict[str, Any] = {}
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"s:{k}"] = v
+            elif isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+                for sub, t in v.items():
+                    tensors[f"d:{k}/{sub}"] = t
+            else:
+                values[k] = v
+        name = f"round-{next_round}.safetensors"
+        save_file(tensors, self.checkpoint_dir / name)
+        info = {
+            "next_round": next_round,
+            "model": name,
+            "state": values,
+            "best": self.best,
+            "history": self.history,
+        }
+        write_json_atomic(self.checkpoint_dir / "checkpoint.json", info)
+        for old in self.checkpoint_dir.glob("round-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The last checkpoint as ``{"params", "next_round", "state"}``, or None."""
+        info_path = self.checkpoint_dir / "checkpoint.json"
+        if not info_path.exists():
+            return None
+        info = json.loads(info_path.read_text())
+        tensors, _ = load_file(self.checkpoint_dir / info["model"])
+        params = {k[2:]: v for k, v in tensors.items() if k.startswith("p:")}
+        state: dict[str, Any] = dict(info.get("state") or {})
+        for k, v in tensors.items():
+            if k.startswith("s:"):
+                state[k[2:]] = v
+            elif k.startswith("d:"):
+                outer, _, inner = k[2:].partition("/")
+                state.setdefault(outer, {})[inner] = v
+        self.best = info.get("best")
+        self.history = list(info.get("history") or [])
+        return {"params": params, "next_round": int(info["next_round"]), "state": state}
+
+    def close(self) -> None:
+        """Flush and close the log and JSONL files."""
+        with self._lock:
+            for fh in self._files.values():
+                fh.close()
+            self._log.close()

@@ -1,0 +1,253 @@
+"""What every server-side workflow is written against: ``Communicator`` and ``WorkflowContext``.
+
+A workflow never knows whether its sites are Ray workers or gRPC peers. It asks the communicator
+for the available sites, broadcasts a :class:`~fedctl.codec.model.Task` to some of them, and
+consumes results as they arrive through :func:`gather`, which applies the round policy
+(minimum responses, deadline, how long to wait for stragglers once the minimum is in).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedctl.codec.model import Task, TaskResult
+from fedctl.errors import FedctlError, RunFailed
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("fedctl.workflow")
+
+
+class ResultStream(ABC):
+    """Results of one broadcast, delivered as they arrive."""
+
+    targets: tuple[str, ...]
+
+    @abstractmethod
+    def next(self, timeout: float | None) -> TaskResult | None:
+        """The next result, or None if none arrived within ``timeout`` seconds (or all are in)."""
+
+    @property
+    @abstractmethod
+    def pending(self) -> set[str]:
+        """Targets that have not answered yet."""
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop waiting: results that still arrive are dropped as late."""
+
+
+class Communicator(ABC):
+    """How a workflow reaches sites; the simulator and the real runtime each provide one."""
+
+    @abstractmethod
+    def sites(self) -> list[str]:
+        """Names of the sites available to this job now, sorted."""
+
+    @abstractmethod
+    def broadcast(self, task: Task, targets: Sequence[str]) -> ResultStream:
+        """Send ``task`` to each target; results come back through the returned stream."""
+
+    def send(self, task: Task, target: str) -> ResultStream:
+        """Send ``task`` to one site."""
+        return self.broadcast(task, [target])
+
+    def wait_for_sites(self, count: int, timeout: float | None) -> list[str]:
+        """Block until at least ``count`` sites are available (or fail with the reason)."""
+        sites = self.sites()
+        if len(sites) < count:
+            raise RunFailed(f"the job needs {count} sites but only {len(sites)} are available")
+        return sites
+
+
+class JobAborted(FedctlError):
+    """The job was aborted by a user; the workflow stops at the next opportunity."""
+
+
+class NotEnoughResults(RunFailed):
+    """A round closed with fewer successful results than its minimum."""
+
+
+@dataclass
+class RoundPolicy:
+    """When a round closes.
+
+    The round waits for every target until ``timeout`` seconds have passed; once
+    ``min_responses`` results are in it waits at most ``wait_after_min`` more seconds (None: until
+    the deadline). It fails as soon as enough results can no longer arrive.
+    """
+
+    min_responses: int
+    timeout: float | None = 3600.0
+    wait_after_min: float | None = None
+
+
+@dataclass
+class GatherOutcome:
+    """Who answered a round, who failed and why, who was still missing when it closed."""
+
+    accepted: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    duration: float = 0.0
+
+
+Listener = Callable[[dict[str, Any]], None]
+
+
+class WorkflowContext:
+    """Everything a workflow may use besides the communicator: events, outputs, abort, seed.
+
+    ``store`` is the run's output store (models, metrics, checkpoints); it is provided by the
+    environment (simulator or server) and may be None in unit tests.
+    """
+
+    def __init__(
+        self,
+        comm: Communicator,
+        *,
+        job_id: str = "job",
+        seed: int = 0,
+        store: Any = None,
+        listeners: Sequence[Listener] = (),
+        abort: threading.Event | None = None,
+    ) -> None:
+        self.comm = comm
+        self.job_id = job_id
+        self.seed = seed
+        self.store = store
+        self.listeners = list(listeners)
+        self.abort = abort or threading.Event()
+        self._task_seq = 0
+
+    def emit(self, event: str, **data: Any) -> None:
+        """Tell listeners (live display, job status, run log) what happened."""
+        record = {"event": event, "time": time.time(), **data}
+        for listener in self.listeners:
+            try:
+                listener(record)
+            except Exception:  # a broken display must not break the job
+                log.exception("event listener failed on %s", event)
+
+    def new_task(self, name: str, model: Any) -> Task:
+        """A task with a fresh id for this job."""
+        self._task_seq += 1
+        return Task(name, model, task_id=f"{self.job_id}:{self._task_seq}", job_id=self.job_id)
+
+    def check_abort(self) -> None:
+        """Raise JobAborted if someone aborted the job."""
+        if self.abort.is_set():
+            raise JobAborted("job aborted")
+
+    def gather(
+        self,
+        stream: ResultStream,
+        policy: RoundPolicy,
+        on_result: Callable[[TaskResult], None],
+        *,
+        round_: int | None = None,
+    ) -> GatherOutcome:
+        """Feed results to ``on_result`` as they arrive until the policy closes the round.
+
+        ``on_result`` may raise :class:`~fedctl.aggregators.UpdateRejected` (or any
+        FedctlError) to reject a result: that site counts as failed, with the reason.
+        Raises NotEnoughResults with every failure's reason when the minimum is not reached.
+        """
+        start = time.monotonic()
+        deadline = start + policy.timeout if policy.timeout is not None else None
+        outcome = GatherOutcome()
+        min_at: float | None = None
+        try:
+            while not stream.done:
+                self.check_abort()
+                now = time.monotonic()
+                limits = []
+                if deadline is not None:
+                    limits.append(deadline)
+                if min_at is not None and policy.wait_after_min is not None:
+                    limits.append(min_at + policy.wait_after_min)
+                if limits and now >= min(limits):
+                    break
+                wait = min([*(t - now for t in limits), 0.5])
+                result = stream.next(timeout=max(wait, 0.0))
+                if result is None:
+                    continue
+                self._take(result, on_result, outcome, round_)
+                if min_at is None and len(outcome.accepted) >= policy.min_responses:
+                    min_at = time.monotonic()
+                if len(outcome.accepted) + len(stream.pending) < policy.min_responses:
+                    break
+        finally:
+            outcome.missing = sorted(stream.pending)
+            if outcome.missing:
+                stream.cancel()
+            outcome.duration = time.monotonic() - start
+        if len(outcome.accepted) < policy.min_responses:
+            raise NotEnoughResults(_shortfall(outcome, policy, round_))
+        return outcome
+
+    def _take(
+        self,
+        result: TaskResult,
+        on_result: Callable[[TaskResult], None],
+        outcome: GatherOutcome,
+        round_: int | None,
+    ) -> None:
+        error = result.error
+        if error is None and result.model is None:
+            error = "sent no model"
+        if error is None:
+            try:
+                on_result(result)
+            except FedctlError as exc:
+                error = f"update rejected: {exc}"
+        if self.store is not None and result.records:
+            self.store.add_records(result.site, result.records)
+        metrics = result.model.metrics if result.model is not None else None
+        if error is None:
+            outcome.accepted.append(result.site)
+        else:
+            outcome.failed[result.site] = error
+        self.emit(
+            "result",
+            round=round_,
+            site=result.site,
+            ok=error is None,
+            error=error,
+            traceback=result.traceback,
+            metrics=metrics,
+            duration=result.duration,
+        )
+
+
+def _shortfall(outcome: GatherOutcome, policy: RoundPolicy, round_: int | None) -> str:
+    where = f"round {round_ + 1}" if round_ is not None else "task"
+    parts = [f"{site}: {why}" for site, why in sorted(outcome.failed.items())]
+    if outcome.missing:
+        parts.append(f"no answer within the deadline from {', '.join(outcome.missing)}")
+    detail = "; ".join(parts) if parts else "no sites answered"
+    return (
+        f"{where}: only {len(outcome.accepted)} of the {policy.min_responses} required results "
+        f"({detail})"
+    )
+
+
+class Workflow(ABC):
+    """A server-side algorithm: runs rounds through a context, returns the final parameters."""
+
+    @abstractmethod
+    def run(
+        self, ctx: WorkflowContext, initial: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Run the whole job; raise RunFailed (with the reason) when it cannot complete."""
