@@ -238,8 +238,8 @@ class Recipe:
         if total > MAX_CODE_BYTES:
             biggest = max(files, key=lambda f: (self.base_dir / f).stat().st_size)
             raise RecipeError(
-                f"recipe folder {self.base_dir} holds {total / 2**20:.0f} MiB of files "
-                f"(limit {MAX_CODE_BYTES // 2**20} MiB; largest: {biggest}); keep data out of it"
+                f"recipe folder {self.base_dir} holds {_size(total)} of files "
+                f"(limit {_size(MAX_CODE_BYTES)}; largest: {biggest}); keep data out of it"
             )
         return files
 
@@ -382,6 +382,10 @@ def _inside(root: Path, rel: Any, spec_path: Path, key: str) -> Path:
 
 
 # ---------------------------------------------------------------------- small validators
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 def _check_name(name: Any) -> None:

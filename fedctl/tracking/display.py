@@ -31,7 +31,7 @@ class Display:
         mode: str = "auto",
         console: Console | None = None,
     ) -> None:
-        self.console = console or Console(file=sys.stderr)
+        self.console = console or Console(file=sys.stderr, soft_wrap=True, highlight=False)
         if mode == "auto":
             mode = "rich" if self.console.is_terminal else "plain"
         if mode not in ("rich", "plain", "none"):

@@ -101,6 +101,8 @@ class GatherOutcome:
     failed: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     duration: float = 0.0
+    #: why the round closed: "complete", "deadline", "straggler wait" or "unreachable"
+    closed: str = "complete"
 
 
 Listener = Callable[[dict[str, Any]], None]
@@ -178,6 +180,7 @@ class WorkflowContext:
                 if min_at is not None and policy.wait_after_min is not None:
                     limits.append(min_at + policy.wait_after_min)
                 if limits and now >= min(limits):
+                    outcome.closed = "deadline" if min_at is None else "straggler wait"
                     break
                 wait = min([*(t - now for t in limits), 0.5])
                 result = stream.next(timeout=max(wait, 0.0))
@@ -187,6 +190,7 @@ class WorkflowContext:
                 if min_at is None and len(outcome.accepted) >= policy.min_responses:
                     min_at = time.monotonic()
                 if len(outcome.accepted) + len(stream.pending) < policy.min_responses:
+                    outcome.closed = "unreachable"
                     break
         finally:
             outcome.missing = sorted(stream.pending)
@@ -235,7 +239,11 @@ def _shortfall(outcome: GatherOutcome, policy: RoundPolicy, round_: int | None) 
     where = f"round {round_ + 1}" if round_ is not None else "task"
     parts = [f"{site}: {why}" for site, why in sorted(outcome.failed.items())]
     if outcome.missing:
-        parts.append(f"no answer within the deadline from {', '.join(outcome.missing)}")
+        who = ", ".join(outcome.missing)
+        if outcome.closed == "unreachable":
+            parts.append(f"not waiting for {who}: the minimum can no longer be reached")
+        else:
+            parts.append(f"no answer within the deadline from {who}")
     detail = "; ".join(parts) if parts else "no sites answered"
     return (
         f"{where}: only {len(outcome.accepted)} of the {policy.min_responses} required results "

@@ -1,0 +1,64 @@
+"""Shared fixtures. Ray (when a test needs it) starts once per session on 127.0.0.1, with HOME in
+a temporary folder so its auth token never lands in the user's home."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+TOY = TESTS / "toy"
+
+_home = tempfile.mkdtemp(prefix="fedctl-test-home-")
+os.environ["HOME"] = _home
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
+    shutil.rmtree(_home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A Ray instance shared by the simulator tests (stopped at the end of the session)."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    yield ray
+
+
+@pytest.fixture
+def toy_dir(tmp_path: Path) -> Path:
+    """A fresh copy of the toy recipe folder."""
+    dst = tmp_path / "toy"
+    shutil.copytree(TOY, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+@pytest.fixture
+def toy_recipe(toy_dir: Path):
+    """The toy recipe loaded from its folder."""
+    from fedctl.recipe import load_recipe
+
+    return load_recipe(toy_dir).recipe
