@@ -1,0 +1,240 @@
+"""The site-editable policy files in a kit's ``local/`` folder: templates and the rights model.
+
+``local/`` is deliberately outside the kit's signature: a site owns its policy and may tighten
+it at any time without breaking its kit. ``authorization.yaml`` maps each admin role (carried in
+the admin's certificate) to rights:
+
+* ``submit`` (bool): submit jobs;
+* ``byoc`` (bool): run jobs that bring their own code;
+* ``manage``, ``view``, ``download``: ``none`` | ``own`` | ``org`` | ``any`` — whose jobs the
+  role may abort/delete, see (status, metrics, logs), and download results of.
+
+The server checks at submission and each site checks again before deploying a job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedctl.errors import ConfigError
+from fedctl.provision.identity import ROLES, Identity
+
+SCOPES: tuple[str, ...] = ("none", "own", "org", "any")
+BOOL_RIGHTS: tuple[str, ...] = ("submit", "byoc")
+SCOPED_RIGHTS: tuple[str, ...] = ("manage", "view", "download")
+RIGHTS: tuple[str, ...] = BOOL_RIGHTS + SCOPED_RIGHTS
+
+#: What a project gets unless a site edits its local/authorization.yaml.
+DEFAULT_AUTHORIZATION: dict[str, dict[str, bool | str]] = {
+    "project_admin": {
+        "submit": True,
+        "byoc": True,
+        "manage": "any",
+        "view": "any",
+        "download": "any",
+    },
+    "org_admin": {
+        "submit": False,
+        "byoc": False,
+        "manage": "org",
+        "view": "any",
+        "download": "org",
+    },
+    "lead": {"submit": True, "byoc": True, "manage": "own", "view": "any", "download": "own"},
+    "member": {"submit": False, "byoc": False, "manage": "none", "view": "any", "download": "none"},
+}
+
+
+@dataclass(frozen=True)
+class Rights:
+    """What one role may do on one site."""
+
+    submit: bool = False
+    byoc: bool = False
+    manage: str = "none"
+    view: str = "none"
+    download: str = "none"
+
+    def allows(self, right: str, actor: Identity, owner: Identity | None = None) -> bool:
+        """Whether ``actor`` may use ``right`` (on a job submitted by ``owner``, if scoped)."""
+        if right in BOOL_RIGHTS:
+            return bool(getattr(self, right))
+        if right not in SCOPED_RIGHTS:
+            raise ValueError(f"unknown right {right!r}")
+        scope = getattr(self, right)
+        if scope == "any":
+            return True
+        if scope == "none" or owner is None:
+            return False
+        if scope == "org":
+            return actor.org == owner.org
+        return actor.name.casefold() == owner.name.casefold()  # own
+
+
+@dataclass(frozen=True)
+class AuthorizationPolicy:
+    """A parsed local/authorization.yaml; roles it does not list have no rights."""
+
+    roles: Mapping[str, Rights]
+
+    def rights(self, role: str | None) -> Rights:
+        return self.roles.get(role or "", Rights())
+
+    def allows(self, right: str, actor: Identity, owner: Identity | None = None) -> bool:
+        """Whether the admin ``actor`` (by the role in its certificate) may use ``right``."""
+        if actor.type != "admin":
+            return False
+        return self.rights(actor.role).allows(right, actor, owner)
+
+
+def default_authorization() -> AuthorizationPolicy:
+    """The policy written into new kits."""
+    return parse_authorization(
+        {"version": 1, "roles": DEFAULT_AUTHORIZATION}, source="default policy"
+    )
+
+
+def load_authorization(path: str | Path) -> AuthorizationPolicy:
+    """Read and validate a local/authorization.yaml; errors name the file and key path."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    return parse_authorization(data, source=str(p))
+
+
+def parse_authorization(data: Any, *, source: str = "authorization.yaml") -> AuthorizationPolicy:
+    """Validate an authorization policy held in a dict."""
+
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}: {problem}")
+
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping with 'version' and 'roles'")
+    for k in data:
+        if k not in ("version", "roles"):
+            raise fail(str(k), "unknown key (expected one of: version, roles)")
+    if data.get("version", 1) != 1:
+        raise fail("version", f"unsupported version {data.get('version')!r} (this fedctl reads 1)")
+    roles = data.get("roles") or {}
+    if not isinstance(roles, Mapping):
+        raise fail("roles", "must be a mapping of role to rights")
+    parsed: dict[str, Rights] = {}
+    for role, rights in roles.items():
+        key = f"roles.{role}"
+        if role not in ROLES:
+            raise fail(key, f"unknown role (expected one of: {', '.join(ROLES)})")
+        if not isinstance(rights, Mapping):
+            raise fail(key, "must be a mapping of right to value")
+        values: dict[str, Any] = {}
+        for right, value in rights.items():
+            if right in BOOL_RIGHTS:
+                if not isinstance(value, bool):
+                    raise fail(f"{key}.{right}", f"must be true or false, got {value!r}")
+            elif right in SCOPED_RIGHTS:
+                if value not in SCOPES:
+                    raise fail(
+                        f"{key}.{right}", f"must be one of {', '.join(SCOPES)}, got {value!r}"
+                    )
+            else:
+                raise fail(
+                    f"{key}.{right}", f"unknown right (expected one of: {', '.join(RIGHTS)})"
+                )
+            values[right] = value
+        parsed[role] = Rights(**values)
+    return AuthorizationPolicy(roles=parsed)
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def authorization_yaml(participant: str, project: str) -> str:
+    """The commented default local/authorization.yaml for a server or site kit."""
+    rows = []
+    for role in ROLES:
+        r = DEFAULT_AUTHORIZATION[role]
+        rows.append(
+            f"  {role}:\n"
+            f"    submit: {str(r['submit']).lower()}\n"
+            f"    byoc: {str(r['byoc']).lower()}\n"
+            f"    manage: {r['manage']}\n"
+            f"    view: {r['view']}\n"
+            f"    download: {r['download']}\n"
+        )
+    return (
+        f"# Authorization policy of {participant} in project {project}.\n"
+        "#\n"
+        "# Who may do what here, by the role in the admin's certificate (project_admin,\n"
+        "# org_admin, lead, member). The server checks these rights when a job is submitted and\n"
+        "# every site checks them again before it deploys a job, so a site can refuse a job the\n"
+        "# server accepted. This file is yours: local/ is not covered by the kit's signature.\n"
+        "#\n"
+        "# Rights:\n"
+        "#   submit    true | false               submit jobs\n"
+        "#   byoc      true | false               run jobs that bring their own code\n"
+        "#   manage    none | own | org | any     abort or delete jobs (own = jobs the admin\n"
+        "#                                        submitted, org = jobs of the admin's org)\n"
+        "#   view      none | own | org | any     see jobs: status, metrics, logs\n"
+        "#   download  none | own | org | any     download job results (models, metrics, logs)\n"
+        "# A role left out has no rights at all.\n"
+        "version: 1\n"
+        "roles:\n" + "".join(rows)
+    )
+
+
+def privacy_yaml(participant: str) -> str:
+    """The commented local/privacy.yaml template (no filters: the site opts in)."""
+    return (
+        f"# Privacy policy of site {participant}: filters every result passes through before\n"
+        "# it leaves this site, and the filters applied to what arrives. Applied in order, on\n"
+        "# top of whatever a job asks for; a job cannot switch them off.\n"
+        "# This file is yours: local/ is not covered by the kit's signature.\n"
+        "#\n"
+        "# Example (filter names are those of fedctl.privacy):\n"
+        "# outgoing:\n"
+        "#   - type: exclude_params        # never send these parameters\n"
+        '#     names: ["classifier.*"]\n'
+        "#   - type: gaussian_dp           # clip each update and add Gaussian noise\n"
+        "#     max_norm: 1.0\n"
+        "#     noise_multiplier: 1.0\n"
+        "version: 1\n"
+        "outgoing: []\n"
+        "incoming: []\n"
+    )
+
+
+def resources_yaml(participant: str, resources: Mapping[str, Any], *, server: bool) -> str:
+    """The local/resources.yaml template, seeded from the project's ``resources`` entry."""
+    default_jobs = 4 if server else 1
+    jobs = resources.get("max_concurrent_jobs", default_jobs)
+    text = (
+        f"# Resources {participant} offers to jobs. Edit to match the machine;\n"
+        "# local/ is not covered by the kit's signature.\n"
+        "version: 1\n"
+        f"# How many jobs may run here at once.\n"
+        f"max_concurrent_jobs: {jobs}\n"
+    )
+    if not server:
+        if "gpus" in resources:
+            gpus = ", ".join(str(g) for g in resources["gpus"])
+            text += (
+                "# GPU indices jobs may use (CUDA_VISIBLE_DEVICES); [] = CPU only.\n"
+                f"gpus: [{gpus}]\n"
+            )
+        else:
+            text += (
+                "# GPU indices jobs may use (CUDA_VISIBLE_DEVICES); [] = CPU only; leave out to\n"
+                "# let jobs see every GPU.\n"
+                "# gpus: [0, 1]\n"
+            )
+    return text
