@@ -1,0 +1,1 @@
+"""Transport: gRPC service, mutual TLS from startup kits, streaming; in-process transport."""
