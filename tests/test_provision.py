@@ -522,6 +522,26 @@ def test_removed_participant_is_kept_with_a_warning(tmp_path: Path) -> None:
     )
 
 
+def test_provision_into_an_existing_empty_folder(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    root.mkdir()
+    res = provision(poc_project(1), root)
+    assert res.ca_created and verify_kit(res.kit_dir("site-1")).name == "site-1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
+
+
+def test_cli_stays_light() -> None:
+    """`fedctl --help` must not pay for cryptography, grpc or PyYAML."""
+    import sys
+
+    code = (
+        "import sys, fedctl.cli.main; "
+        "print(','.join(m for m in ('cryptography', 'grpc', 'yaml') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
 def test_workspace_of_another_project_or_not_a_workspace(tmp_path: Path) -> None:
     root = tmp_path / "ws"
     provision(EXAMPLE, root)

@@ -382,9 +382,14 @@ def _provision_new(project: Project, root: Path) -> ProvisionResult:
         issues += [_build(project, p, ca_key, ca_cert) for p in project.participants]
         _write_issues(state, issues, replace=False)
         _save_state(state, project, [i.record for i in issues])
-        if root.exists():
-            root.rmdir()  # empty folder given by the user; replaced by the built one
-        os.rename(tmp, root)
+        try:
+            if root.exists():
+                root.rmdir()  # an empty folder given by the user; replaced by the built one
+            os.rename(tmp, root)
+        except OSError:
+            raise UsageError(
+                f"{root}: was created or filled by someone else while provisioning; run again"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
