@@ -128,3 +128,17 @@ def test_metrics_mean_is_weighted_per_key() -> None:
     m.add({"acc": 1.0}, 3)
     m.add({"acc": 0.0}, 0)
     assert m.result() == {"acc": pytest.approx(0.875), "loss": 2.0}
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_inputs_are_never_modified(precision) -> None:
+    g = {"w": torch.zeros(3), "n": torch.tensor(4)}
+    first = {"w": torch.ones(3), "n": torch.tensor(6)}
+    second = {"w": torch.full((3,), 3.0), "n": torch.tensor(2)}
+    before = {k: v.clone() for k, v in {**first, **{f"s{k}": v for k, v in second.items()}}.items()}
+    agg = WeightedAggregator(g, precision=precision)
+    agg.add(first, 5)
+    agg.add(second, 1, ParamsType.DIFF)
+    agg.result()
+    assert torch.equal(first["w"], before["w"]) and torch.equal(first["n"], before["n"])
+    assert torch.equal(second["w"], before["sw"]) and torch.equal(g["w"], torch.zeros(3))

@@ -47,16 +47,22 @@ def check_update(
         raise UpdateRejected(f"aggregation weight must be a finite number, got {weight!r}")
     if weight < 0:
         raise UpdateRejected(f"aggregation weight must be ≥ 0, got {weight}")
+    floats = []
     for name, t in params.items():
         g = global_params.get(name)
         if g is None:
             raise UpdateRejected(f"unknown parameter {name!r} (not in the global model)")
-        if tuple(t.shape) != tuple(g.shape):
+        if t.shape != g.shape:
             raise UpdateRejected(
                 f"parameter {name!r} has shape {tuple(t.shape)}, expected {tuple(g.shape)}"
             )
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            raise UpdateRejected(f"parameter {name!r} contains NaN or infinite values")
+        if t.is_floating_point() and t.numel():
+            floats.append(t)
+    if floats and not all(math.isfinite(float(n)) for n in torch._foreach_norm(floats)):
+        # One fused pass found something; name it (a norm can also overflow on huge values).
+        for name, t in params.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UpdateRejected(f"parameter {name!r} contains NaN or infinite values")
 
 
 class WeightedAggregator:
@@ -101,7 +107,8 @@ class WeightedAggregator:
         for name, t in params.items():
             acc = self._acc.get(name)
             if acc is None:
-                acc = self._acc[name] = t.to(self._acc_dtype(t)).mul_(weight)
+                # copy=True: never scale the sender's tensor in place (it may be shared memory)
+                acc = self._acc[name] = t.to(self._acc_dtype(t), copy=True).mul_(weight)
             else:
                 acc.add_(t, alpha=weight)
             self._w[name] = self._w.get(name, 0.0) + weight

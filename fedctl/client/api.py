@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,11 @@ def receive(timeout: float | None = None) -> FLModel | None:
 
 
 def send(model: FLModel, clear_cache: bool = True) -> None:
-    """Answer the current task with ``model`` (weights or DIFF, metrics, meta)."""
+    """Answer the current task with ``model`` (weights or DIFF, metrics, meta).
+
+    With ``clear_cache`` (the default) the runtime forgets the received model once the answer is
+    sent, so its memory is freed unless the script still holds it.
+    """
     ch = _channel("send")
     if not isinstance(model, FLModel):
         raise ClientAPIError(f"send() expects a fedctl.client.FLModel, got {type(model).__name__}")
@@ -121,6 +126,10 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
         raise ClientAPIError("send(): a training task needs FLModel.params")
     ch.submit(ch.task, model)
     ch.answered = True
+    if clear_cache and ch.task.model.params is not None:
+        # Drop the channel's reference to the received weights (the script may keep its own).
+        received = ch.task.model
+        ch.task = replace(ch.task, model=replace(received, params=None, optimizer_params=None))
 
 
 def _info() -> _ch.SiteInfo:

@@ -51,8 +51,13 @@ def seed_everything(value: int) -> None:
         pass
     import sys
 
-    if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(value)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        # torch.manual_seed would also queue a CUDA seeding call, recording a stack trace each
+        # time CUDA is not initialised: seed the CPU generator directly, CUDA only if in use.
+        torch.default_generator.manual_seed(value)
+        if torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(value)
 
 
 class Channel(ABC):

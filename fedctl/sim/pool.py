@@ -7,7 +7,7 @@ turned into results as they arrive. Dispatch is pull-based (it happens inside
 ``ResultStream.next``), so there is no scheduler thread to go wrong.
 
 Batches amortise the per-call cost of Ray (≈ 0.6 ms) over many small sites; their size is
-capped by model bytes so that at most ~64 MiB of results wait in the object store per worker.
+capped by model bytes so that at most ~16 MiB of results wait in the object store per worker.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedctl.codec.model import Task, TaskResult
@@ -30,8 +30,8 @@ from fedctl.sim.transport import LocalTransport, RayTransport
 from fedctl.sim.worker import WorkerConfig, WorkerCore, WorkItem
 from fedctl.workflows.base import Communicator, ResultStream
 
-BATCH_BYTES = 64 * 1024 * 1024
-MAX_BATCH = 64
+BATCH_BYTES = 16 * 1024 * 1024
+MAX_BATCH = 32
 START_TIMEOUT = 300.0
 
 
@@ -323,12 +323,21 @@ class SimCommunicator(Communicator):
         if unknown:
             raise UsageError(f"unknown site {unknown[0]!r}")
         params = task.model.params
-        handle = self.pool.transport.put(params, snapshot=False) if params is not None else None
+        handle = None
+        if params is not None:
+            handle = self.pool.transport.share(params)
+            if isinstance(self.pool.transport, RayTransport):
+                # Keep one copy of the global model, not two: the caller's dict now refers to
+                # the shared-memory copy (same values; workflows never modify broadcast params).
+                params.update(self.pool.transport.get(handle))
         nbytes = sum(t.numel() * t.element_size() for t in (params or {}).values())
         self._seq += 1
+        # Workers get the params through ``handle`` (once per round); the task they are sent
+        # must not carry them too, or every batch call would serialise the whole model.
+        wire = replace(task, model=replace(task.model, params=None))
         stream = SimStream(
             self,
-            task,
+            wire,
             tuple(targets),
             handle,
             f"{task.task_id}#{self._seq}",
@@ -369,6 +378,8 @@ class SimCommunicator(Communicator):
             batch = by_token[id(token)]
             del self.busy[batch.worker]
             self._complete(batch)
+        if done:
+            self._dispatch()  # keep workers busy while the caller aggregates these results
 
     def _complete(self, batch: _Batch) -> None:
         try:

@@ -35,6 +35,11 @@ def pack(params: dict[str, torch.Tensor]) -> Packed:
     return meta, arrays
 
 
+# Ray hands out read-only numpy views of its shared memory; wrapping them is intended here and
+# nothing writes through them (workers clone before a script sees them, the driver only reads).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
 def unpack(packed: Packed) -> dict[str, torch.Tensor]:
     """Inverse of :func:`pack`; tensors are views of the given buffers (treat as read-only)."""
     import torch
@@ -43,24 +48,35 @@ def unpack(packed: Packed) -> dict[str, torch.Tensor]:
 
     meta, arrays = packed
     out: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffers are intended here
-        for (name, dname, shape), arr in zip(meta, arrays, strict=True):
-            dt = torch_dtype(dname)
-            if arr is None:
-                out[name] = torch.empty(shape, dtype=dt)
-            else:
-                out[name] = torch.from_numpy(arr).view(dt).reshape(shape)
+    for (name, dname, shape), arr in zip(meta, arrays, strict=True):
+        dt = torch_dtype(dname)
+        if arr is None:
+            out[name] = torch.empty(shape, dtype=dt)
+        else:
+            out[name] = torch.from_numpy(arr).view(dt).reshape(shape)
     return out
 
 
-class LocalTransport:
-    """Same-process transport: a snapshot is a clone."""
+#: Results up to this size travel inside their batch's return value; larger ones get their
+#: own object in Ray's store (one copy, zero-copy reads), so a batch never holds many big ones.
+INLINE_BYTES = 4 * 1024 * 1024
 
-    def put(self, params: dict[str, torch.Tensor], *, snapshot: bool = True) -> Any:
-        if not snapshot:
-            return params
-        return {k: v.detach().clone() for k, v in params.items()}
+
+def _clone(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+class LocalTransport:
+    """Same-process transport: sharing is free, a snapshot is a clone."""
+
+    def share(self, params: dict[str, torch.Tensor]) -> Any:
+        """Make the round's global params available to workers."""
+        return params
+
+    def snapshot(self, params: dict[str, torch.Tensor], *, frozen: bool = False) -> Any:
+        """Freeze what a script sent, at send time (``frozen``: the script has ended and
+        cannot change it any more, so no copy is needed)."""
+        return params if frozen else _clone(params)
 
     def get(self, handle: Any) -> dict[str, torch.Tensor]:
         return handle
@@ -69,12 +85,21 @@ class LocalTransport:
 class RayTransport:
     """Ray object store transport: one copy into shared memory, zero-copy reads."""
 
-    def put(self, params: dict[str, torch.Tensor], *, snapshot: bool = True) -> Any:
+    def share(self, params: dict[str, torch.Tensor]) -> Any:
         import ray
 
-        return ray.put(pack(params))
+        return ("ref", ray.put(pack(params)))
+
+    def snapshot(self, params: dict[str, torch.Tensor], *, frozen: bool = False) -> Any:
+        import ray
+
+        nbytes = sum(t.numel() * t.element_size() for t in params.values())
+        if nbytes <= INLINE_BYTES:
+            return ("inline", pack(params if frozen else _clone(params)))
+        return ("ref", ray.put(pack(params)))
 
     def get(self, handle: Any) -> dict[str, torch.Tensor]:
         import ray
 
-        return unpack(ray.get(handle))
+        kind, value = handle
+        return unpack(value if kind == "inline" else ray.get(value))

@@ -37,7 +37,6 @@ from fedctl.codec.model import FLModel, Task, TaskResult
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "client.log"
-_SCRIPT_END_GRACE = 60.0
 
 
 @dataclass
@@ -102,22 +101,29 @@ def _routed_streams() -> tuple[_RoutedStream, _RoutedStream]:
 class SimChannel(Channel):
     """The client-API channel of one virtual site inside a worker."""
 
-    def __init__(self, host: ScriptHost) -> None:
+    def __init__(self, host: ScriptHost, inbox: Any) -> None:
         super().__init__()
         self.host = host
         self.info = host.info
-        self.inbox: queue.Queue[Task | None] = queue.Queue()
+        # resident scripts block on a queue.Queue; per-round ones read a plain list
+        self.inbox = inbox
         self._state: SiteState | None = None
 
     def next_task(self) -> Task | None:
-        task = self.inbox.get()
+        task = (
+            self.inbox.get() if self.host.resident else (self.inbox.pop(0) if self.inbox else None)
+        )
         if task is not None:
             self.host.enter_context()
         return task
 
     def submit(self, task: Task, model: FLModel) -> None:
         params = model.params
-        handle = self.host.transport.put(params) if params is not None else None
+        handle = None
+        if params is not None:
+            # A per-round script ends before its result leaves the worker: nothing can change
+            # the tensors in between, so no copy. A resident one keeps running: copy at send.
+            handle = self.host.transport.snapshot(params, frozen=not self.host.resident)
         sent = FLModel(
             params_type=model.params_type,
             params=None,
@@ -128,9 +134,10 @@ class SimChannel(Channel):
             total_rounds=model.total_rounds,
             meta=model.meta,
         )
-        self.host.outbox.put(("result", sent, handle))
-        if not self.host.resident:
-            self.inbox.put(None)  # per-round: the script's loop ends after this send
+        if self.host.resident:
+            self.host.outbox.put(("result", sent, handle))
+        else:
+            self.host.sent = ("result", sent, handle)  # and its loop ends: the inbox is empty
 
     def record(self, record: dict[str, Any]) -> None:
         self.host.records.append(record)
@@ -161,6 +168,7 @@ class ScriptHost:
             workspace=str(self.site_dir),
         )
         self.outbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.sent: tuple[Any, ...] | None = None
         self.records: list[dict[str, Any]] = []
         self.channel: SimChannel | None = None
         self.thread: threading.Thread | None = None
@@ -174,15 +182,17 @@ class ScriptHost:
         os.chdir(self.site_dir)
 
     def _start(self) -> None:
-        self.site_dir.mkdir(parents=True, exist_ok=True)
-        self.channel = SimChannel(self)
+        self.worker.make_site_dir(self.site_dir)
+        self.channel = SimChannel(self, queue.Queue())
         self.outbox = queue.Queue()
-        self.thread = threading.Thread(target=self._main, name=f"fedctl-{self.site}", daemon=True)
+        self.thread = threading.Thread(
+            target=lambda: self.outbox.put(self._execute()), name=f"fedctl-{self.site}", daemon=True
+        )
         self.thread.start()
 
-    def _main(self) -> None:
-        cfg = self.worker.config
-        script = str(Path(cfg.code_dir) / cfg.train_script)
+    def _execute(self) -> tuple[Any, ...]:
+        """Run the script to its end in the calling thread; returns ("exit", error, traceback)."""
+        script = self.worker.script_path
         out, err = _routed_streams()
         log = open(self.site_dir / LOG_FILE, "a", buffering=1)  # noqa: SIM115
         ident = threading.get_ident()
@@ -190,7 +200,7 @@ class ScriptHost:
         client_channel.install(self.channel, thread_only=True)
         status: tuple[Any, ...] = ("exit", None, None)
         try:
-            sys.argv = [script, *shlex.split(cfg.train_args)]
+            sys.argv = [script, *self.worker.argv]
             self.enter_context()
             namespace = {"__name__": "__main__", "__file__": script, "__builtins__": __builtins__}
             exec(self.worker.code, namespace)
@@ -206,30 +216,20 @@ class ScriptHost:
             out.routes.pop(ident, None)
             err.routes.pop(ident, None)
             log.close()
-            self.outbox.put(status)
+        return status
 
     def run(self, task: Task) -> tuple[TaskResult, Any]:
         """Give the script ``task``; wait for its send (or its end). Returns (result, handle)."""
         self.records = []
         started = time.monotonic()
-        for _ in range(2):
-            if not self.alive:
-                self._start()
-            assert self.channel is not None
-            self.channel.inbox.put(task)
-            msg = self.outbox.get()
-            if msg[0] == "exit" and not msg[1] and not self.channel.inbox.empty():
-                # A resident script that ended on its own between tasks: start it again.
-                self.thread = None
-                continue
-            break
+        if self.resident:
+            msg = self._run_resident(task)
+        else:
+            msg = self._run_inline(task)
         result = TaskResult(self.site, task.task_id)
         handle = None
         if msg[0] == "result":
-            _, model, handle = msg
-            result.model = model
-            if not self.resident:
-                self._join()
+            _, result.model, handle = msg
         else:
             _, error, tb = msg
             result.error = error or "script finished without calling send()"
@@ -240,15 +240,33 @@ class ScriptHost:
         result.duration = time.monotonic() - started
         return result, handle
 
-    def _join(self) -> None:
-        """Per-round mode: let the script run to its end after send (code after its loop)."""
-        assert self.thread is not None
-        self.thread.join(_SCRIPT_END_GRACE)
-        while not self.outbox.empty():
+    def _run_inline(self, task: Task) -> tuple[Any, ...]:
+        """Per-round mode: run the script from the top in this thread for one task."""
+        self.worker.make_site_dir(self.site_dir)
+        self.channel = SimChannel(self, [task])
+        self.sent = None
+        status = self._execute()
+        sent, self.sent = self.sent, None
+        if sent is None:
+            return status
+        if status[1]:
+            self.worker.notes.append(f"{self.site}: after send(): {status[1]}")
+        return sent
+
+    def _run_resident(self, task: Task) -> tuple[Any, ...]:
+        """Resident mode: hand the task to the site's long-lived script thread."""
+        for _ in range(2):
+            if not self.alive:
+                self._start()
+            assert self.channel is not None
+            self.channel.inbox.put(task)
             msg = self.outbox.get()
-            if msg[0] == "exit" and msg[1]:
-                self.worker.notes.append(f"{self.site}: after send(): {msg[1]}")
-        self.thread = None
+            if msg[0] == "exit" and not msg[1] and not self.channel.inbox.empty():
+                # A resident script that ended on its own between tasks: start it again.
+                self.thread = None
+                continue
+            return msg
+        return msg
 
     def _save_state(self) -> None:
         ch = self.channel
@@ -282,7 +300,12 @@ class WorkerCore:
         self.transport = transport
         self.notes: list[str] = []
         script = Path(config.code_dir) / config.train_script
-        self.code = compile(script.read_text(), str(script), "exec")
+        self.script_path = str(script)
+        self.argv = shlex.split(config.train_args)
+        self.code = compile(script.read_text(), self.script_path, "exec")
+        # argparse asks for the terminal size on every parser; scripts have no terminal here.
+        os.environ.setdefault("COLUMNS", "100")
+        os.environ.setdefault("LINES", "40")
         self._path_entry = str(Path(config.code_dir).resolve())
         sys.path.insert(0, self._path_entry)
         self._modules_before = set(sys.modules)
@@ -290,8 +313,15 @@ class WorkerCore:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.hosts: dict[str, ScriptHost] = {}
+        self._site_dirs: set[Path] = set()
         self._model_id: str | None = None
         self._model: dict[str, Any] | None = None
+
+    def make_site_dir(self, path: Path) -> None:
+        """Create a site's folder once per worker (not once per task)."""
+        if path not in self._site_dirs:
+            path.mkdir(parents=True, exist_ok=True)
+            self._site_dirs.add(path)
 
     def _global(self, model_id: str, handle: Any) -> dict[str, Any]:
         if model_id != self._model_id:

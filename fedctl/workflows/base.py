@@ -57,7 +57,12 @@ class Communicator(ABC):
 
     @abstractmethod
     def broadcast(self, task: Task, targets: Sequence[str]) -> ResultStream:
-        """Send ``task`` to each target; results come back through the returned stream."""
+        """Send ``task`` to each target; results come back through the returned stream.
+
+        The task's params are treated as immutable from here on: a communicator may replace the
+        tensors in that dict with equal read-only views (e.g. of shared memory), and workflows
+        must never modify broadcast tensors in place (they build new ones each round).
+        """
 
     def send(self, task: Task, target: str) -> ResultStream:
         """Send ``task`` to one site."""

@@ -1,0 +1,433 @@
+"""Simulator benchmark: fedctl beside a framework-free reference, measured in one run.
+
+Cases (issue #2):
+  a) 8 clients × 20 rounds, ~100k-parameter MLP: wall time (Ray start-up included), start-up,
+     per-round orchestration overhead; target ≤ 2× the reference's wall time. Ground truth:
+     after round 1 fedctl's global model equals the reference's to float32 rounding.
+  b) 64 and 1000 clients × 5 rounds of a trivial client (echoes the model): wall time, client
+     calls/s, peak memory of the whole process tree (PSS); targets ≥ 1000 calls/s and
+     peak(1000) ≤ 1.5 × peak(64).
+  c) 4 clients × 3 rounds, ~100M-parameter MLP: wall time and peak memory; targets ≤ 1.3× the
+     reference's wall time and ≤ 1.5× its peak memory.
+  d) ``fedctl --help`` < 0.3 s.
+
+The reference is a plain sequential loop in one process with the same model, data, mini-batches
+(same seeds) and FedAvg (running weighted sum). Every implementation runs in a fresh child
+process; the parent samples the PSS of the child's whole process tree (Ray's daemons and
+workers included), so start-up cost and memory are both counted.
+
+    python bench/bench_sim.py            # everything (~5 minutes on 2 cores)
+    python bench/bench_sim.py --quick    # smaller sizes, a smoke run
+    python bench/bench_sim.py --cases a,d
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+WORKLOAD = HERE / "workload"
+SEED = 0
+
+CASES: dict[str, dict[str, Any]] = {
+    "a": dict(size="small", clients=8, rounds=20, args="--samples 8192 --batch-size 32"),
+    "a1": dict(size="small", clients=8, rounds=1, args="--samples 8192 --batch-size 32"),
+    "b64": dict(size="small", clients=64, rounds=5, args="--trivial"),
+    "b1000": dict(size="small", clients=1000, rounds=5, args="--trivial"),
+    "c": dict(size="large", clients=4, rounds=3, args="--samples 160 --batch-size 16"),
+}
+QUICK = {
+    "a": dict(rounds=5, args="--samples 1024 --batch-size 32"),
+    "a1": dict(args="--samples 1024 --batch-size 32"),
+    "b1000": dict(clients=300, rounds=3),
+    "b64": dict(rounds=3),
+    "c": dict(rounds=1, args="--samples 32 --batch-size 16"),
+}
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def _workload_imports() -> tuple[Any, Any, Any]:
+    sys.path.insert(0, str(WORKLOAD))
+    from model import make_model
+    from train import local_train, shard
+
+    return make_model, local_train, shard
+
+
+def _initial(size: str) -> dict[str, Any]:
+    import torch
+
+    make_model, _, _ = _workload_imports()
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in make_model(size).state_dict().items()}
+
+
+def _parse(args: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--trivial", action="store_true")
+    return p.parse_args(args.split())
+
+
+def child_reference(case: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The framework-free loop: same model, data, mini-batches, FedAvg; one process."""
+    import torch
+
+    from fedctl.client.channel import derive_seed, seed_everything
+    from fedctl.codec.tensors import save_file
+    from fedctl.workflows.fedavg import resolve_precision
+
+    t0 = time.perf_counter()
+    make_model, local_train, shard = _workload_imports()
+    a = _parse(case["args"])
+    size, n, rounds = case["size"], case["clients"], case["rounds"]
+    threads = int(os.environ.get("BENCH_REF_THREADS", "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    global_params = _initial(size)
+    acc_dtype = (
+        torch.float64 if resolve_precision("auto", global_params) == "float64" else torch.float32
+    )
+    model = make_model(size)
+    calls = 0
+    round_times = []
+    for r in range(rounds):
+        tr = time.perf_counter()
+        acc = {k: torch.zeros(v.shape, dtype=acc_dtype) for k, v in global_params.items()}
+        total = 0.0
+        for i in range(n):
+            if a.trivial:
+                params, steps = {k: v.clone() for k, v in global_params.items()}, 1
+            else:
+                x, y = shard(size, i, a.samples)
+                seed_everything(derive_seed(SEED, i, r, "train"))
+                model.load_state_dict(global_params)
+                steps, _ = local_train(model, x, y, a.epochs, a.batch_size, a.lr)
+                params = model.state_dict()
+            for k, v in params.items():
+                acc[k].add_(v, alpha=steps)
+            total += steps
+            calls += 1
+        global_params = {k: acc[k].div_(total).to(global_params[k].dtype) for k in global_params}
+        del acc
+        round_times.append(time.perf_counter() - tr)
+    save_file(global_params, out)
+    return {
+        "wall_in_process": time.perf_counter() - t0,
+        "calls": calls,
+        "round_times": round_times,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def child_fedctl(case: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The same job through fedctl's simulator (Ray backend, default workers)."""
+    import shutil
+
+    import torch
+
+    from fedctl.recipe import FedAvgRecipe, SimEnv
+
+    make_model, _, _ = _workload_imports()
+    torch.manual_seed(0)
+    recipe = FedAvgRecipe(
+        name=f"bench-{case['size']}",
+        min_clients=case["clients"],
+        num_rounds=case["rounds"],
+        model=make_model(case["size"]),
+        train_script="client.py",
+        train_args=f"--size {case['size']} {case['args']}",
+        key_metric=None,
+        base_dir=WORKLOAD,
+    )
+    workspace = Path(tempfile.mkdtemp(prefix="fedctl-bench-"))
+    try:
+        run = recipe.run(
+            SimEnv(
+                num_clients=case["clients"],
+                workspace=workspace,
+                display="none",
+                seed=SEED,
+                workers=case.get("workers"),
+                backend=case.get("backend", "ray"),
+            )
+        )
+        if not run.ok:
+            raise SystemExit(f"fedctl run failed: {run.reason}")
+        shutil.copyfile(run.final_model, out)  # type: ignore[arg-type]
+        sites = [
+            json.loads(line)
+            for line in (run.result_dir / "metrics" / "sites.jsonl").read_text().splitlines()
+        ]
+        busy: dict[int, float] = {}
+        for s in sites:
+            busy[s["round"]] = busy.get(s["round"], 0.0) + s["duration"]
+        return {
+            "timings": run.extra["timings"],
+            "workers": run.extra["workers"],
+            "resident": run.extra["resident"],
+            "round_times": [r["duration"] for r in run.metrics],
+            "client_busy": [busy[r["round"]] for r in run.metrics],
+            "calls": len(sites),
+            "duration": run.duration,
+        }
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def tree_pss(pid: int) -> int:
+    """PSS (bytes) of a process and all its descendants; shared pages are counted once."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total
+
+
+def run_child(impl: str, case_name: str, case: dict[str, Any], interval: float) -> dict[str, Any]:
+    """Run one implementation in a fresh process; wall time and peak tree PSS from outside."""
+    out = Path(tempfile.mkdtemp(prefix="bench-")) / "final.safetensors"
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        "--case-json",
+        json.dumps(case),
+        "--out",
+        str(out),
+    ]
+    peak = 0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ})
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, tree_pss(proc.pid))
+            stop.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{impl} {case_name} failed with exit code {proc.returncode}")
+    data = json.loads(stdout.strip().splitlines()[-1])
+    data.update(wall=wall, peak_pss=peak, model=str(out))
+    return data
+
+
+def max_diff(a_path: str, b_path: str) -> tuple[float, float]:
+    """(max |a-b|, max |a|) over all parameters."""
+    from fedctl.codec.tensors import load_file
+
+    a, _ = load_file(a_path)
+    b, _ = load_file(b_path)
+    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    scale = max(float(a[k].double().abs().max()) for k in a)
+    return diff, scale
+
+
+def help_time() -> float:
+    exe = Path(sys.executable).with_name("fedctl")
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        subprocess.run([str(exe), "--help"], capture_output=True, check=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cases", default="a,b,c,d")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json-out", type=Path)
+    p.add_argument("--variants", action="store_true", help="(c) also with 1 worker and local")
+    p.add_argument("--child", choices=["reference", "fedctl"], help=argparse.SUPPRESS)
+    p.add_argument("--case-json", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        case = json.loads(args.case_json)
+        fn = child_reference if args.child == "reference" else child_fedctl
+        print(json.dumps(fn(case, args.out)))
+        return 0
+
+    cases = {k: dict(v) for k, v in CASES.items()}
+    if args.quick:
+        for k, v in QUICK.items():
+            cases[k].update(v)
+    wanted = set(args.cases.split(","))
+    report: dict[str, Any] = {"quick": args.quick, "cpus": os.cpu_count()}
+    verdicts: list[tuple[str, bool]] = []
+
+    def line(label: str, value: str) -> None:
+        print(f"  {label:<44} {value}")
+
+    def verdict(name: str, ok: bool, text: str) -> None:
+        verdicts.append((name, ok))
+        print(f"  {'PASS' if ok else 'SHORT':<5} {text}")
+
+    if "a" in wanted:
+        print("\n(a) 8 clients × 20 rounds, ~100k-parameter model")
+        ref = run_child("reference", "a", cases["a"], 0.5)
+        fed = run_child("fedctl", "a", cases["a"], 0.5)
+        rounds = len(fed["round_times"])
+        overhead = [
+            t - busy / fed["workers"]
+            for t, busy in zip(fed["round_times"], fed["client_busy"], strict=True)
+        ]
+        line("reference wall time", f"{ref['wall']:.2f} s ({ref['threads']} torch threads)")
+        line("fedctl wall time (start-up included)", f"{fed['wall']:.2f} s")
+        line(
+            "fedctl Ray start-up / pool start-up",
+            f"{fed['timings']['ray_start_s']:.2f} s / {fed['timings']['startup_s']:.2f} s",
+        )
+        line("fedctl shutdown", f"{fed['timings']['shutdown_s']:.2f} s")
+        line("fedctl mean round time", f"{sum(fed['round_times']) / rounds * 1000:.0f} ms")
+        line(
+            "orchestration overhead per round",
+            f"{sum(overhead) / rounds * 1000:.0f} ms "
+            f"(round time − client compute / {fed['workers']} workers)",
+        )
+        ratio = fed["wall"] / ref["wall"]
+        verdict(
+            "a.wall", ratio <= 2.0, f"wall-time ratio fedctl/reference = {ratio:.2f} (target ≤ 2)"
+        )
+        ref1 = run_child("reference", "a1", cases["a1"], 1.0)
+        fed1 = run_child("fedctl", "a1", cases["a1"], 1.0)
+        d1, s1 = max_diff(ref1["model"], fed1["model"])
+        dn, _ = max_diff(ref["model"], fed["model"])
+        line("after round 1: max |fedctl − reference|", f"{d1:.2e} (max |w| = {s1:.2f})")
+        line(f"after {rounds} rounds: max |fedctl − reference|", f"{dn:.2e}")
+        verdict(
+            "a.truth",
+            d1 <= 1e-6 * max(s1, 1.0),
+            "round-1 model equals the reference to float32 rounding",
+        )
+        report["a"] = {
+            "reference": ref,
+            "fedctl": fed,
+            "ratio": ratio,
+            "round1_max_diff": d1,
+            "final_max_diff": dn,
+        }
+
+    if "b" in wanted:
+        print("\n(b) trivial clients × 5 rounds")
+        res = {}
+        for name in ("b64", "b1000"):
+            case = cases[name]
+            ref = run_child("reference", name, case, 0.25)
+            fed = run_child("fedctl", name, case, 0.25)
+            busy_time = sum(fed["round_times"])
+            cps = fed["calls"] / busy_time
+            res[name] = {"reference": ref, "fedctl": fed, "calls_per_s": cps}
+            n = case["clients"]
+            line(
+                f"{n} clients: reference wall / peak PSS",
+                f"{ref['wall']:.2f} s / {gib(ref['peak_pss'])}",
+            )
+            line(
+                f"{n} clients: fedctl wall / peak PSS",
+                f"{fed['wall']:.2f} s / {gib(fed['peak_pss'])}",
+            )
+            line(f"{n} clients: fedctl client calls/s (rounds only)", f"{cps:.0f}")
+        big, small = res["b1000"], res["b64"]
+        n_big = cases["b1000"]["clients"]
+        mem_ratio = big["fedctl"]["peak_pss"] / small["fedctl"]["peak_pss"]
+        verdict(
+            "b.calls",
+            big["calls_per_s"] >= 1000,
+            f"{n_big} clients: {big['calls_per_s']:.0f} client calls/s (target ≥ 1000)",
+        )
+        verdict(
+            "b.mem",
+            mem_ratio <= 1.5,
+            f"peak memory {n_big} vs 64 clients = {mem_ratio:.2f}× (target ≤ 1.5)",
+        )
+        report["b"] = {**res, "mem_ratio": mem_ratio}
+
+    if "c" in wanted:
+        print("\n(c) 4 clients × 3 rounds, ~100M-parameter model")
+        ref = run_child("reference", "c", cases["c"], 0.5)
+        fed = run_child("fedctl", "c", cases["c"], 0.5)
+        t_ratio = fed["wall"] / ref["wall"]
+        m_ratio = fed["peak_pss"] / ref["peak_pss"]
+        line("reference wall / peak PSS", f"{ref['wall']:.2f} s / {gib(ref['peak_pss'])}")
+        line("fedctl wall / peak PSS", f"{fed['wall']:.2f} s / {gib(fed['peak_pss'])}")
+        line(
+            "fedctl start-up / shutdown",
+            f"{fed['timings']['startup_s']:.2f} s / {fed['timings']['shutdown_s']:.2f} s",
+        )
+        d, s = max_diff(ref["model"], fed["model"])
+        line("final model max |fedctl − reference|", f"{d:.2e} (max |w| = {s:.3f})")
+        verdict("c.wall", t_ratio <= 1.3, f"wall-time ratio = {t_ratio:.2f} (target ≤ 1.3)")
+        verdict("c.mem", m_ratio <= 1.5, f"peak-memory ratio = {m_ratio:.2f} (target ≤ 1.5)")
+        report["c"] = {"reference": ref, "fedctl": fed, "time_ratio": t_ratio, "mem_ratio": m_ratio}
+        if args.variants:
+            for label, extra in (
+                ("workers=1", {"workers": 1}),
+                ("backend=local", {"backend": "local"}),
+            ):
+                var = run_child("fedctl", "c", {**cases["c"], **extra}, 0.5)
+                line(
+                    f"variant {label}: wall / peak PSS",
+                    f"{var['wall']:.2f} s ({var['wall'] / ref['wall']:.2f}×) / "
+                    f"{gib(var['peak_pss'])} ({var['peak_pss'] / ref['peak_pss']:.2f}×)",
+                )
+                report["c"][label] = var
+
+    if "d" in wanted:
+        print("\n(d) CLI start-up")
+        t = help_time()
+        verdict("d.help", t < 0.3, f"fedctl --help: {t * 1000:.0f} ms (target < 300 ms)")
+        report["d"] = {"help_s": t}
+
+    print("\nsummary: " + ", ".join(f"{n} {'PASS' if ok else 'SHORT'}" for n, ok in verdicts))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
