@@ -11,7 +11,10 @@ import sys
 import typer
 
 from fedctl import __version__
+from fedctl.cli import jobs as _jobs
+from fedctl.cli import poc as _poc
 from fedctl.cli import provision as _provision
+from fedctl.cli import runtime as _runtime
 from fedctl.cli import simulate as _simulate
 
 app = typer.Typer(
@@ -41,6 +44,9 @@ def _root(
 
 _simulate.register(app)
 _provision.register(app)
+_poc.register(app)
+_runtime.register(app)
+_jobs.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,96 @@
+"""``fedctl server``, ``fedctl client``: run a server or a site agent from its startup kit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+server_app = typer.Typer(
+    help="Run the federation server from its startup kit.", no_args_is_help=True
+)
+client_app = typer.Typer(help="Run a site agent from its startup kit.", no_args_is_help=True)
+
+
+def _stop(pid_file: Path, what: str) -> int:
+    import os
+    import signal
+    import time
+
+    from fedctl.errors import NotFound
+
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        raise NotFound(f"no running {what} recorded in {pid_file}") from None
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        raise NotFound(f"{what} (PID {pid}) is not running") from None
+    for _ in range(150):
+        time.sleep(0.1)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"stopped {what} (PID {pid})")
+            return 0
+    print(f"{what} (PID {pid}) did not stop within 15 s")
+    return 1
+
+
+@server_app.command("start")
+def server_start(
+    kit: Path = typer.Option(..., "--kit", help="The server's startup kit folder."),
+    workspace: Path | None = typer.Option(None, "--workspace", help="Default: KIT/workspace."),
+    mode: str = typer.Option("production", "--mode", help="production or poc (told to scripts)."),
+    max_jobs: int = typer.Option(4, "--max-jobs", help="Jobs that may run at once."),
+) -> int:
+    """Serve sites and admins on the kit's port until stopped (SIGTERM/Ctrl-C)."""
+    import logging
+
+    from fedctl.runtime.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    serve(kit, str(workspace) if workspace else None, mode=mode, max_jobs=max_jobs)
+    return 0
+
+
+@server_app.command("stop")
+def server_stop(
+    kit: Path = typer.Option(..., "--kit"),
+    workspace: Path | None = typer.Option(None, "--workspace"),
+) -> int:
+    """Stop the server started from this kit."""
+    return _stop((workspace or kit / "workspace") / "run" / "server.pid", "server")
+
+
+@client_app.command("start")
+def client_start(
+    kit: Path = typer.Option(..., "--kit", help="The site's startup kit folder."),
+    workspace: Path | None = typer.Option(None, "--workspace", help="Default: KIT/workspace."),
+    address: str | None = typer.Option(None, "--address", help="host:port instead of the kit's."),
+) -> int:
+    """Connect this site to the server and run the jobs it deploys, until stopped."""
+    import logging
+
+    from fedctl.runtime.agent import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    serve(kit, str(workspace) if workspace else None, address)
+    return 0
+
+
+@client_app.command("stop")
+def client_stop(
+    kit: Path = typer.Option(..., "--kit"),
+    workspace: Path | None = typer.Option(None, "--workspace"),
+) -> int:
+    """Stop the site agent started from this kit."""
+    return _stop((workspace or kit / "workspace") / "agent.pid", "site agent")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the command groups to the root app."""
+    app.add_typer(server_app, name="server")
+    app.add_typer(client_app, name="client")

@@ -1,0 +1,607 @@
+"""The site agent: ``fedctl client start --kit DIR``.
+
+It keeps a mutual-TLS session with the server (reconnecting with backoff), and for each job the
+server deploys here it fetches the bundle (hash- and size-checked, unpacked safely), runs the
+job's client script as a subprocess in the job's folder, hands it tasks and relays its results,
+logs and metrics. Control messages are numbered and acknowledged in both directions, so a
+reconnect neither loses nor repeats one; each result is uploaded as a file in chunks before it
+is announced.
+
+Site folder (``<kit>/workspace`` by default)::
+
+    jobs/<job>/job/       the unpacked job (code, initial model, spec)
+    jobs/<job>/work/      the script's working directory (its state, its files)
+    jobs/<job>/blobs/     task models received, results to upload
+    jobs/<job>/client.log the script's output
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedctl.errors import FedctlError
+from fedctl.runtime.bundle import BundleError, extract_bundle, sha256_path
+from fedctl.transport import frames, rpc
+from fedctl.transport.frames import FrameError, FrameSocket
+
+if TYPE_CHECKING:
+    from fedctl.provision.kit import Kit
+
+log = logging.getLogger("fedctl.agent")
+
+MAX_BUNDLE = 8 * 1024**3
+MAX_TASK_BLOB = 64 * 1024**3
+LOG_BATCH = 200
+SCRIPT_CONNECT_TIMEOUT = 300.0
+
+
+class SiteAgent:
+    """One site's connection to the server and its running jobs."""
+
+    def __init__(
+        self,
+        kit: Kit,
+        workspace: str | os.PathLike[str] | None = None,
+        *,
+        address: str | None = None,
+        max_bundle: int = MAX_BUNDLE,
+    ) -> None:
+        if kit.type != "site":
+            raise FedctlError(
+                f"{kit.root} is a {kit.type} kit; `fedctl client start` needs a site kit"
+            )
+        self.kit = kit
+        self.address = address
+        self.ws = (Path(workspace) if workspace else kit.root / "workspace").resolve()
+        self.ws.mkdir(parents=True, exist_ok=True)
+        self.max_bundle = max_bundle
+        self.incarnation = secrets.token_hex(8)
+        self.next_seq = 1
+        self.recv_seq = 0
+        self.outbox: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self.lock = threading.RLock()
+        self.outq: queue.Queue[bytes | None] | None = None
+        self.jobs: dict[str, SiteJob] = {}
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+        self.stubs: rpc.Stubs | None = None
+
+    # ------------------------------------------------------------------ connection
+
+    def run(self) -> None:
+        """Connect, serve, reconnect with backoff, until :meth:`stop`."""
+        import grpc
+
+        from fedctl.transport import tls
+
+        backoff = 0.5
+        while not self.stopping.is_set():
+            channel = tls.secure_channel(self.kit, self.address, options=rpc.CHANNEL_OPTIONS)
+            self.stubs = rpc.Stubs(channel)
+            started = time.monotonic()
+            try:
+                self._session()
+            except grpc.RpcError as exc:
+                if self.stopping.is_set():
+                    break
+                message = _rpc_message(exc)
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    message = tls.describe_rpc_error(exc, self.kit, self.address)
+                log.warning("session with the server ended: %s", message)
+            finally:
+                self.connected.clear()
+                channel.close()
+            if time.monotonic() - started > 10:
+                backoff = 0.5
+            self.stopping.wait(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    def _session(self) -> None:
+        outq: queue.Queue[bytes | None] = queue.Queue()
+        with self.lock:
+            self.outq = outq
+            outq.put(
+                frames.encode(
+                    {"t": "hello", "incarnation": self.incarnation, "recv_seq": self.recv_seq}
+                )
+            )
+
+        def requests() -> Any:
+            while True:
+                try:
+                    item = outq.get(timeout=5.0)
+                except queue.Empty:
+                    item = frames.encode({"t": "heartbeat"})
+                if item is None:
+                    return
+                yield item
+
+        assert self.stubs is not None
+        responses = self.stubs.Session(requests())
+        try:
+            for raw in responses:
+                header, _ = frames.decode(raw)
+                self._on_message(header)
+        finally:
+            with self.lock:
+                if self.outq is outq:
+                    self.outq = None
+            outq.put(None)
+            responses.cancel()
+
+    def stop(self) -> None:
+        """Stop every job's script and end the session."""
+        self.stopping.set()
+        for job in list(self.jobs.values()):
+            job.stop("site agent stopping")
+        with self.lock:
+            if self.outq is not None:
+                self.outq.put(None)
+
+    def send(self, header: dict[str, Any]) -> None:
+        """A reliable message to the server (sent now, or resent after a reconnect)."""
+        with self.lock:
+            header = {**header, "seq": self.next_seq}
+            self.next_seq += 1
+            self.outbox[header["seq"]] = header
+            if self.outq is not None:
+                self.outq.put(frames.encode(header))
+
+    def _ack(self, seq: int) -> None:
+        with self.lock:
+            for s in [s for s in self.outbox if s <= seq]:
+                del self.outbox[s]
+
+    def _on_message(self, h: dict[str, Any]) -> None:
+        kind = h["t"]
+        if kind == "heartbeat":
+            return
+        if kind == "welcome":
+            self._ack(frames.field(h, "recv_seq", int))
+            with self.lock:
+                for header in self.outbox.values():
+                    if self.outq is not None:
+                        self.outq.put(frames.encode(header))
+            self.connected.set()
+            log.info("connected to the server as %s", self.kit.name)
+            return
+        if kind == "ack":
+            self._ack(frames.field(h, "seq", int))
+            return
+        seq = frames.field(h, "seq", int)
+        with self.lock:
+            duplicate = seq <= self.recv_seq
+            if not duplicate:
+                self.recv_seq = seq
+            if self.outq is not None:
+                self.outq.put(frames.encode({"t": "ack", "seq": self.recv_seq}))
+        if duplicate:
+            return
+        job_id = frames.field(h, "job", str)
+        if kind == "deploy":
+            old = self.jobs.get(job_id)
+            if old is not None:
+                old.stop("redeployed")
+            job = SiteJob(self, job_id, h)
+            self.jobs[job_id] = job
+            threading.Thread(target=job.deploy, name=f"deploy-{job_id}", daemon=True).start()
+        elif kind in ("task", "cancel", "end_job"):
+            job = self.jobs.get(job_id)
+            if job is None:
+                if kind == "task":
+                    self.send(
+                        {
+                            "t": "task_failed",
+                            "job": job_id,
+                            "task_id": h.get("task_id"),
+                            "error": "the job is not deployed at this site",
+                        }
+                    )
+                return
+            if kind == "task":
+                job.add_task(h)
+            elif kind == "cancel":
+                job.cancel(str(h.get("task_id")))
+            else:
+                job.stop(f"job {h.get('status', 'ended')}")
+                self.jobs.pop(job_id, None)
+        else:
+            raise FrameError(f"unexpected message type {kind!r}")
+
+    # ------------------------------------------------------------------ blobs
+
+    def fetch(self, job_id: str, blob: dict[str, Any], dest: Path, max_bytes: int) -> None:
+        """Download a blob to ``dest``, checking size and hash against its announcement."""
+        size = frames.field(blob, "size", int)
+        if size > max_bytes:
+            raise BundleError(
+                f"{blob.get('id')}: {size} bytes is over this site's limit of {max_bytes}"
+            )
+        stubs = self._stubs()
+        stream = stubs.Fetch(frames.encode({"t": "fetch", "job": job_id, "blob": blob["id"]}))
+        rpc.receive_file(
+            stream,
+            dest,
+            max_bytes=size,
+            expect_size=size,
+            expect_sha256=frames.field(blob, "sha256", str),
+        )
+
+    def push(self, job_id: str, task_id: str, path: Path) -> dict[str, Any]:
+        """Upload a result file; returns the blob announcement for the result message."""
+        size = path.stat().st_size
+        sha = sha256_path(path)
+        first = {"t": "push", "job": job_id, "task_id": task_id, "size": size, "sha256": sha}
+        reply, _ = frames.decode(self._stubs().Push(rpc.file_frames(path, first)), {"ok"})
+        return {"id": reply["blob"], "size": size, "sha256": sha}
+
+    def _stubs(self) -> rpc.Stubs:
+        if not self.connected.wait(60) or self.stubs is None:
+            raise FedctlError("not connected to the server")
+        return self.stubs
+
+
+class SiteJob:
+    """One job at this site: its folder, its script process, its queue of tasks."""
+
+    def __init__(self, agent: SiteAgent, job_id: str, deploy: dict[str, Any]) -> None:
+        self.agent = agent
+        self.job_id = job_id
+        self.deploy_msg = deploy
+        self.root = agent.ws / "jobs" / job_id
+        self.tasks: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.cancelled: set[str] = set()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.current: dict[str, Any] | None = None
+        self.stopped = threading.Event()
+        self.ready = threading.Event()
+        self.sock_path = self.root / "agent.sock"
+        self.server_sock: socket.socket | None = None
+        self.tail: deque[str] = deque(maxlen=200)
+        self.log_lines: list[str] = []
+        self.log_lock = threading.Lock()
+        self.script_conn: FrameSocket | None = None
+
+    # ------------------------------------------------------------------ deployment
+
+    def deploy(self) -> None:
+        """Fetch, check and unpack the bundle, then start serving tasks; refusals are reported."""
+        try:
+            self._deploy()
+        except (FedctlError, OSError) as exc:
+            log.warning("job %s refused: %s", self.job_id, exc)
+            self.agent.send({"t": "refused", "job": self.job_id, "reason": str(exc)})
+            self.stopped.set()
+            return
+        self.agent.send({"t": "deployed", "job": self.job_id})
+        self.ready.set()
+        threading.Thread(target=self._serve_tasks, name=f"tasks-{self.job_id}", daemon=True).start()
+
+    def _deploy(self) -> None:
+        from fedctl.recipe.base import load_job
+
+        job_dir = self.root / "job"
+        if not job_dir.exists():
+            bundle = self.root / "bundle.zip"
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.agent.fetch(
+                self.job_id,
+                frames.field(self.deploy_msg, "bundle", dict),
+                bundle,
+                self.agent.max_bundle,
+            )
+            try:
+                extract_bundle(bundle, job_dir, max_bytes=self.agent.max_bundle)
+            finally:
+                bundle.unlink(missing_ok=True)
+        self.recipe = load_job(job_dir)
+        self.check_policy()
+        (self.root / "work").mkdir(exist_ok=True)
+        (self.root / "blobs").mkdir(exist_ok=True)
+
+    def check_policy(self) -> None:
+        """Site policy hook (authorization and privacy rules); raises to refuse the job."""
+
+    # ------------------------------------------------------------------ the script
+
+    def _listen(self) -> None:
+        self.sock_path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.sock_path))
+        finally:
+            os.umask(old)
+        sock.listen(1)
+        sock.settimeout(1.0)
+        self.server_sock = sock
+
+    def _start_script(self) -> None:
+        """Start the client script (it connects back on the job's socket)."""
+        if self.server_sock is None:
+            self._listen()
+        d = self.deploy_msg
+        code = self.root / "job" / "code"
+        script = code / self.recipe.train_script
+        env = {
+            **os.environ,
+            "FEDCTL_MODE": str(d.get("mode", "production")),
+            "FEDCTL_AGENT_SOCKET": str(self.sock_path),
+            "FEDCTL_JOB_ID": self.job_id,
+            "FEDCTL_SITE_NAME": self.agent.kit.name,
+            "FEDCTL_SITE_INDEX": str(d.get("site_index", 0)),
+            "FEDCTL_NUM_SITES": str(d.get("num_sites", 1)),
+            "FEDCTL_SEED": str(d.get("seed", 0)),
+            "PYTHONUNBUFFERED": "1",
+        }
+        cmd = [sys.executable, str(script), *shlex.split(self.recipe.train_args)]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.root / "work",
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump_output, args=(self.proc,), daemon=True).start()
+        assert self.server_sock is not None
+        deadline = time.monotonic() + SCRIPT_CONNECT_TIMEOUT
+        while True:
+            try:
+                conn, _ = self.server_sock.accept()
+            except TimeoutError:
+                if self.proc.poll() is not None:
+                    time.sleep(0.2)  # let the output pump catch the last lines
+                    raise _ScriptDied(*self._exit_reason()) from None
+                if time.monotonic() > deadline:
+                    _kill_group(self.proc)
+                    raise _ScriptDied(
+                        f"the script did not call fedctl.client.init() within "
+                        f"{SCRIPT_CONNECT_TIMEOUT:.0f}s",
+                        None,
+                    ) from None
+                continue
+            conn.settimeout(None)
+            self.script_conn = FrameSocket(conn)
+            break
+        got = self.script_conn.recv({"hello"})
+        if got is None:
+            raise _ScriptDied(*self._exit_reason())
+        self.script_conn.send(
+            {
+                "t": "info",
+                "site_name": self.agent.kit.name,
+                "site_index": d.get("site_index", 0),
+                "num_sites": d.get("num_sites", 1),
+                "job_id": self.job_id,
+                "seed": d.get("seed", 0),
+                "mode": d.get("mode", "production"),
+                "workspace": str(self.root / "work"),
+            }
+        )
+
+    def _pump_output(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        with open(self.root / "client.log", "ab") as logf:
+            for raw in proc.stdout:
+                logf.write(raw)
+                logf.flush()
+                line = raw.decode(errors="replace").rstrip("\n")
+                self.tail.append(line)
+                with self.log_lock:
+                    self.log_lines.append(line)
+                    flush = len(self.log_lines) >= LOG_BATCH
+                if flush:
+                    self._flush_log()
+        self._flush_log()
+
+    def _flush_log(self) -> None:
+        with self.log_lock:
+            lines, self.log_lines = self.log_lines, []
+        if lines:
+            self.agent.send({"t": "log", "job": self.job_id, "lines": lines})
+
+    def _exit_reason(self) -> tuple[str, str | None]:
+        code = self.proc.poll() if self.proc else None
+        lines = list(self.tail)
+        tb_start = max(
+            (i for i, line in enumerate(lines) if line.startswith("Traceback")), default=None
+        )
+        if tb_start is not None:
+            tb = "\n".join(lines[tb_start:])
+            last = next((line for line in reversed(lines) if line.strip()), "")
+            return last.strip() or f"script exited with code {code}", tb
+        return f"script exited with code {code}", None
+
+    # ------------------------------------------------------------------ tasks
+
+    def add_task(self, h: dict[str, Any]) -> None:
+        self.tasks.put(h)
+
+    def cancel(self, task_id: str) -> None:
+        self.cancelled.add(task_id)
+
+    def _serve_tasks(self) -> None:
+        while not self.stopped.is_set():
+            task = self.tasks.get()
+            if task is None:
+                break
+            task_id = str(task.get("task_id"))
+            if task_id in self.cancelled:
+                continue
+            try:
+                self._run_task(task)
+            except Exception as exc:
+                error, tb = (str(exc), None)
+                if isinstance(exc, _ScriptDied):
+                    error, tb = exc.args[0], exc.args[1]
+                if not self.stopped.is_set():
+                    log.warning("job %s task %s failed: %s", self.job_id, task_id, error)
+                    self._flush_log()
+                    self.agent.send(
+                        {
+                            "t": "task_failed",
+                            "job": self.job_id,
+                            "task_id": task_id,
+                            "error": error,
+                            "traceback": tb,
+                        }
+                    )
+
+    def _run_task(self, task: dict[str, Any]) -> None:
+        task_id = str(task["task_id"])
+        path = None
+        if task.get("blob"):
+            path = self.root / "blobs" / f"task.{_safe(task_id)}.safetensors"
+            self.agent.fetch(self.job_id, task["blob"], path, MAX_TASK_BLOB)
+        if self.proc is None or self.proc.poll() is not None:
+            self.script_conn = None
+            self._start_script()
+        assert self.script_conn is not None
+        conn = self.script_conn
+        # the script asks for its next task; answer with this one
+        msg = self._recv_script(conn)
+        while msg["t"] == "records":
+            self._records(msg)
+            msg = self._recv_script(conn)
+        if msg["t"] != "next":
+            raise FrameError(f"script sent {msg['t']!r} while waiting for a task")
+        conn.send(
+            {
+                "t": "task",
+                "task_id": task_id,
+                "name": task.get("name"),
+                "header": task.get("header"),
+                "path": str(path) if path else None,
+                "result_dir": str(self.root / "blobs"),
+            }
+        )
+        while True:
+            msg = self._recv_script(conn)
+            if msg["t"] == "records":
+                self._records(msg)
+                continue
+            if msg["t"] != "result":
+                raise FrameError(f"script sent {msg['t']!r} instead of a result")
+            break
+        if path is not None:
+            path.unlink(missing_ok=True)
+        header = frames.field(msg, "header", dict)
+        result_path = msg.get("path")
+        blob = None
+        if result_path:
+            result = Path(result_path)
+            if self.root / "blobs" not in result.resolve().parents:
+                raise FrameError("script wrote its result outside the job's folder")
+            blob = self.agent.push(self.job_id, task_id, result)
+            result.unlink(missing_ok=True)
+        conn.send({"t": "ok"})
+        self._flush_log()
+        if task_id in self.cancelled:
+            return
+        self.agent.send(
+            {"t": "result", "job": self.job_id, "task_id": task_id, "header": header, "blob": blob}
+        )
+
+    def _recv_script(self, conn: FrameSocket) -> dict[str, Any]:
+        try:
+            got = conn.recv({"next", "result", "records"})
+        except (OSError, FrameError) as exc:
+            got = None
+            log.warning("job %s: bad message from the script: %s", self.job_id, exc)
+        if got is None:
+            if self.proc is not None:
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    _kill_group(self.proc)
+            time.sleep(0.2)  # let the output pump catch the last lines
+            raise _ScriptDied(*self._exit_reason())
+        return got[0]
+
+    def _records(self, msg: dict[str, Any]) -> None:
+        records = msg.get("records")
+        if isinstance(records, list) and records:
+            self.agent.send({"t": "records", "job": self.job_id, "records": records})
+
+    def stop(self, reason: str) -> None:
+        """End the job here: tell the script, then make sure its process group is gone."""
+        self.stopped.set()
+        self.tasks.put(None)
+        conn, proc = self.script_conn, self.proc
+        if conn is not None:
+            with contextlib.suppress(OSError, FrameError):
+                conn.send({"t": "end", "reason": reason})
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+        if conn is not None:
+            conn.close()
+        if self.server_sock is not None:
+            self.server_sock.close()
+            self.sock_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (self.root / "status.json").write_text(json.dumps({"stopped": reason}))
+
+
+class _ScriptDied(Exception):
+    """The client script ended while a task was outstanding (args: error, traceback)."""
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:96]
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def _rpc_message(exc: Any) -> str:
+    try:
+        return f"{exc.code().name}: {exc.details()}"
+    except Exception:
+        return str(exc)
+
+
+def serve(
+    kit_dir: str | os.PathLike[str], workspace: str | None = None, address: str | None = None
+) -> None:
+    """Run a site agent from a kit until SIGTERM/SIGINT (what ``fedctl client start`` calls)."""
+    from fedctl.transport import tls
+
+    kit = tls.load_kit(kit_dir)
+    agent = SiteAgent(kit, workspace, address=address)
+    pid_file = agent.ws / "agent.pid"
+    pid_file.write_text(f"{os.getpid()}\n")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    print(f"fedctl site {kit.name} connecting to {address or kit.server_address}", flush=True)
+    try:
+        agent.run()
+    finally:
+        agent.stop()
+        pid_file.unlink(missing_ok=True)
