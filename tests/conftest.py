@@ -17,6 +17,7 @@ TOY = TESTS / "toy"
 _home = tempfile.mkdtemp(prefix="fedctl-test-home-")
 os.environ["HOME"] = _home
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -270,7 +270,7 @@ class SiteJob:
         self.current: dict[str, Any] | None = None
         self.stopped = threading.Event()
         self.ready = threading.Event()
-        self.sock_path = self.root / "agent.sock"
+        self.sock_path = frames.socket_path(f"{agent.kit.name}-{secrets.token_hex(4)}")
         self.server_sock: socket.socket | None = None
         self.tail: deque[str] = deque(maxlen=200)
         self.log_lines: list[str] = []
@@ -591,6 +591,8 @@ def serve(
     kit_dir: str | os.PathLike[str], workspace: str | None = None, address: str | None = None
 ) -> None:
     """Run a site agent from a kit until SIGTERM/SIGINT (what ``fedctl client start`` calls)."""
+    # gRPC's C core logs every refused handshake at INFO on stderr; fedctl reports them itself.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from fedctl.transport import tls
 
     kit = tls.load_kit(kit_dir)

@@ -109,8 +109,8 @@ def _safe_name(info: zipfile.ZipInfo) -> str | None:
     parts = PurePosixPath(name).parts
     if not name or name.startswith("/") or "\\" in name or ".." in parts or ":" in parts[0]:
         raise BundleError(f"job bundle has an unsafe path {name!r}")
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+    kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip records no file type
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
         raise BundleError(f"job bundle entry {name!r} is not a plain file")
     if info.is_dir():
         return None

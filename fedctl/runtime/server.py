@@ -138,7 +138,7 @@ class Server:
         self.grpc_server: grpc.Server | None = None
         self.port = 0
         self._ipc_sock: socket.socket | None = None
-        self.ipc_path = self.ws / "run" / "jobs.sock"
+        self.ipc_path = frames.socket_path("server-jobs")
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -250,6 +250,7 @@ class Server:
             if restarted:
                 self._redeploy(conn)
         log.info("site %s connected from %s", ident.name, context.peer())
+        self._notify_sites_changed()
         self.wake.set()
         error: list[str] = []
         reader = threading.Thread(
@@ -1049,6 +1050,8 @@ def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 def serve(kit_dir: str | os.PathLike[str], workspace: str | None = None, **kwargs: Any) -> None:
     """Run a server from a kit until SIGTERM/SIGINT (what ``fedctl server start`` calls)."""
+    # gRPC's C core logs every refused handshake at INFO on stderr; fedctl reports them itself.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from fedctl.transport import tls
 
     kit = tls.load_kit(kit_dir)

@@ -10,10 +10,14 @@ raises :class:`FrameError`; the receiver closes that stream and keeps serving ot
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import socket
 import struct
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from fedctl.errors import CodecError
@@ -126,3 +130,19 @@ class FrameSocket:
         except OSError:
             pass
         self.sock.close()
+
+
+_socket_dir: Path | None = None
+
+
+def socket_path(name: str) -> Path:
+    """A path for a unix socket in this process's private folder (mode 0700, removed at exit).
+
+    Unix socket paths are limited to 108 bytes, so sockets cannot live deep inside a workspace.
+    """
+    global _socket_dir
+    if _socket_dir is None:
+        _socket_dir = Path(tempfile.mkdtemp(prefix="fedctl-"))
+        atexit.register(shutil.rmtree, _socket_dir, True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-60:]
+    return _socket_dir / f"{safe}.sock"

@@ -15,6 +15,7 @@ parser.add_argument("--no-steps", action="store_true")
 parser.add_argument("--use-state", action="store_true")
 parser.add_argument("--lr", type=float, default=0.1)
 parser.add_argument("--hang-sites", default="")
+parser.add_argument("--sleep", type=float, default=0.0, help="seconds of 'work' per task")
 args = parser.parse_args()
 fail_sites = {s for s in args.fail_sites.split(",") if s}
 fail_rounds = {int(r) for r in args.fail_rounds.split(",") if r}
@@ -38,6 +39,10 @@ while flare.is_running():
         import time
 
         time.sleep(3600)
+    if args.sleep:
+        import time
+
+        time.sleep(args.sleep)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     steps = 3 + idx % 3
     for _ in range(steps):

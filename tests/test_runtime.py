@@ -1,0 +1,305 @@
+"""The real runtime: a POC server and site agents as processes, mutual TLS on 127.0.0.1.
+
+The module starts one POC (sites site-1 and site-2 running; site-3 provisioned but left off so
+its kit can play a misbehaving peer) and stops it, by PID, in the last test.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+import torch
+
+from fedctl.cli.main import main
+from fedctl.errors import FedctlError, PermissionDenied, UsageError
+from fedctl.provision import poc_project, provision
+from fedctl.recipe import PocEnv, SimEnv, load_recipe
+from fedctl.runtime import poc
+from fedctl.runtime.admin import AdminClient, ServerError
+from fedctl.transport import frames, rpc, tls
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def poc_ws(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("poc") / "ws"
+    poc.prepare(ws, sites=["site-1", "site-2", "site-3"], port=free_port())
+    poc.start(ws, site="site-1")
+    poc.start(ws, site="site-2")
+    yield ws
+    poc.stop(ws)
+
+
+@pytest.fixture
+def admin(poc_ws):
+    with AdminClient(poc.admin_kit(poc_ws)) as client:
+        yield client
+
+
+def _wait_state(admin: AdminClient, job_id: str, states: tuple[str, ...], timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = admin.status(job_id)
+        if job["state"] in states:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} stuck in {job['state']}")
+
+
+def _toy(toy_dir: Path, **changes):
+    return load_recipe(toy_dir).recipe.with_overrides(**changes)
+
+
+def test_poc_end_to_end_matches_simulation(poc_ws, tmp_path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "hello_pt").recipe.with_overrides(num_rounds=3)
+    run = recipe.run(PocEnv(workspace=poc_ws, display="none", results=tmp_path / "poc"))
+    assert run.ok, run.reason
+    assert run.mode == "poc" and run.rounds_completed == 3
+    assert run.result_dir.is_dir() and run.final_model is not None
+    assert (run.result_dir / "sites" / "site-1" / "client.log").read_text().count("accuracy") == 3
+    sim = recipe.run(
+        SimEnv(num_clients=2, backend="local", display="none", workspace=tmp_path / "sim")
+    )
+    a, b = run.load_final(), sim.load_final()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same model, bit for bit
+
+
+def test_cli_submit_status_logs_download(poc_ws, toy_dir, tmp_path, capsys) -> None:
+    base = ["--poc-workspace", str(poc_ws)]
+    code = main(
+        [
+            "submit",
+            "job",
+            str(toy_dir),
+            "--target",
+            "poc",
+            *base,
+            "--json",
+            "--results",
+            str(tmp_path / "r"),
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["status"] == "FINISHED" and out["rounds_completed"] == 3
+    job_id = out["job_id"]
+    assert main(["job", "status", job_id, *base, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "FINISHED" and status["deployed"] == ["site-1", "site-2"]
+    assert main(["job", "logs", job_id, "--site", "site-2", *base]) == 0
+    assert "site-2 starting" in capsys.readouterr().out
+    assert main(["job", "logs", job_id, *base]) == 0
+    assert "round 3 completed" in capsys.readouterr().out
+    assert main(["job", "download", job_id, "-o", str(tmp_path / "dl"), *base]) == 0
+    assert (tmp_path / "dl" / "models" / "final.safetensors").is_file()
+    assert "downloaded" in capsys.readouterr().out
+    assert main(["job", "list", *base, "--json"]) == 0
+    assert job_id in [j["id"] for j in json.loads(capsys.readouterr().out)]
+    assert main(["sites", *base, "--json"]) == 0
+    online = [s["name"] for s in json.loads(capsys.readouterr().out) if s["online"]]
+    assert online == ["site-1", "site-2"]
+    assert main(["job", "status", "no-such-job", *base]) == 4
+    assert "no job 'no-such-job'" in capsys.readouterr().err
+
+
+def test_abort_mid_run(poc_ws, admin, toy_dir) -> None:
+    job = admin.submit_recipe(_toy(toy_dir, num_rounds=200, train_args="--sleep 0.3"))
+    for ev in admin.follow(job["id"]):
+        if ev.get("event") == "round_completed":
+            break
+    done = admin.abort(job["id"])
+    assert done["state"] == "ABORTED" and "aborted by project_admin@poc.local" in done["reason"]
+    status = admin.status(job["id"])
+    assert status["round"] is not None and status["round"] < 199
+    # the sites stopped the job's scripts: their agents have no children left
+    deadline = time.monotonic() + 20
+    agents = [
+        psutil.Process(poc.status(poc_ws)["processes"][s]["pid"]) for s in ("site-1", "site-2")
+    ]
+    while any(a.children(recursive=True) for a in agents) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(a.children(recursive=True) for a in agents)
+
+
+def test_two_jobs_at_once(poc_ws, admin, toy_dir) -> None:
+    recipe = _toy(toy_dir, num_rounds=4, train_args="--sleep 0.4")
+    jobs = [admin.submit_recipe(recipe), admin.submit_recipe(recipe)]
+    done = [_wait_state(admin, j["id"], ("FINISHED", "FAILED", "ABORTED")) for j in jobs]
+    assert [d["state"] for d in done] == ["FINISHED", "FINISHED"]
+    a, b = done
+    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]  # overlap
+
+
+def _other_project(tmp_path: Path) -> dict[str, Path]:
+    res = provision(poc_project(["site-1"], port=free_port()), tmp_path / "other")
+    return {r.identity.name: r.kit_dir for r in res.kits}
+
+
+def _server_address(poc_ws: Path) -> str:
+    return f"127.0.0.1:{poc.load_info(poc_ws)['port']}"
+
+
+def test_foreign_certificate_and_no_certificate_are_refused(poc_ws, tmp_path) -> None:
+    other = _other_project(tmp_path)
+    address = _server_address(poc_ws)
+    with pytest.raises(ServerError):
+        AdminClient(other["project_admin@poc.local"], address).sites()
+    ca = Path(poc.load_info(poc_ws)["server"]) / "startup" / "rootCA.pem"
+    creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())  # no client cert
+    with grpc.secure_channel(address, creds) as channel, pytest.raises(grpc.RpcError) as err:
+        rpc.Stubs(channel).Admin(frames.encode({"t": "admin", "op": "sites"}), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # a site certificate cannot act as an admin, nor an admin certificate as a site
+    site3 = poc.load_info(poc_ws)["sites"]["site-3"]
+    with tls.secure_channel(site3, options=rpc.CHANNEL_OPTIONS) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            rpc.Stubs(channel).Admin(frames.encode({"t": "admin", "op": "sites"}), timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "holds a site certificate" in err.value.details()
+    with tls.secure_channel(poc.admin_kit(poc_ws), options=rpc.CHANNEL_OPTIONS) as channel:
+        hello = frames.encode({"t": "hello", "incarnation": "x", "recv_seq": 0})
+        with pytest.raises(grpc.RpcError) as err:
+            list(rpc.Stubs(channel).Session(iter([hello]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_unsafe_and_oversized_bundles_are_refused(poc_ws, admin, tmp_path) -> None:
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("fedctl-job.yaml", "x: 1\n")
+        zf.writestr("../../outside.py", "print('escaped')\n")
+    first = {
+        "t": "submit",
+        "size": evil.stat().st_size,
+        "seed": 0,
+        "sha256": __import__("hashlib").sha256(evil.read_bytes()).hexdigest(),
+    }
+    with pytest.raises(grpc.RpcError) as err:
+        admin.stubs.AdminUpload(rpc.file_frames(evil, first), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unsafe path '../../outside.py'" in err.value.details()
+    huge = {**first, "size": 2**45}
+    with pytest.raises(grpc.RpcError) as err:
+        admin.stubs.AdminUpload(rpc.file_frames(evil, huge), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over the server's limit" in err.value.details()
+    assert not (tmp_path.parent / "outside.py").exists()
+
+
+def test_malformed_frame_closes_only_that_stream(poc_ws, admin) -> None:
+    site3 = poc.load_info(poc_ws)["sites"]["site-3"]
+    with tls.secure_channel(site3, options=rpc.CHANNEL_OPTIONS) as channel:
+        stubs = rpc.Stubs(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stubs.Session(iter([b"this is not a frame"]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        hello = frames.encode({"t": "hello", "incarnation": "rogue", "recv_seq": 0})
+
+        def messages():
+            yield hello
+            time.sleep(0.3)
+            yield b"FC\x01\x00\xff\xff\xff\xffgarbage"
+
+        with pytest.raises(grpc.RpcError) as err:
+            list(stubs.Session(messages(), timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed frame from site-3" in err.value.details()
+    online = [s["name"] for s in admin.sites() if s["online"]]
+    assert online == ["site-1", "site-2"]  # the others were served throughout
+
+
+def test_reconnect_neither_loses_nor_duplicates(toy_dir, tmp_path) -> None:
+    """In-process server and agents, so the test can cut a site's stream in the middle."""
+    from fedctl.runtime.agent import SiteAgent
+    from fedctl.runtime.server import Server
+
+    res = provision(poc_project(2, port=free_port()), tmp_path / "ws")
+    kits = {r.identity.name: r.kit_dir for r in res.kits}
+    server = Server(tls.load_kit(kits["localhost"]), mode="poc")
+    port = server.start("127.0.0.1:0")
+    agents = [
+        SiteAgent(tls.load_kit(kits[s]), address=f"127.0.0.1:{port}") for s in ("site-1", "site-2")
+    ]
+    for a in agents:
+        threading.Thread(target=a.run, daemon=True).start()
+    try:
+        with AdminClient(kits["project_admin@poc.local"], f"127.0.0.1:{port}") as admin:
+            while len([s for s in admin.sites() if s["online"]]) < 2:
+                time.sleep(0.1)
+            job = admin.submit_recipe(_toy(toy_dir, num_rounds=4, train_args="--sleep 0.2"))
+            cut = 0
+            for ev in admin.follow(job["id"]):
+                if ev.get("event") in ("round_started", "result") and cut < 3:
+                    with server.lock:
+                        stream = server.sites["site-1"].queue
+                        if stream is not None:
+                            stream.put(None)  # drop site-1's stream
+                            cut += 1
+                if ev["t"] == "end":
+                    break
+            final = admin.status(job["id"])
+            result_dir = Path(final["result_dir"])
+        assert final["state"] == "FINISHED", final["reason"]
+        rows = [
+            json.loads(line)
+            for line in (result_dir / "metrics" / "sites.jsonl").read_text().splitlines()
+        ]
+        assert sorted((r["round"], r["site"]) for r in rows) == [
+            (r, s) for r in range(4) for s in ("site-1", "site-2")
+        ]
+    finally:
+        for a in agents:
+            a.stop()
+        server.stop()
+
+
+def test_busy_port_is_a_clear_error(tmp_path) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        poc.prepare(tmp_path / "ws", clients=1, port=port)
+        with pytest.raises(FedctlError, match=rf"port {port} is in use by PID \d+"):
+            poc.start(tmp_path / "ws")
+        assert poc.status(tmp_path / "ws")["processes"]["server"]["running"] is False
+    finally:
+        holder.close()
+
+
+def test_admin_commands_need_a_kit(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("FEDCTL_ADMIN_KIT", raising=False)
+    code = main(["job", "list", "--poc-workspace", str(tmp_path / "none")])
+    assert code == 2 and "run `fedctl poc prepare` first" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--target prod needs --kit"):
+        from fedctl.cli.common import admin_client
+
+        admin_client(None, None, "prod")
+    assert issubclass(PermissionDenied, FedctlError)
+
+
+def test_poc_stop_leaves_no_process(poc_ws) -> None:
+    procs = [
+        psutil.Process(p["pid"]) for p in poc.status(poc_ws)["processes"].values() if p["running"]
+    ]
+    everything = procs + [c for p in procs for c in p.children(recursive=True)]
+    assert len(procs) == 3
+    stopped = poc.stop(poc_ws)
+    assert sorted(stopped) == ["server", "site-1", "site-2"]
+    for p in everything:
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
+    assert poc.stop(poc_ws) == []  # nothing left to stop

@@ -1,0 +1,148 @@
+"""Frames, chunked file transfers, job bundles and the job store: the runtime's safe parts."""
+
+from __future__ import annotations
+
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fedctl.errors import FedctlError, NotFound
+from fedctl.runtime import store as st
+from fedctl.runtime.bundle import BundleError, extract_bundle, make_bundle
+from fedctl.transport import frames, rpc
+
+
+def test_frame_round_trip_and_limits() -> None:
+    raw = frames.encode({"t": "chunk", "n": 1}, b"\x00\x01")
+    assert frames.decode(raw) == ({"t": "chunk", "n": 1}, b"\x00\x01")
+    with pytest.raises(frames.FrameError, match="unexpected message type 'chunk'"):
+        frames.decode(raw, {"hello"})
+    with pytest.raises(frames.FrameError, match="payload"):
+        frames.encode({"t": "x"}, b"\0" * (frames.CHUNK + 1))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x00", "shorter than its prefix"),
+        (b"XX\x01\x00\x02\x00\x00\x00{}", "bad magic"),
+        (b"FC\x09\x00\x02\x00\x00\x00{}", "unsupported frame version"),
+        (b"FC\x01\x00\xff\xff\xff\x00{}", "out of bounds"),
+        (b"FC\x01\x00\x03\x00\x00\x00{x}", "not JSON"),
+        (b"FC\x01\x00\x02\x00\x00\x00[]", "object with a string 't'"),
+        (b'FC\x01\x00\x0a\x00\x00\x00{"t": 123}', "object with a string 't'"),
+    ],
+)
+def test_malformed_frames_are_rejected(data: bytes, message: str) -> None:
+    with pytest.raises(frames.FrameError, match=message):
+        frames.decode(data)
+
+
+def test_field_checks_types() -> None:
+    h = {"t": "push", "size": True, "job": "j"}
+    assert frames.field(h, "job", str) == "j"
+    with pytest.raises(frames.FrameError, match="field 'size'"):
+        frames.field(h, "size", int)  # bool is not an int here
+
+
+def test_file_transfer_checks_size_and_hash(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * (frames.CHUNK + 10))
+    msgs = list(rpc.file_frames(src))
+    size, _ = rpc.receive_file(iter(msgs), tmp_path / "ok.bin", max_bytes=10**9)
+    assert size == frames.CHUNK + 10 and (tmp_path / "ok.bin").read_bytes() == src.read_bytes()
+    with pytest.raises(frames.FrameError, match="exceeds the limit"):
+        rpc.receive_file(iter(msgs), tmp_path / "big.bin", max_bytes=100)
+    with pytest.raises(frames.FrameError, match="announced SHA-256"):
+        rpc.receive_file(iter(msgs), tmp_path / "bad.bin", max_bytes=10**9, expect_sha256="0" * 64)
+    with pytest.raises(frames.FrameError, match="before its end frame"):
+        rpc.receive_file(iter(msgs[:-1]), tmp_path / "cut.bin", max_bytes=10**9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.bin", "src.bin"]  # nothing partial
+
+
+def _zip(path: Path, entries: dict[str, bytes], link: str | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+        if link:
+            info = zipfile.ZipInfo(link)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+def test_bundle_round_trip(toy_recipe, tmp_path: Path) -> None:
+    job = toy_recipe.export(tmp_path / "job")
+    make_bundle(job, tmp_path / "b.zip")
+    out = extract_bundle(tmp_path / "b.zip", tmp_path / "out")
+    assert (out / "code" / "client.py").read_text() == (job / "code" / "client.py").read_text()
+
+
+@pytest.mark.parametrize(
+    ("entries", "link", "message"),
+    [
+        ({"../evil.py": b"x"}, None, "unsafe path '../evil.py'"),
+        ({"/etc/cron.d/x": b"x"}, None, "unsafe path"),
+        ({"code/a.py": b"x"}, "code/link", "not a plain file"),
+        ({"code/a.py": b"x"}, None, "not a job folder"),
+    ],
+)
+def test_unsafe_bundles_are_refused(tmp_path: Path, entries, link, message) -> None:
+    bundle = _zip(tmp_path / "b.zip", entries, link)
+    with pytest.raises(BundleError, match=message):
+        extract_bundle(bundle, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["b.zip"]  # no half-extracted folder
+
+
+def test_oversized_bundle_is_refused(toy_recipe, tmp_path: Path) -> None:
+    job = toy_recipe.export(tmp_path / "job")
+    make_bundle(job, tmp_path / "b.zip")
+    with pytest.raises(BundleError, match="over the limit"):
+        extract_bundle(tmp_path / "b.zip", tmp_path / "out", max_bytes=1000)
+
+
+def _rec(job_id: str) -> st.JobRecord:
+    return st.JobRecord(
+        job_id,
+        "n",
+        "fedavg",
+        "a@x",
+        "x",
+        st.SUBMITTED,
+        None,
+        1.0,
+        None,
+        None,
+        None,
+        "/j",
+        "/r",
+        2,
+        3,
+        0,
+        "sha",
+        10,
+    )
+
+
+def test_job_store_transitions_and_events(tmp_path: Path) -> None:
+    store = st.JobStore(tmp_path / "jobs.db")
+    store.add(_rec("j1"))
+    with pytest.raises(FedctlError, match="cannot become FINISHED"):
+        store.transition("j1", st.FINISHED)
+    store.transition("j1", st.SCHEDULED, sites=["site-1", "site-2"])
+    rec = store.transition("j1", st.RUNNING)
+    assert rec.sites == ["site-1", "site-2"] and rec.started_at is not None
+    store.add_event("j1", "round_completed", {"round": 0})
+    store.add_event("j1", "round_completed", {"round": 1})
+    assert [e["round"] for e in store.events("j1", after=1)] == [1]
+    store.transition("j1", st.FAILED, "boom")
+    with pytest.raises(FedctlError, match="cannot become RUNNING"):
+        store.transition("j1", st.RUNNING)
+    with pytest.raises(NotFound):
+        store.get("nope")
+    store.close()
+    again = st.JobStore(tmp_path / "jobs.db")  # persisted
+    assert again.get("j1").state == st.FAILED and again.get("j1").reason == "boom"
