@@ -1,0 +1,168 @@
+"""Server optimizers: treat the round's average change as a gradient and take an optimizer step.
+
+Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, "Adaptive Federated
+Optimization" (ICLR 2021), Algorithm 2; server momentum from Hsu, Qi, Brown, "Measuring the
+Effects of Non-Identical Data Distribution for Federated Visual Classification" (2019).
+
+With ``x`` the global model and ``a`` the round's aggregate, the pseudo-gradient is
+``Δ = a - x`` (the direction the sites moved) and, elementwise::
+
+    sgdm     v = μ·v + Δ                                     x ← x + η·v
+    adagrad  m = β1·m + (1-β1)·Δ;  v = v + Δ²                x ← x + η·m / (√v + τ)
+    adam     m = β1·m + (1-β1)·Δ;  v = β2·v + (1-β2)·Δ²      x ← x + η·m / (√v + τ)
+    yogi     m = β1·m + (1-β1)·Δ;  v = v - (1-β2)·Δ²·sign(v - Δ²)
+                                                             x ← x + η·m / (√v + τ)
+
+``m`` starts at 0 and ``v`` at ``τ²`` (the paper's ``v₋₁ ≥ τ²``); there is no bias correction,
+as in the paper. With ``sgdm``, ``η = 1`` and ``μ = 0`` the step returns the aggregate (FedAvg).
+
+Integer tensors and batch-norm running statistics (``running_mean``, ``running_var``,
+``num_batches_tracked``) are not optimised: they take the aggregate as it is.
+The functions below are pure (they return new tensors); :class:`ServerOptimizer` keeps the
+state between rounds and never modifies a tensor it was given (broadcast params are read-only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fedctl.codec.keys import is_statistic
+
+if TYPE_CHECKING:
+    import torch
+
+KINDS = ("sgdm", "adagrad", "adam", "yogi")
+Tensor = Any  # torch.Tensor, without importing torch at module level
+
+
+def sgdm_step(x: Tensor, delta: Tensor, v: Tensor, lr: float, momentum: float) -> tuple:
+    """Server SGD with momentum: returns ``(x_new, v_new)``."""
+    v_new = momentum * v + delta
+    return x + lr * v_new, v_new
+
+
+def _adaptive(x: Tensor, m_new: Tensor, v_new: Tensor, eta: float, tau: float) -> Tensor:
+    return x + eta * m_new / (v_new.sqrt() + tau)
+
+
+def adagrad_step(
+    x: Tensor, delta: Tensor, m: Tensor, v: Tensor, eta: float, beta1: float, tau: float
+) -> tuple:
+    """FedAdagrad: returns ``(x_new, m_new, v_new)``."""
+    m_new = beta1 * m + (1 - beta1) * delta
+    v_new = v + delta * delta
+    return _adaptive(x, m_new, v_new, eta, tau), m_new, v_new
+
+
+def adam_step(
+    x: Tensor,
+    delta: Tensor,
+    m: Tensor,
+    v: Tensor,
+    eta: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple:
+    """FedAdam: returns ``(x_new, m_new, v_new)``."""
+    m_new = beta1 * m + (1 - beta1) * delta
+    v_new = beta2 * v + (1 - beta2) * delta * delta
+    return _adaptive(x, m_new, v_new, eta, tau), m_new, v_new
+
+
+def yogi_step(
+    x: Tensor,
+    delta: Tensor,
+    m: Tensor,
+    v: Tensor,
+    eta: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple:
+    """FedYogi: returns ``(x_new, m_new, v_new)``."""
+    m_new = beta1 * m + (1 - beta1) * delta
+    d2 = delta * delta
+    v_new = v - (1 - beta2) * d2 * (v - d2).sign()
+    return _adaptive(x, m_new, v_new, eta, tau), m_new, v_new
+
+
+class ServerOptimizer:
+    """One of :data:`KINDS` applied to whole models round after round (state kept here)."""
+
+    def __init__(
+        self,
+        kind: str,
+        lr: float = 1.0,
+        *,
+        momentum: float = 0.0,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"server optimizer must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
+        self.lr = lr
+        self.momentum = momentum
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.tau = tau
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def optimised(self, name: str, t: torch.Tensor) -> bool:
+        """Whether the step applies to this entry (floating-point and not a running statistic)."""
+        return t.is_floating_point() and not is_statistic(name)
+
+    def step(
+        self, global_params: Mapping[str, torch.Tensor], aggregate: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The next global model; the inputs are left untouched."""
+        import torch
+
+        out: dict[str, torch.Tensor] = {}
+        for name, x in global_params.items():
+            a = aggregate.get(name, x)
+            if not self.optimised(name, x):
+                out[name] = a
+                continue
+            x64, delta = x.double(), a.double() - x.double()
+            if self.kind == "sgdm":
+                v = self.v.get(name, torch.zeros_like(x64))
+                new, v = sgdm_step(x64, delta, v.double(), self.lr, self.momentum)
+            else:
+                m = self.m.get(name, torch.zeros_like(x64)).double()
+                v = self.v.get(name, torch.full_like(x64, self.tau**2)).double()
+                if self.kind == "adam":
+                    new, m, v = adam_step(
+                        x64, delta, m, v, self.lr, self.beta1, self.beta2, self.tau
+                    )
+                elif self.kind == "yogi":
+                    new, m, v = yogi_step(
+                        x64, delta, m, v, self.lr, self.beta1, self.beta2, self.tau
+                    )
+                else:
+                    new, m, v = adagrad_step(x64, delta, m, v, self.lr, self.beta1, self.tau)
+                self.m[name] = m.to(x.dtype)
+            self.v[name] = v.to(x.dtype)
+            out[name] = new.to(x.dtype)
+        self.steps += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume (tensors and a step count)."""
+        state: dict[str, Any] = {"steps": self.steps}
+        if self.m:
+            state["m"] = dict(self.m)
+        if self.v:
+            state["v"] = dict(self.v)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.steps = int(state.get("steps", 0))
+        self.m = dict(state.get("m") or {})
+        self.v = dict(state.get("v") or {})
