@@ -81,10 +81,13 @@ class Display:
             self.received = self.failed = 0
         elif kind == "result":
             if event["ok"]:
-                self.received += 1
+                if not event.get("phase"):  # evaluation results are not the round's training
+                    self.received += 1
             else:
                 self.failed += 1
                 where = f" in round {event['round'] + 1}" if event.get("round") is not None else ""
+                if event.get("phase"):
+                    where = f"{where} ({event['phase']})"
                 self._print(Text(f"✗ {event['site']} failed{where}: {event['error']}", "red"))
                 if event.get("traceback"):
                     self._print(Text(event["traceback"].rstrip(), "dim"))
@@ -103,6 +106,25 @@ class Display:
             )
         elif kind == "resumed":
             self._print(f"resumed from checkpoint at round {event['round'] + 1}")
+        elif kind == "cross_site_eval":
+            self._print(self._cross_site_table(event["matrix"], event.get("metric")))
+            self._print(f"cross-site evaluation: {event.get('path') or '(not saved)'}")
+
+    def _cross_site_table(self, matrix: dict[str, Any], metric: str | None) -> Table:
+        """One row per model (global first), one column per site's data, ``metric`` in cells."""
+        sites = list(matrix.get("sites") or [])
+        results = matrix.get("results") or {}
+        table = Table(title=f"cross-site evaluation ({metric or 'no metrics'})", box=None)
+        table.add_column("model \\ data")
+        for site in sites:
+            table.add_column(site, justify="right")
+        for model in matrix.get("models") or []:
+            cells = []
+            for site in sites:
+                value = (results.get(model) or {}).get(site, {}).get(metric) if metric else None
+                cells.append(_fmt(value) if isinstance(value, int | float) else "-")
+            table.add_row(model, *cells)
+        return table
 
     def _render(self) -> Group:
         elapsed = time.monotonic() - self.started

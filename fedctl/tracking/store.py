@@ -7,6 +7,7 @@ Layout (the same for simulation and for a job on a server)::
     metrics/global.jsonl       one line per round: aggregated metrics, who answered, duration
     metrics/sites.jsonl        one line per site result: metrics or error
     metrics/tracking.jsonl     what scripts logged (SummaryWriter, fedctl.client.log)
+    cross_site_eval.json       the cross-site evaluation matrix, when the recipe asks for it
     checkpoint/                last completed round (model + workflow state), when enabled
     run.log                    human-readable log, failed sites' tracebacks included
     result.json                status, reason, paths and a summary, written at the end
@@ -103,20 +104,22 @@ class RunStore:
         """Workflow event → run.log / metrics JSONL."""
         kind = event["event"]
         if kind == "result":
-            self._append(
-                "sites",
-                {
-                    "round": event.get("round"),
-                    "site": event["site"],
-                    "ok": event["ok"],
-                    "metrics": event.get("metrics") or {},
-                    "error": event.get("error"),
-                    "duration": round(event.get("duration") or 0.0, 4),
-                    "time": event["time"],
-                },
-            )
+            record = {
+                "round": event.get("round"),
+                "site": event["site"],
+                "ok": event["ok"],
+                "metrics": event.get("metrics") or {},
+                "error": event.get("error"),
+                "duration": round(event.get("duration") or 0.0, 4),
+                "time": event["time"],
+            }
+            if event.get("phase"):
+                record["phase"] = event["phase"]
+            self._append("sites", record)
             if not event["ok"]:
                 where = f"round {event['round'] + 1}" if event.get("round") is not None else ""
+                if event.get("phase"):
+                    where = f"{where} ({event['phase']})".strip()
                 self.log(f"{event['site']} failed {where}: {event['error']}")
                 if event.get("traceback"):
                     self.log(event["traceback"])
@@ -143,6 +146,10 @@ class RunStore:
             self.log(f"round {event['round'] + 1} started: {len(event['targets'])} sites")
         elif kind == "resumed":
             self.log(f"resumed from checkpoint at round {event['round'] + 1}")
+        elif kind == "cross_site_eval":
+            self.log(f"cross-site evaluation saved to {event.get('path')}")
+            for line in cross_site_lines(event["matrix"], event.get("metric")):
+                self.log(line)
 
     def add_records(self, site: str, records: list[dict[str, Any]]) -> None:
         """Append client tracking records (SummaryWriter, log) tagged with their site."""
@@ -168,21 +175,34 @@ class RunStore:
         model_out: dict[str, torch.Tensor],
         metrics: dict[str, float],
         state: dict[str, Any],
+        out_metrics: dict[str, float] | None = None,
     ) -> None:
-        """Keep the best model (the one the round's metrics describe) and checkpoint."""
+        """Keep the best model (the one the round's metrics describe) and checkpoint.
+
+        ``metrics`` come from training results and describe the model the sites received
+        (``model_in``), as in the usual "validate the global model, then train" client loop;
+        ``out_metrics`` (federated and server-side evaluation) describe ``model_out``.
+        """
         key = self.key_metric
-        if key and key in metrics and math.isfinite(metrics[key]):
-            value = metrics[key]
+        for values, model in ((metrics, model_in), (out_metrics or {}, model_out)):
+            if not key or key not in values or not math.isfinite(values[key]):
+                continue
+            value = values[key]
             better = self.best is None or (
                 value > self.best["value"] if self.key_mode == "max" else value < self.best["value"]
             )
             if better:
-                # Sites report metrics of the model they received (model_in), as in the
-                # usual "validate the global model, then train" client loop.
-                self.save_model("best", model_in, {"round": str(rnd), key: repr(value)})
+                self.save_model("best", model, {"round": str(rnd), key: repr(value)})
                 self.best = {"round": rnd, "metric": key, "value": value}
+            break
         if self.checkpoint_enabled:
             self.save_checkpoint(rnd + 1, model_out, state)
+
+    def save_json(self, name: str, data: Any) -> Path:
+        """Write ``<root>/<name>`` atomically as JSON (e.g. the cross-site matrix)."""
+        path = self.root / name
+        write_json_atomic(path, data)
+        return path
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -242,3 +262,23 @@ class RunStore:
             for fh in self._files.values():
                 fh.close()
             self._log.close()
+
+
+def cross_site_lines(matrix: dict[str, Any], metric: str | None) -> list[str]:
+    """The cross-site matrix as aligned text lines: one row per model, one column per site."""
+    sites = list(matrix.get("sites") or [])
+    results = matrix.get("results") or {}
+    rows = [["model \\ data", *sites]]
+    for model in matrix.get("models") or []:
+        row = [model]
+        for site in sites:
+            value = (results.get(model) or {}).get(site, {}).get(metric) if metric else None
+            row.append(f"{value:.4g}" if isinstance(value, int | float) else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]

@@ -164,12 +164,15 @@ class WorkflowContext:
         on_result: Callable[[TaskResult], None],
         *,
         round_: int | None = None,
+        phase: str | None = None,
     ) -> GatherOutcome:
         """Feed results to ``on_result`` as they arrive until the policy closes the round.
 
         ``on_result`` may raise :class:`~fedctl.aggregators.UpdateRejected` (or any
         FedctlError) to reject a result: that site counts as failed, with the reason.
         Raises NotEnoughResults with every failure's reason when the minimum is not reached.
+        ``phase`` names what the results are for when it is not training (``"evaluate"``,
+        ``"submit_model"``); it goes into each ``result`` event and into the shortfall message.
         """
         start = time.monotonic()
         deadline = start + policy.timeout if policy.timeout is not None else None
@@ -191,7 +194,7 @@ class WorkflowContext:
                 result = stream.next(timeout=max(wait, 0.0))
                 if result is None:
                     continue
-                self._take(result, on_result, outcome, round_)
+                self._take(result, on_result, outcome, round_, phase)
                 if min_at is None and len(outcome.accepted) >= policy.min_responses:
                     min_at = time.monotonic()
                 if len(outcome.accepted) + len(stream.pending) < policy.min_responses:
@@ -203,7 +206,7 @@ class WorkflowContext:
                 stream.cancel()
             outcome.duration = time.monotonic() - start
         if len(outcome.accepted) < policy.min_responses:
-            raise NotEnoughResults(_shortfall(outcome, policy, round_))
+            raise NotEnoughResults(_shortfall(outcome, policy, round_, phase))
         return outcome
 
     def _take(
@@ -212,6 +215,7 @@ class WorkflowContext:
         on_result: Callable[[TaskResult], None],
         outcome: GatherOutcome,
         round_: int | None,
+        phase: str | None = None,
     ) -> None:
         error = result.error
         if error is None and result.model is None:
@@ -237,11 +241,16 @@ class WorkflowContext:
             traceback=result.traceback,
             metrics=metrics,
             duration=result.duration,
+            phase=phase,
         )
 
 
-def _shortfall(outcome: GatherOutcome, policy: RoundPolicy, round_: int | None) -> str:
+def _shortfall(
+    outcome: GatherOutcome, policy: RoundPolicy, round_: int | None, phase: str | None = None
+) -> str:
     where = f"round {round_ + 1}" if round_ is not None else "task"
+    if phase:
+        where = f"{where} ({phase})"
     parts = [f"{site}: {why}" for site, why in sorted(outcome.failed.items())]
     if outcome.missing:
         who = ", ".join(outcome.missing)

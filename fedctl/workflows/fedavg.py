@@ -15,27 +15,53 @@ wait_after_min:  once ``min_clients`` results are in, wait at most this much lon
 precision:       accumulator precision, "float64", "float32" or "auto" (float64 up to 32M
                  elements, float32 above, to keep server memory near 2× the model).
 task_meta:       JSON values sent to every site in ``FLModel.meta`` (e.g. hyper-parameters).
+sample_clients:  sites per round: None (all), a fraction in (0, 1] or a count; seeded by the
+                 run's seed and the round (see :mod:`fedctl.workflows.sampling`).
+aggregator:      None/"mean" (weighted mean) or a robust aggregator spec, e.g. "median" or
+                 ``{"name": "krum", "f": 1}`` (see :mod:`fedctl.aggregators.select`).
+federated_eval:  after each round, send the new global model to (sampled) sites as an
+                 ``evaluate`` task; their metrics, weighted by ``meta["NUM_SAMPLES"]``, join the
+                 round's metrics as ``eval_<name>``.
+eval_every:      evaluate (federated and server-side) every k rounds, and after the last.
+server_eval:     a function ``(params, current_round) -> {name: number}`` run on the server
+                 with the new global model; its metrics join the round's as ``server_<name>``.
+cross_site_eval: after the last round, evaluate the global model and every site's own model
+                 on every site (:mod:`fedctl.workflows.cross_site`).
 
 Subclasses (FedProx, FedOpt, …) override the small hooks: :meth:`task_meta_for`,
-:meth:`weight_of`, :meth:`add_result`, :meth:`server_update`.
+:meth:`task_params_for`, :meth:`weight_of`, :meth:`add_result`, :meth:`server_update`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+import traceback
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fedctl.aggregators.weighted import MetricsMean, WeightedAggregator, check_update
+from fedctl.aggregators.buffered import TooFewResults
+from fedctl.aggregators.select import aggregator_label, make_aggregator, min_results
+from fedctl.aggregators.weighted import MetricsMean, check_update
+from fedctl.codec.keys import EVAL_KIND_KEY, NUM_SAMPLES_KEY
 from fedctl.codec.model import (
     NUM_STEPS_KEY,
+    TASK_EVALUATE,
     TASK_TRAIN,
     FLModel,
     ParamsType,
     TaskResult,
     scalar_metrics,
 )
-from fedctl.workflows.base import GatherOutcome, RoundPolicy, Workflow, WorkflowContext
+from fedctl.errors import RunFailed
+from fedctl.workflows.base import (
+    GatherOutcome,
+    NotEnoughResults,
+    RoundPolicy,
+    Workflow,
+    WorkflowContext,
+)
+from fedctl.workflows.sampling import check_sample_spec, sample_sites
 
 if TYPE_CHECKING:
     import torch
@@ -65,23 +91,55 @@ class FedAvg(Workflow):
         wait_after_min: float | None = None,
         precision: str = "auto",
         task_meta: dict[str, Any] | None = None,
+        sample_clients: int | float | None = None,
+        aggregator: str | dict[str, Any] | None = None,
+        federated_eval: bool = False,
+        eval_every: int = 1,
+        server_eval: Callable[..., dict[str, float]] | None = None,
+        cross_site_eval: bool = False,
     ) -> None:
         self.num_rounds = num_rounds
         self.min_clients = min_clients
         self.policy = RoundPolicy(min_clients, round_timeout, wait_after_min)
         self.precision = precision
         self.task_meta = dict(task_meta or {})
+        check_sample_spec(sample_clients, min_clients)
+        self.sample_clients = sample_clients
+        self.aggregator = aggregator
+        self.min_results = min_results(aggregator)  # validates the spec
+        if min_clients < self.min_results:
+            raise ValueError(
+                f"aggregator {aggregator_label(aggregator)} needs at least {self.min_results} "
+                f"results per round, but min_clients is {min_clients}"
+            )
+        self.federated_eval = federated_eval
+        self.eval_every = max(1, int(eval_every))
+        self.server_eval = server_eval
+        self.cross_site_eval = cross_site_eval
+        #: the sites available in the current round (SCAFFOLD's N)
+        self.round_sites: list[str] = []
         self._warned_weight: set[str] = set()
+        self._warned_samples: set[str] = set()
 
     # ------------------------------------------------------------------ hooks for subclasses
 
     def select_targets(self, ctx: WorkflowContext, sites: Sequence[str], rnd: int) -> list[str]:
-        """The sites that train in round ``rnd`` (all available ones by default)."""
-        return list(sites)
+        """The sites that train in round ``rnd``: all, or a seeded sample (``sample_clients``)."""
+        return sample_sites(sites, self.sample_clients, self.min_clients, ctx.seed, rnd)
+
+    def base_meta(self, ctx: WorkflowContext, rnd: int) -> dict[str, Any]:
+        """``FLModel.meta`` common to every task of the job (training and evaluation)."""
+        return dict(self.task_meta)
 
     def task_meta_for(self, ctx: WorkflowContext, rnd: int) -> dict[str, Any]:
         """``FLModel.meta`` of the round's training task."""
-        return dict(self.task_meta)
+        return self.base_meta(ctx, rnd)
+
+    def task_params_for(
+        self, ctx: WorkflowContext, model: dict[str, torch.Tensor], rnd: int
+    ) -> dict[str, torch.Tensor]:
+        """What the round's training task carries (the global model; SCAFFOLD adds ``c``)."""
+        return model
 
     def weight_of(self, ctx: WorkflowContext, result: TaskResult) -> float:
         """Aggregation weight of a result: its NUM_STEPS_CURRENT_ROUND, else 1 (warned once)."""
@@ -101,8 +159,9 @@ class FedAvg(Workflow):
         return 1.0
 
     def new_aggregator(self, global_params: dict[str, torch.Tensor]) -> Any:
-        """The round's aggregator (weighted mean here; robust ones later)."""
-        return WeightedAggregator(global_params, resolve_precision(self.precision, global_params))
+        """The round's aggregator: the weighted mean, or the robust one ``aggregator`` names."""
+        precision = resolve_precision(self.precision, global_params)
+        return make_aggregator(self.aggregator, global_params, precision)
 
     def add_result(
         self,
@@ -149,23 +208,38 @@ class FedAvg(Workflow):
         for rnd in range(start, self.num_rounds):
             ctx.check_abort()
             sites = ctx.comm.wait_for_sites(self.min_clients, self.policy.timeout)
+            self.round_sites = list(sites)
             targets = self.select_targets(ctx, sites, rnd)
             ctx.emit("round_started", round=rnd, targets=targets)
             new_model, metrics, outcome = self.train_round(ctx, model, rnd, targets)
+            out_metrics = self.evaluate_round(ctx, new_model, rnd, sites)
             ctx.emit(
                 "round_completed",
                 round=rnd,
-                metrics=metrics,
+                metrics={**metrics, **out_metrics},
                 accepted=outcome.accepted,
                 failed=outcome.failed,
                 missing=outcome.missing,
                 duration=outcome.duration,
             )
             if ctx.store is not None:
-                ctx.store.round_completed(rnd, model, new_model, metrics, self.state_dict())
+                ctx.store.round_completed(
+                    rnd, model, new_model, metrics, self.state_dict(), out_metrics=out_metrics
+                )
             model = new_model
         if ctx.store is not None:
             ctx.store.save_model("final", model)
+        if self.cross_site_eval:
+            from fedctl.workflows.cross_site import cross_site_evaluate
+
+            cross_site_evaluate(
+                ctx,
+                model,
+                ctx.comm.wait_for_sites(1, self.policy.timeout),
+                timeout=self.policy.timeout,
+                meta=self.base_meta(ctx, self.num_rounds - 1),
+                total_rounds=self.num_rounds,
+            )
         return model
 
     def train_round(
@@ -180,7 +254,7 @@ class FedAvg(Workflow):
             TASK_TRAIN,
             FLModel(
                 params_type=ParamsType.FULL,
-                params=model,
+                params=self.task_params_for(ctx, model, rnd),
                 current_round=rnd,
                 total_rounds=self.num_rounds,
                 start_round=0,
@@ -197,8 +271,98 @@ class FedAvg(Workflow):
             metrics.add(scalar_metrics(result.model.metrics), weight)
 
         outcome = ctx.gather(ctx.comm.broadcast(task, targets), self.policy, on_result, round_=rnd)
-        new_model = self.server_update(ctx, model, agg.result(), rnd)
+        try:
+            aggregate = agg.result()
+        except TooFewResults as exc:
+            raise NotEnoughResults(f"round {rnd + 1}: {exc}") from None
+        new_model = self.server_update(ctx, model, aggregate, rnd)
         return new_model, metrics.result(), outcome
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_due(self, rnd: int) -> bool:
+        """Whether round ``rnd`` ends with an evaluation (every ``eval_every`` and the last)."""
+        if not (self.federated_eval or self.server_eval is not None):
+            return False
+        return (rnd + 1) % self.eval_every == 0 or rnd == self.num_rounds - 1
+
+    def evaluate_round(
+        self, ctx: WorkflowContext, model: dict[str, torch.Tensor], rnd: int, sites: list[str]
+    ) -> dict[str, float]:
+        """Metrics of the round's new global model: ``eval_*`` from sites, ``server_*``."""
+        if not self.eval_due(rnd):
+            return {}
+        out: dict[str, float] = {}
+        if self.federated_eval:
+            targets = sample_sites(sites, self.sample_clients, 1, ctx.seed, rnd, "evaluate")
+            metrics = self.federated_evaluate(ctx, model, rnd, targets)
+            out.update({f"eval_{k}": v for k, v in metrics.items()})
+        if self.server_eval is not None:
+            out.update({f"server_{k}": v for k, v in self.run_server_eval(ctx, model, rnd).items()})
+        return out
+
+    def federated_evaluate(
+        self, ctx: WorkflowContext, model: dict[str, torch.Tensor], rnd: int, targets: list[str]
+    ) -> dict[str, float]:
+        """Send ``model`` to ``targets`` as an evaluate task; their metrics' weighted mean."""
+        task = ctx.new_task(
+            TASK_EVALUATE,
+            FLModel(
+                params_type=ParamsType.FULL,
+                params=model,
+                current_round=rnd,
+                total_rounds=self.num_rounds,
+                meta={**self.base_meta(ctx, rnd), EVAL_KIND_KEY: "federated"},
+            ),
+        )
+        metrics = MetricsMean()
+
+        def on_result(result: TaskResult) -> None:
+            assert result.model is not None
+            metrics.add(scalar_metrics(result.model.metrics), self.samples_of(ctx, result))
+
+        policy = RoundPolicy(1, self.policy.timeout, self.policy.wait_after_min)
+        ctx.emit("evaluation_started", round=rnd, targets=targets)
+        ctx.gather(
+            ctx.comm.broadcast(task, targets), policy, on_result, round_=rnd, phase="evaluate"
+        )
+        return metrics.result()
+
+    def samples_of(self, ctx: WorkflowContext, result: TaskResult) -> float:
+        """Weight of an evaluation result: its ``meta["NUM_SAMPLES"]``, else 1 (warned once)."""
+        assert result.model is not None
+        value = (result.model.meta or {}).get(NUM_SAMPLES_KEY)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and math.isfinite(value) and value >= 0:
+            return float(value)
+        if result.site not in self._warned_samples:
+            self._warned_samples.add(result.site)
+            message = (
+                f"{result.site} sent evaluation metrics without a valid meta['{NUM_SAMPLES_KEY}']; "
+                "they are weighted 1 (warned once per site)"
+            )
+            log.warning(message)
+            ctx.emit("warning", message=message)
+        return 1.0
+
+    def run_server_eval(
+        self, ctx: WorkflowContext, model: dict[str, torch.Tensor], rnd: int
+    ) -> dict[str, float]:
+        """Call ``server_eval`` on the new global model; a failure fails the job with its reason."""
+        assert self.server_eval is not None
+        try:
+            result = self.server_eval(*_eval_args(self.server_eval, model, rnd))
+        except Exception as exc:
+            ctx.emit("error", message=f"server evaluation failed:\n{traceback.format_exc()}")
+            raise RunFailed(
+                f"round {rnd + 1}: server evaluation failed: {type(exc).__name__}: {exc}"
+            ) from None
+        if not isinstance(result, dict):
+            raise RunFailed(
+                f"round {rnd + 1}: server evaluation must return a dict of metrics, "
+                f"got {type(result).__name__}"
+            )
+        return scalar_metrics(result)
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -208,3 +372,16 @@ class FedAvg(Workflow):
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def _eval_args(fn: Callable[..., Any], model: dict[str, torch.Tensor], rnd: int) -> tuple[Any, ...]:
+    """``(model, rnd)``, or ``(model,)`` for a function that takes one argument."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return (model, rnd)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    return (model,) if len(positional) == 1 and not varargs else (model, rnd)
