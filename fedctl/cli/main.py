@@ -14,6 +14,7 @@ from fedctl import __version__
 from fedctl.cli import jobs as _jobs
 from fedctl.cli import poc as _poc
 from fedctl.cli import provision as _provision
+from fedctl.cli import recipe as _recipe
 from fedctl.cli import runtime as _runtime
 from fedctl.cli import simulate as _simulate
 
@@ -44,6 +45,7 @@ def _root(
 
 _simulate.register(app)
 _provision.register(app)
+_recipe.register(app)
 _poc.register(app)
 _runtime.register(app)
 _jobs.register(app)

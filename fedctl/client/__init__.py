@@ -21,12 +21,20 @@ from fedctl.client.api import (
     send,
     system_info,
 )
+from fedctl.client.evaluation import keep_local_model, local_model
+from fedctl.client.fedprox import proximal_term
+from fedctl.client.personalization import Personalization, personalize
+from fedctl.client.scaffold import Scaffold
+from fedctl.codec.keys import NUM_SAMPLES_KEY
 from fedctl.codec.model import NUM_STEPS_KEY, FLModel, ParamsType
 
 __all__ = [
+    "NUM_SAMPLES_KEY",
     "NUM_STEPS_KEY",
     "FLModel",
     "ParamsType",
+    "Personalization",
+    "Scaffold",
     "get_job_id",
     "get_num_sites",
     "get_site_index",
@@ -38,7 +46,11 @@ __all__ = [
     "is_running",
     "is_submit_model",
     "is_train",
+    "keep_local_model",
+    "local_model",
     "log",
+    "personalize",
+    "proximal_term",
     "receive",
     "send",
     "system_info",

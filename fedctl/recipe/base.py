@@ -23,8 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fedctl.aggregators.select import aggregator_label, min_results
 from fedctl.codec.model import check_json
 from fedctl.errors import CodecError, RecipeError
+from fedctl.workflows.sampling import check_sample_spec
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +75,34 @@ class Recipe:
     kind: ClassVar[str] = ""
     #: one line for ``fedctl recipe list``
     summary: ClassVar[str] = ""
+    #: the paper the algorithm comes from (``fedctl recipe show``)
+    paper: ClassVar[str] = ""
+    #: a runnable example folder in the repository, e.g. ``recipes/fedprox``
+    example: ClassVar[str] = ""
+    #: argument → one-line meaning; merged along the class hierarchy by :meth:`parameters`
+    param_docs: ClassVar[dict[str, str]] = {
+        "name": "job name: letters, digits, '-', '_', '.'; at most 64",
+        "min_clients": "results each round needs (fewer by the deadline fails the job)",
+        "num_rounds": "rounds to run",
+        "model": "initial model: nn.Module, state_dict, or .safetensors/.pt path",
+        "train_script": "client script, relative to the recipe's folder",
+        "train_args": "the client script's command line",
+        "round_timeout": "seconds a round may take (None: no deadline)",
+        "wait_after_min": "once min_clients results are in, wait at most this long for the rest",
+        "key_metric": "metric that picks the best global model",
+        "key_metric_mode": "'max' or 'min' for key_metric",
+        "precision": "aggregation accumulator: auto, float64 or float32",
+        "task_meta": "JSON values every site receives in FLModel.meta",
+        "aggregator": "'mean' (default), 'median', or {'name': 'trimmed_mean'|'krum'|"
+        "'multi_krum'|'bulyan', ...}",
+        "sample_clients": "sites per round: None (all), a fraction in (0, 1], or a count",
+        "federated_eval": "evaluate each new global model on the sites (is_evaluate tasks)",
+        "eval_every": "evaluate every k rounds (and after the last)",
+        "server_eval": "'file.py:function' in the recipe folder, run on the server each "
+        "evaluation with (params, current_round) -> metrics",
+        "cross_site_eval": "after the last round, evaluate every site's model and the global "
+        "model on every site",
+    }
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -94,6 +124,12 @@ class Recipe:
         key_metric_mode: str = "max",
         precision: str = "auto",
         task_meta: dict[str, Any] | None = None,
+        aggregator: str | dict[str, Any] | None = None,
+        sample_clients: int | float | None = None,
+        federated_eval: bool = False,
+        eval_every: int = 1,
+        server_eval: str | None = None,
+        cross_site_eval: bool = False,
         base_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else _caller_dir()
@@ -119,6 +155,16 @@ class Recipe:
             raise RecipeError(str(exc)) from None
         self.train_script = self._check_script(train_script)
         self.model = self._check_model(model)
+        self.aggregator = self._check_aggregator(aggregator)
+        try:
+            check_sample_spec(sample_clients, self.min_clients)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        self.sample_clients = sample_clients
+        self.federated_eval = _bool("federated_eval", federated_eval)
+        self.eval_every = _int("eval_every", eval_every, 1)
+        self.server_eval = self._check_function("server_eval", server_eval)
+        self.cross_site_eval = _bool("cross_site_eval", cross_site_eval)
 
     # ------------------------------------------------------------------ validation
 
@@ -159,7 +205,65 @@ class Recipe:
             f"got {type(model).__name__}"
         )
 
+    def _check_aggregator(self, spec: Any) -> Any:
+        try:
+            check_json(spec, "aggregator")
+            required = min_results(spec)
+        except (ValueError, CodecError) as exc:
+            raise RecipeError(str(exc)) from None
+        if self.min_clients < required:
+            raise RecipeError(
+                f"aggregator {aggregator_label(spec)} needs at least {required} results per "
+                f"round, but min_clients is {self.min_clients}"
+            )
+        return spec
+
+    def _check_function(self, what: str, ref: Any) -> str | None:
+        """A ``file.py:function`` reference to a file inside the recipe folder (or None)."""
+        if ref is None:
+            return None
+        if not isinstance(ref, str) or ref.count(":") != 1:
+            raise RecipeError(f"{what} must be 'file.py:function', got {ref!r}")
+        file, func = ref.split(":")
+        if not file.endswith(".py") or not func.isidentifier():
+            raise RecipeError(f"{what} must be 'file.py:function', got {ref!r}")
+        path = (self.base_dir / file).resolve()
+        if self.base_dir not in path.parents:
+            raise RecipeError(f"{what} file {file!r} must be inside {self.base_dir}")
+        if not path.is_file():
+            raise RecipeError(f"{what} file {file!r} not found in {self.base_dir}")
+        return ref
+
     # ------------------------------------------------------------------ declarative view
+
+    @classmethod
+    def parameters(cls) -> list[dict[str, Any]]:
+        """Each argument's name, whether it is required, its default and its meaning."""
+        docs: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            docs.update(getattr(klass, "__dict__", {}).get("param_docs", {}))
+        out = []
+        for name in ["model", *cls.arg_names()]:
+            default: Any = inspect.Parameter.empty
+            for klass in cls.__mro__:
+                init = klass.__dict__.get("__init__")
+                if init is None or klass is object:
+                    continue
+                p = inspect.signature(init).parameters.get(name)
+                if p is not None:
+                    default = p.default
+                    break
+            required = default is inspect.Parameter.empty
+            out.append(
+                {
+                    "name": name,
+                    "required": required,
+                    "default": None if required else default,
+                    "doc": docs.get(name, ""),
+                }
+            )
+        order = {"name": 0, "min_clients": 1, "num_rounds": 2, "model": 3}
+        return sorted(out, key=lambda p: order.get(p["name"], 4))
 
     @classmethod
     def arg_names(cls) -> list[str]:
@@ -200,6 +304,30 @@ class Recipe:
     def build_workflow(self) -> Workflow:
         """The server-side workflow that runs this recipe."""
         raise NotImplementedError
+
+    def workflow_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every FedAvg-family workflow takes, from this recipe.
+
+        ``server_eval`` is loaded here, on the side that runs the workflow: it is code from the
+        job's folder (the user's own in simulation; a server may refuse jobs that use it).
+        """
+        server_eval = None
+        if self.server_eval is not None:
+            from fedctl.recipe.hooks import load_function
+
+            server_eval = load_function(self.base_dir, self.server_eval, "server_eval")
+        return {
+            "round_timeout": self.round_timeout,
+            "wait_after_min": self.wait_after_min,
+            "precision": self.precision,
+            "task_meta": self.task_meta,
+            "sample_clients": self.sample_clients,
+            "aggregator": self.aggregator,
+            "federated_eval": self.federated_eval,
+            "eval_every": self.eval_every,
+            "server_eval": server_eval,
+            "cross_site_eval": self.cross_site_eval,
+        }
 
     # ------------------------------------------------------------------ running
 
@@ -399,6 +527,34 @@ def _int(what: str, value: Any, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise RecipeError(f"{what} must be an integer ≥ {minimum}, got {value!r}")
     return value
+
+
+def _bool(what: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def check_number(
+    what: str,
+    value: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> float:
+    """``value`` as a float if it is a number within the bounds, else a RecipeError."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and (ge is None or value >= ge) and (gt is None or value > gt)
+    ok = ok and (lt is None or value < lt) and (le is None or value <= le)
+    if not ok:
+        bounds = [
+            f"{op} {b}" for op, b in ((">=", ge), (">", gt), ("<", lt), ("<=", le)) if b is not None
+        ]
+        where = f" ({' and '.join(bounds)})" if bounds else ""
+        raise RecipeError(f"{what} must be a number{where}, got {value!r}")
+    return float(value)
 
 
 def _str(what: str, value: Any) -> str:

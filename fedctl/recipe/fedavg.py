@@ -17,11 +17,18 @@ class FedAvgRecipe(Recipe):
     ``round_timeout`` seconds per round; ``wait_after_min`` (straggler wait once ``min_clients``
     results are in; None waits for all until the deadline); ``key_metric`` and
     ``key_metric_mode`` choose the best model; ``precision`` of the aggregation accumulator;
-    ``task_meta`` JSON values every site receives in ``FLModel.meta``.
+    ``task_meta`` JSON values every site receives in ``FLModel.meta``; ``aggregator`` (mean or a
+    robust one), ``sample_clients``, ``federated_eval``, ``eval_every``, ``server_eval`` and
+    ``cross_site_eval`` (see docs/algorithms.md). Every algorithm recipe takes these too.
     """
 
     kind = "fedavg"
     summary = "Federated averaging weighted by local steps (FULL or DIFF updates)."
+    paper = (
+        "McMahan et al., Communication-Efficient Learning of Deep Networks from "
+        "Decentralized Data (AISTATS 2017)"
+    )
+    example = "recipes/hello_pt"
 
     def __init__(
         self,
@@ -38,11 +45,4 @@ class FedAvgRecipe(Recipe):
     def build_workflow(self) -> Workflow:
         from fedctl.workflows.fedavg import FedAvg
 
-        return FedAvg(
-            self.num_rounds,
-            self.min_clients,
-            round_timeout=self.round_timeout,
-            wait_after_min=self.wait_after_min,
-            precision=self.precision,
-            task_meta=self.task_meta,
-        )
+        return FedAvg(self.num_rounds, self.min_clients, **self.workflow_kwargs())
