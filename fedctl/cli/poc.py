@@ -26,13 +26,18 @@ def prepare(
     port: int = typer.Option(8002, "--port", help="Server port on 127.0.0.1."),
     workspace: Path | None = WS,
     force: bool = typer.Option(False, "--force", help="Stop and replace an existing POC."),
+    offline_grace: float = typer.Option(
+        60.0, "--offline-grace", help="Seconds a site may be offline before its tasks fail."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> int:
     """Provision a localhost project: server, sites and an admin kit for each role."""
     from fedctl.runtime import poc
 
     names = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
-    info = poc.prepare(workspace, clients=clients, sites=names, port=port, force=force)
+    info = poc.prepare(
+        workspace, clients=clients, sites=names, port=port, force=force, offline_grace=offline_grace
+    )
     if as_json:
         print_json(info)
     else:

@@ -45,6 +45,9 @@ def server_start(
     workspace: Path | None = typer.Option(None, "--workspace", help="Default: KIT/workspace."),
     mode: str = typer.Option("production", "--mode", help="production or poc (told to scripts)."),
     max_jobs: int = typer.Option(4, "--max-jobs", help="Jobs that may run at once."),
+    offline_grace: float = typer.Option(
+        60.0, "--offline-grace", help="Seconds a site may be offline before its tasks fail."
+    ),
 ) -> int:
     """Serve sites and admins on the kit's port until stopped (SIGTERM/Ctrl-C)."""
     import logging
@@ -52,7 +55,13 @@ def server_start(
     from fedctl.runtime.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(kit, str(workspace) if workspace else None, mode=mode, max_jobs=max_jobs)
+    serve(
+        kit,
+        str(workspace) if workspace else None,
+        mode=mode,
+        max_jobs=max_jobs,
+        offline_grace=offline_grace,
+    )
     return 0
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedctl.errors import FedctlError
+from fedctl.runtime.audit import AuditLog
 from fedctl.runtime.bundle import BundleError, extract_bundle, sha256_path
 from fedctl.transport import frames, rpc
 from fedctl.transport.frames import FrameError, FrameSocket
@@ -69,8 +70,10 @@ class SiteAgent:
         self.address = address
         self.ws = (Path(workspace) if workspace else kit.root / "workspace").resolve()
         self.ws.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(self.ws / "audit.jsonl", kit.name)
         self.max_bundle = max_bundle
         self.incarnation = secrets.token_hex(8)
+        self.server_id: str | None = None
         self.next_seq = 1
         self.recv_seq = 0
         self.outbox: OrderedDict[int, dict[str, Any]] = OrderedDict()
@@ -172,6 +175,16 @@ class SiteAgent:
         if kind == "heartbeat":
             return
         if kind == "welcome":
+            server_id = frames.field(h, "server_id", str)
+            with self.lock:
+                if server_id != self.server_id:
+                    if self.server_id is not None:
+                        # A new server process: its numbering starts again, and what we had
+                        # not delivered refers to tasks of job processes that are gone.
+                        log.info("the server restarted; resetting the session")
+                        self.outbox.clear()
+                    self.server_id = server_id
+                    self.recv_seq = 0
             self._ack(frames.field(h, "recv_seq", int))
             with self.lock:
                 for header in self.outbox.values():
@@ -285,9 +298,18 @@ class SiteJob:
             self._deploy()
         except (FedctlError, OSError) as exc:
             log.warning("job %s refused: %s", self.job_id, exc)
+            self.agent.audit.record(
+                "job_refused", self.submitter.get("name"), job=self.job_id, reason=str(exc)
+            )
             self.agent.send({"t": "refused", "job": self.job_id, "reason": str(exc)})
             self.stopped.set()
             return
+        self.agent.audit.record(
+            "job_deployed",
+            self.submitter.get("name"),
+            job=self.job_id,
+            bundle_sha256=self.deploy_msg["bundle"].get("sha256"),
+        )
         self.agent.send({"t": "deployed", "job": self.job_id})
         self.ready.set()
         threading.Thread(target=self._serve_tasks, name=f"tasks-{self.job_id}", daemon=True).start()
@@ -314,8 +336,27 @@ class SiteJob:
         (self.root / "work").mkdir(exist_ok=True)
         (self.root / "blobs").mkdir(exist_ok=True)
 
+    @property
+    def submitter(self) -> dict[str, Any]:
+        sub = self.deploy_msg.get("submitter")
+        return sub if isinstance(sub, dict) else {}
+
     def check_policy(self) -> None:
-        """Site policy hook (authorization and privacy rules); raises to refuse the job."""
+        """Refuse the job unless this site's local/authorization.yaml lets its submitter's role
+        submit jobs that bring their own code (every job carries its client script)."""
+        from fedctl.provision.identity import Identity
+        from fedctl.provision.policy import default_authorization, load_authorization
+
+        path = self.agent.kit.local_dir / "authorization.yaml"
+        policy = load_authorization(path) if path.exists() else default_authorization()
+        sub = self.submitter
+        actor = Identity(str(sub.get("name")), str(sub.get("org")), "admin", sub.get("role"))
+        for right in ("submit", "byoc"):
+            if not policy.allows(right, actor):
+                raise FedctlError(
+                    f"{self.agent.kit.name} does not run jobs from {actor.name} "
+                    f"(role {actor.role}): '{right}' is not allowed by its local/authorization.yaml"
+                )
 
     # ------------------------------------------------------------------ the script
 
@@ -359,6 +400,13 @@ class SiteJob:
             start_new_session=True,
         )
         threading.Thread(target=self._pump_output, args=(self.proc,), daemon=True).start()
+        self.agent.audit.record(
+            "script_started",
+            None,
+            job=self.job_id,
+            pid=self.proc.pid,
+            script=self.recipe.train_script,
+        )
         assert self.server_sock is not None
         deadline = time.monotonic() + SCRIPT_CONNECT_TIMEOUT
         while True:
@@ -469,6 +517,15 @@ class SiteJob:
         if task.get("blob"):
             path = self.root / "blobs" / f"task.{_safe(task_id)}.safetensors"
             self.agent.fetch(self.job_id, task["blob"], path, MAX_TASK_BLOB)
+            self.agent.audit.record(
+                "model_received",
+                None,
+                job=self.job_id,
+                task=task_id,
+                round=(task.get("header") or {}).get("current_round"),
+                sha256=task["blob"].get("sha256"),
+                size=task["blob"].get("size"),
+            )
         if self.proc is None or self.proc.poll() is not None:
             self.script_conn = None
             self._start_script()
@@ -510,6 +567,15 @@ class SiteJob:
                 raise FrameError("script wrote its result outside the job's folder")
             blob = self.agent.push(self.job_id, task_id, result)
             result.unlink(missing_ok=True)
+            self.agent.audit.record(
+                "model_sent",
+                None,
+                job=self.job_id,
+                task=task_id,
+                round=header.get("current_round"),
+                sha256=blob["sha256"],
+                size=blob["size"],
+            )
         conn.send({"t": "ok"})
         self._flush_log()
         if task_id in self.cancelled:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedctl.job")
 
+#: how long a round waits, once it has enough sites, for the others that are still deploying
+DEPLOY_GRACE = 30.0
 #: a site's result may be this much bigger than the model it was sent (optimizer state, …)
 RESULT_FACTOR = 4
 
@@ -48,6 +50,7 @@ class RuntimeStream(ResultStream):
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.cancelled = False
         self.max_bytes = 0
+        self.started = time.monotonic()
 
     @property
     def pending(self) -> set[str]:
@@ -56,6 +59,11 @@ class RuntimeStream(ResultStream):
     def next(self, timeout: float | None) -> TaskResult | None:
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         while self._pending and not self.cancelled:
+            for site in sorted(self._pending):
+                why = self.comm.lost(site, self.started)
+                if why is not None:
+                    self._pending.discard(site)
+                    return TaskResult(site, self.task_id, error=why)
             try:
                 msg = self.inbox.get(timeout=max(0.0, min(deadline - time.monotonic(), 0.5)))
             except queue.Empty:
@@ -119,7 +127,12 @@ class RuntimeCommunicator(Communicator):
         self.ready: list[str] = []
         self.refused: dict[str, str] = {}
         self.offline: list[str] = []
-        self.restarted: set[str] = set()
+        #: when a site that restarted (and so lost its tasks) did so, by site
+        self.restarted: dict[str, float] = {}
+        #: since when a site of this job has been offline
+        self.offline_since: dict[str, float] = {}
+        #: seconds a site may be offline before its outstanding tasks count as failed
+        self.offline_grace = 60.0
         self._old_blobs: list[str] = []
         self._cond = threading.Condition()
         self.closed = False
@@ -149,10 +162,15 @@ class RuntimeCommunicator(Communicator):
     def _on_message(self, h: dict[str, Any]) -> None:
         kind = h["t"]
         if kind == "sites":
+            now = time.monotonic()
             with self._cond:
                 self.ready = [s for s in h.get("ready", []) if s in self.job_sites]
                 self.refused = dict(h.get("refused", {}))
                 self.offline = list(h.get("offline", []))
+                for site in self.offline:
+                    self.offline_since.setdefault(site, now)
+                for site in [s for s in self.offline_since if s not in self.offline]:
+                    del self.offline_since[site]
                 self._cond.notify_all()
         elif kind in ("result", "failed"):
             stream = self.streams.get(str(h.get("task_id")))
@@ -164,10 +182,31 @@ class RuntimeCommunicator(Communicator):
             self.on_records(str(h.get("site")), h.get("records") or [])
         elif kind == "site_restarted":
             with self._cond:
-                self.restarted.add(str(h.get("site")))
+                self.restarted[str(h.get("site"))] = time.monotonic()
+                self._cond.notify_all()
         elif kind == "abort":
             log.warning("abort requested: %s", h.get("reason"))
             self.abort.set()
+
+    def lost(self, site: str, since: float) -> str | None:
+        """Why a task sent to ``site`` at ``since`` can no longer come back (None if it can)."""
+        with self._cond:
+            if site in self.refused:
+                return f"refused the job: {self.refused[site]}"
+            if self.restarted.get(site, -1.0) >= since:
+                return "the site restarted and lost its task"
+            off = self.offline_since.get(site)
+            if off is not None and time.monotonic() - off > self.offline_grace:
+                return f"offline for more than {self.offline_grace:.0f}s"
+        return None
+
+    def _deploying(self) -> list[str]:
+        """Sites of the job that are online, not refused and not ready yet (caller holds lock)."""
+        return [
+            s
+            for s in self.job_sites
+            if s not in self.ready and s not in self.refused and s not in self.offline
+        ]
 
     # ------------------------------------------------------------------ Communicator
 
@@ -179,20 +218,39 @@ class RuntimeCommunicator(Communicator):
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         with self._cond:
             while len(self.ready) < count and not self.closed and not self.abort.is_set():
-                possible = len(self.job_sites) - len(self.refused)
-                if possible < count:
-                    break
+                now = time.monotonic()
+                gone = set(self.refused) | {
+                    s for s, t in self.offline_since.items() if now - t > self.offline_grace
+                }
+                if len(self.job_sites) - len(gone) < count:
+                    break  # cannot be reached any more: say so now rather than at the deadline
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(min(remaining, 0.5))
             if len(self.ready) >= count:
+                # Enough to start, but sites that are online and still deploying (or
+                # redeploying after a restart) get a moment to join rather than miss the round.
+                grace_end = time.monotonic() + min(
+                    DEPLOY_GRACE, max(0.0, deadline - time.monotonic())
+                )
+                while (
+                    self._deploying() and time.monotonic() < grace_end and not self.abort.is_set()
+                ):
+                    self._cond.wait(min(grace_end - time.monotonic(), 0.5))
                 return list(self.ready)
             if self.abort.is_set() or self.closed:
                 return list(self.ready)
-            parts = [f"{s}: refused: {r}" for s, r in sorted(self.refused.items())]
+            parts = [f"{s} refused: {r}" for s, r in sorted(self.refused.items())]
             if self.offline:
                 parts.append(f"offline: {', '.join(self.offline)}")
+            not_ready = [
+                s
+                for s in self.job_sites
+                if s not in self.ready and s not in self.refused and s not in self.offline
+            ]
+            if not_ready:
+                parts.append(f"still deploying: {', '.join(not_ready)}")
             raise RunFailed(
                 f"the job needs {count} sites but {len(self.ready)} are ready"
                 + (f" ({'; '.join(parts)})" if parts else "")

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         abort,
         on_records=store.add_records,
     )
+    comm.offline_grace = float(start.get("offline_grace", comm.offline_grace))
     comm.start()
 
     def forward(event: dict[str, Any]) -> None:

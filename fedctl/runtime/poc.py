@@ -60,6 +60,7 @@ def prepare(
     sites: list[str] | None = None,
     port: int = DEFAULT_PORT,
     force: bool = False,
+    offline_grace: float = 60.0,
 ) -> dict[str, Any]:
     """Provision a localhost project (server, sites, one admin kit per role)."""
     from fedctl.provision import poc_project, provision
@@ -84,6 +85,7 @@ def prepare(
     info = {
         "project": project.name,
         "port": port,
+        "offline_grace": offline_grace,
         "server": kits[project.server.name],
         "sites": {s.name: kits[s.name] for s in project.sites},
         "admins": admins,
@@ -131,6 +133,8 @@ def _read_record(ws: Path, name: str) -> dict[str, Any] | None:
 def port_owner(port: int) -> str | None:
     """Who listens on 127.0.0.1:``port`` ("PID n (command)"), or None if the port is free."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # like the server itself: connections lingering in TIME_WAIT do not make the port busy
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind(("127.0.0.1", port))
         return None
@@ -207,7 +211,11 @@ def start(
                 f"port {info['port']} is in use by {owner}; stop it or run "
                 "`fedctl poc prepare --force --port N` with a free port"
             )
-        _spawn(ws, "server", _fedctl("server", "start", "--kit", info["server"], "--mode", "poc"))
+        grace = str(info.get("offline_grace", 60.0))
+        cmd = _fedctl(
+            "server", "start", "--kit", info["server"], "--mode", "poc", "--offline-grace", grace
+        )
+        _spawn(ws, "server", cmd)
         started.append("server")
     for name in names:
         rec = _read_record(ws, name)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedctl.errors import FedctlError, NotFound, PermissionDenied, RecipeError
 from fedctl.runtime import store as st
+from fedctl.runtime.audit import AuditLog
 from fedctl.runtime.bundle import BundleError, extract_bundle, sha256_path
 from fedctl.runtime.communicator import natural_key
 from fedctl.transport import frames, rpc
@@ -52,6 +53,10 @@ log = logging.getLogger("fedctl.server")
 
 HEARTBEAT = 5.0
 SITE_TIMEOUT = 30.0
+#: a site offline this long has lost the tasks it was working on
+OFFLINE_GRACE = 60.0
+#: after a restart, how long an interrupted job waits for all its sites before going on
+RESUME_GRACE = 120.0
 MAX_BUNDLE = 8 * 1024**3
 MAX_RESULT = 64 * 1024**3
 _BLOB = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -115,6 +120,7 @@ class Server:
         heartbeat: float = HEARTBEAT,
         site_timeout: float = SITE_TIMEOUT,
         max_bundle: int = MAX_BUNDLE,
+        offline_grace: float = OFFLINE_GRACE,
     ) -> None:
         if kit.type != "server":
             raise FedctlError(
@@ -129,7 +135,12 @@ class Server:
         self.heartbeat = heartbeat
         self.site_timeout = site_timeout
         self.max_bundle = max_bundle
+        self.offline_grace = offline_grace
         self.store = st.JobStore(self.ws / "jobs.db")
+        self.audit = AuditLog(self.ws / "audit.jsonl", kit.name)
+        self._policy: tuple[float, Any] | None = None
+        #: changes every time a server process starts: sites reset their message numbering
+        self.server_id = secrets.token_hex(8)
         self.sites: dict[str, SiteConn] = {}
         self.jobs: dict[str, JobRuntime] = {}
         self.lock = threading.RLock()
@@ -149,6 +160,7 @@ class Server:
 
         from fedctl.transport import tls
 
+        self.started_at = time.time()
         self._recover()
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="fedctl-rpc"),
@@ -202,13 +214,12 @@ class Server:
         try:
             ident = tls.peer_identity(context)
         except PermissionDenied as exc:
+            self.audit.record("identity_rejected", None, peer=context.peer(), reason=str(exc))
             _abort(context, "UNAUTHENTICATED", str(exc))
         if ident.type != kind:
-            _abort(
-                context,
-                "PERMISSION_DENIED",
-                f"{ident.name} holds a {ident.type} certificate; this call needs a {kind}",
-            )
+            reason = f"{ident.name} holds a {ident.type} certificate; this call needs a {kind}"
+            self.audit.record("identity_rejected", ident.name, peer=context.peer(), reason=reason)
+            _abort(context, "PERMISSION_DENIED", reason)
         return ident
 
     # ------------------------------------------------------------------ Session (sites)
@@ -242,7 +253,12 @@ class Server:
                 del conn.outbox[seq]
             outq.put(
                 frames.encode(
-                    {"t": "welcome", "recv_seq": conn.recv_seq, "heartbeat": self.heartbeat}
+                    {
+                        "t": "welcome",
+                        "server_id": self.server_id,
+                        "recv_seq": conn.recv_seq,
+                        "heartbeat": self.heartbeat,
+                    }
                 )
             )
             for header in conn.outbox.values():
@@ -250,6 +266,7 @@ class Server:
             if restarted:
                 self._redeploy(conn)
         log.info("site %s connected from %s", ident.name, context.peer())
+        self.audit.record("site_connected", ident.name, peer=context.peer(), restarted=restarted)
         self._notify_sites_changed()
         self.wake.set()
         error: list[str] = []
@@ -274,6 +291,7 @@ class Server:
                 if conn.queue is outq:
                     conn.queue = None
             self._notify_sites_changed()
+            self.audit.record("site_disconnected", ident.name)
             log.info("site %s disconnected", ident.name)
         if error:
             _abort(context, "INVALID_ARGUMENT", error[0])
@@ -327,12 +345,14 @@ class Server:
             log.info("ignoring %s from %s for job %s (not running there)", kind, conn.name, job_id)
             return
         if kind == "deployed":
+            self.audit.record("job_deployed", conn.name, job=job_id)
             with self.lock:
                 rt.deployed.add(conn.name)
             self._event(rt, "site_deployed", {"site": conn.name})
             self._notify_sites_changed()
         elif kind == "refused":
             reason = str(h.get("reason", ""))[:2000]
+            self.audit.record("job_refused", conn.name, job=job_id, reason=reason)
             with self.lock:
                 rt.refused[conn.name] = reason
                 rt.deployed.discard(conn.name)
@@ -388,12 +408,21 @@ class Server:
                 }
             else:
                 msg["blob"] = str(path)
+                self.audit.record(
+                    "model_received",
+                    conn.name,
+                    job=rt.rec.id,
+                    task=task_id,
+                    round=header.get("current_round"),
+                    sha256=blob.get("sha256"),
+                    size=path.stat().st_size,
+                )
         self._to_job(rt, msg)
 
     def _redeploy(self, conn: SiteConn) -> None:
         """A restarted site gets its running jobs (and their outstanding tasks) again."""
         for rt in self.jobs.values():
-            if rt.finished or conn.name not in rt.rec.sites or rt.rec.state != st.RUNNING:
+            if rt.finished or conn.name not in rt.rec.sites:
                 continue
             rt.deployed.discard(conn.name)
             self._deploy_to(rt, conn)
@@ -473,17 +502,60 @@ class Server:
             _abort(context, "FAILED_PRECONDITION", str(exc))
         return frames.encode({"t": "reply", **result})
 
-    def authorize(self, ident: Identity, action: str, rec: st.JobRecord | None = None) -> None:
-        """Raise PermissionDenied unless ``ident`` may do ``action`` (on ``rec``)."""
+    def policy(self) -> Any:
+        """The server's local/authorization.yaml (re-read when it changes; default if absent)."""
+        from fedctl.provision.policy import default_authorization, load_authorization
+
+        path = self.kit.local_dir / "authorization.yaml"
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return default_authorization()
+        if self._policy is None or self._policy[0] != mtime:
+            self._policy = (mtime, load_authorization(path))
+        return self._policy[1]
+
+    def allowed(self, ident: Identity, action: str, rec: st.JobRecord | None = None) -> bool:
+        """Whether ``ident`` may do ``action`` (on ``rec``) under the server's policy."""
+        from fedctl.provision.identity import Identity as Id
+
         if ident.type != "admin":
-            raise PermissionDenied(f"{ident.name} is not an admin")
+            return False
+        policy = self.policy()
+        if action == "submit":
+            return policy.allows("submit", ident) and policy.allows("byoc", ident)
+        if action == "sites":
+            return policy.rights(ident.role).view != "none"
+        owner = None
+        if rec is not None:
+            owner = Id(rec.submitter, rec.submitter_org, "admin", rec.extra.get("submitter_role"))
+        return policy.allows(action, ident, owner)
+
+    def authorize(self, ident: Identity, action: str, rec: st.JobRecord | None = None) -> None:
+        """Raise PermissionDenied (and audit it) unless ``ident`` may do ``action``."""
+        if self.allowed(ident, action, rec):
+            return
+        what = {
+            "submit": "submit jobs",
+            "view": "see",
+            "manage": "manage",
+            "download": "download the results of",
+            "sites": "list sites",
+        }.get(action, action)
+        target = f" job {rec.id} (submitted by {rec.submitter})" if rec is not None else ""
+        reason = f"{ident.name} (role {ident.role}) may not {what}{target} on this server"
+        self.audit.record(
+            "access_denied", ident.name, action=action, job=rec.id if rec else None, reason=reason
+        )
+        raise PermissionDenied(reason)
 
     def _admin(self, ident: Identity, op: str, h: dict[str, Any]) -> dict[str, Any]:
+        self.audit.record("admin_request", ident.name, op=op, job=h.get("job"))
         if op == "list":
-            self.authorize(ident, "view")
-            return {"jobs": [self._job_summary(r) for r in self.store.list()]}
+            visible = [r for r in self.store.list() if self.allowed(ident, "view", r)]
+            return {"jobs": [self._job_summary(r) for r in visible]}
         if op == "sites":
-            self.authorize(ident, "view")
+            self.authorize(ident, "sites")
             return {"sites": self._sites_summary()}
         job_id = frames.field(h, "job", str)
         rec = self.store.get(job_id)
@@ -506,6 +578,7 @@ class Server:
             size = frames.field(h, "size", int)
             sha = frames.field(h, "sha256", str)
             seed = frames.field(h, "seed", int)
+            self.audit.record("admin_request", ident.name, op="submit", size=size, sha256=sha)
             self.authorize(ident, "submit")
             if size > self.max_bundle:
                 _abort(
@@ -648,8 +721,18 @@ class Server:
             seed=seed,
             bundle_sha256=sha256_path(root / "bundle.zip"),
             bundle_size=(root / "bundle.zip").stat().st_size,
+            extra={"submitter_role": ident.role},
         )
         self.store.add(rec)
+        self.audit.record(
+            "job_submitted",
+            ident.name,
+            job=job_id,
+            name=recipe.name,
+            kind=recipe.kind,
+            bundle_sha256=rec.bundle_sha256,
+            bundle_size=rec.bundle_size,
+        )
         self.store.add_event(job_id, "submitted", {"by": ident.name})
         self.wake.set()
         return rec
@@ -666,6 +749,7 @@ class Server:
             self.store.add_event(job_id, "run_finished", {"status": st.ABORTED, "reason": reason})
             return rec
         rt.abort_reason = reason
+        self.audit.record("job_abort_requested", None, job=job_id, reason=reason)
         if rt.ipc is not None:
             with contextlib.suppress(OSError):
                 rt.ipc.send({"t": "abort", "reason": reason})
@@ -705,6 +789,19 @@ class Server:
                     self.store.update(rec.id, reason=reason)
                 continue
             online = self._online_sites()
+            if rec.sites:
+                # A job interrupted by a server restart keeps its sites (and so each site's
+                # index and data): wait for all of them, then go on with those that came back.
+                missing = [s for s in rec.sites if s not in online]
+                back = [s for s in rec.sites if s in online]
+                waited = time.time() - self.started_at
+                if missing and (waited < RESUME_GRACE or len(back) < rec.min_clients):
+                    reason = f"resuming: waiting for {', '.join(missing)} to reconnect"
+                    if rec.reason != reason:
+                        self.store.update(rec.id, reason=reason)
+                    continue
+                self._launch(rec, back)
+                continue
             if len(online) < rec.min_clients:
                 who = ", ".join(online) or "none"
                 reason = (
@@ -721,6 +818,7 @@ class Server:
         with self.lock:
             self.jobs[rec.id] = rt
         self._event(rt, "scheduled", {"sites": sites})
+        self.audit.record("job_scheduled", None, job=rec.id, sites=sites)
         log_path = Path(rec.job_dir).parent / "job.log"
         env = {**os.environ, "FEDCTL_JOB_TOKEN": rt.token, "PYTHONUNBUFFERED": "1"}
         cmd = [
@@ -763,6 +861,11 @@ class Server:
                 "num_sites": len(sites),
                 "seed": rt.rec.seed,
                 "mode": self.mode,
+                "submitter": {
+                    "name": rt.rec.submitter,
+                    "org": rt.rec.submitter_org,
+                    "role": rt.rec.extra.get("submitter_role"),
+                },
             },
         )
 
@@ -800,6 +903,7 @@ class Server:
         if cur.state not in st.TERMINAL:
             self.store.transition(rt.rec.id, state, reason)
         self._event(rt, "run_finished", {"status": state, "reason": reason})
+        self.audit.record("job_finished", None, job=rt.rec.id, status=state, reason=reason)
         for name in rt.rec.sites:
             with self.lock:
                 conn = self.sites.get(name)
@@ -905,7 +1009,14 @@ class Server:
                 return
             rt.ipc = fs
             self.store.transition(rt.rec.id, st.RUNNING)
-            fs.send({"t": "start", "sites": rt.rec.sites, "seed": rt.rec.seed})
+            fs.send(
+                {
+                    "t": "start",
+                    "sites": rt.rec.sites,
+                    "seed": rt.rec.seed,
+                    "offline_grace": self.offline_grace,
+                }
+            )
             self._notify_job_sites(rt)
             while True:
                 msg = fs.recv()
@@ -933,6 +1044,18 @@ class Server:
                     "sha256": sha256_path(path),
                 }
                 rt.task_blobs[path.name] = blob_info
+            header = frames.field(h, "header", dict)
+            self.audit.record(
+                "model_sent",
+                None,
+                job=rt.rec.id,
+                task=task_id,
+                task_name=h.get("name"),
+                round=header.get("current_round"),
+                sites=h.get("targets"),
+                sha256=blob_info["sha256"] if blob_info else None,
+                size=blob_info["size"] if blob_info else None,
+            )
             for name in frames.field(h, "targets", list):
                 with self.lock:
                     conn = self.sites.get(name)
