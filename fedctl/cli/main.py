@@ -11,6 +11,7 @@ import sys
 import typer
 
 from fedctl import __version__
+from fedctl.cli import audit as _audit
 from fedctl.cli import jobs as _jobs
 from fedctl.cli import poc as _poc
 from fedctl.cli import provision as _provision
@@ -49,6 +50,7 @@ _recipe.register(app)
 _poc.register(app)
 _runtime.register(app)
 _jobs.register(app)
+_audit.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
