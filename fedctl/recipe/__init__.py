@@ -13,6 +13,7 @@ from fedctl.recipe.loader import load_recipe
 from fedctl.recipe.personalization import FedBNRecipe, PartialSharingRecipe
 from fedctl.recipe.run import Run
 from fedctl.recipe.scaffold import ScaffoldRecipe
+from fedctl.runtime.envs import PocEnv, ProdEnv
 from fedctl.sim.env import SimEnv
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "FedProxRecipe",
     "FedYogiRecipe",
     "PartialSharingRecipe",
+    "PocEnv",
+    "ProdEnv",
     "Recipe",
     "Run",
     "ScaffoldRecipe",
