@@ -175,3 +175,31 @@ def test_keep_local_model(site) -> None:
     assert kept is not None and torch.equal(kept["weight"], torch.tensor([[1.0, 2.0]]))
     flare.keep_local_model({"other": torch.zeros(1)})
     assert set(flare.local_model()) == {"other"}
+
+
+def test_receive_sets_the_control_variate_aside_so_the_model_loads() -> None:
+    from fedctl.codec.model import Task
+
+    model = _linear([0.0, 0.0], 0.0)
+    params = {
+        **{k: v.clone() for k, v in model.state_dict().items()},
+        SCAFFOLD_C_PREFIX + "weight": torch.ones(1, 2),
+        SCAFFOLD_C_PREFIX + "bias": torch.ones(1),
+    }
+    task = Task("train", FLModel(params=params, meta={SCAFFOLD_KEY: True}, current_round=1))
+    channel = FakeChannel([task])
+    ch.install(channel, thread_only=True)
+    try:
+        flare.init()
+        received = flare.receive()
+        model.load_state_dict(received.params)  # no unexpected keys
+        assert set(received.optimizer_params) == {"scaffold.c:weight", "scaffold.c:bias"}
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        s = flare.Scaffold(model, received, opt)
+        assert torch.equal(s.c["weight"], torch.ones(1, 2))
+        model(torch.ones(1, 2)).sum().backward()
+        s.correct()
+        assert torch.allclose(model.weight.grad, torch.ones(1, 2) + torch.ones(1, 2))
+    finally:
+        ch.install(None, thread_only=True)
+        ch.install(None)

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedctl.client import channel as _ch
 from fedctl.client.state import SiteState
+from fedctl.codec.keys import SCAFFOLD_C_PREFIX
 from fedctl.codec.model import (
     TASK_EVALUATE,
     TASK_SUBMIT_MODEL,
@@ -30,6 +31,9 @@ from fedctl.codec.model import (
     check_json,
 )
 from fedctl.errors import ClientAPIError, CodecError
+
+#: ``params`` names that carry algorithm state, not model weights (see _set_aside_algorithm_state)
+RESERVED_PREFIXES = (SCAFFOLD_C_PREFIX,)
 
 
 def init(rank: int | str | None = None) -> None:
@@ -78,8 +82,24 @@ def _advance(ch: _ch.Channel) -> bool:
         ch.task = None
         return False
     ch.task, ch.answered = task, False
+    _set_aside_algorithm_state(task.model)
     ch.on_receive(task)
     return True
+
+
+def _set_aside_algorithm_state(model: FLModel) -> None:
+    """Move tensors an algorithm sends along with the model (SCAFFOLD's control variate, under
+    reserved ``params`` names) to ``optimizer_params``, so ``load_state_dict(received.params)``
+    works whether or not the script uses the algorithm's helper."""
+    params = model.params
+    if not params:
+        return
+    aside = [k for k in params if k.startswith(RESERVED_PREFIXES)]
+    if aside:
+        extra = dict(model.optimizer_params or {})
+        for k in aside:
+            extra[k] = params.pop(k)
+        model.optimizer_params = extra
 
 
 def is_running() -> bool:

@@ -3,8 +3,8 @@
 Three short lines in a training script (see :mod:`fedctl.workflows.scaffold` for the method)::
 
     received = flare.receive()
-    scaffold = flare.Scaffold(model, received, optimizer)  # before load_state_dict(...)
     model.load_state_dict(received.params)
+    scaffold = flare.Scaffold(model, received, optimizer)
     ...
     loss.backward()
     scaffold.correct()                                      # g ← g - c_i + c
@@ -12,8 +12,9 @@ Three short lines in a training script (see :mod:`fedctl.workflows.scaffold` for
     ...
     flare.send(scaffold.update(flare.FLModel(params=model.state_dict(), meta=...)))
 
-``Scaffold`` takes the server's control variate ``c`` out of ``received.params`` (so the model
-loads normally), reads this site's ``c_i`` from ``flare.get_state()`` (so it survives rounds even
+``Scaffold`` reads the server's control variate ``c`` (sent with the model under reserved names,
+which ``flare.receive()`` sets aside in ``received.optimizer_params``, so the model loads as
+usual), reads this site's ``c_i`` from ``flare.get_state()`` (so it survives rounds even
 when the simulator re-runs the script every round), and ``update`` stores the new ``c_i`` and adds
 ``Δc_i`` to what is sent. The learning rates of the optimizer's parameter groups are read at each
 ``correct()``, so schedulers are taken into account. Under a recipe other than SCAFFOLD all three
@@ -50,11 +51,14 @@ class Scaffold:
         import torch
 
         params = received.params if received.params is not None else {}
-        c = {
-            k[len(SCAFFOLD_C_PREFIX) :]: params.pop(k)
-            for k in [*params]
-            if k.startswith(SCAFFOLD_C_PREFIX)
-        }
+        # c arrives under reserved params names; flare.receive() sets them aside in
+        # optimizer_params (an FLModel built by hand may still have them in params)
+        c = {}
+        for source in (received.optimizer_params or {}, params):
+            for k in [k for k in source if k.startswith(SCAFFOLD_C_PREFIX)]:
+                c[k[len(SCAFFOLD_C_PREFIX) :]] = source[k]
+                if source is params:
+                    del params[k]
         self.active = bool((received.meta or {}).get(SCAFFOLD_KEY))
         self.steps = 0
         if not self.active:

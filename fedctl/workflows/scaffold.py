@@ -13,7 +13,7 @@ Transport: ``c`` travels with the model in the task's params under ``scaffold.c:
 site in ``flare.get_state()`` (so it survives rounds even when the simulator re-runs the script
 every round). The script adds three short lines (see :class:`fedctl.client.Scaffold`)::
 
-    scaffold = flare.Scaffold(model, received, optimizer)   # right after receive()
+    scaffold = flare.Scaffold(model, received, optimizer)   # after receive()
     scaffold.correct()                                       # after loss.backward()
     flare.send(scaffold.update(flare.FLModel(...)))          # adds Δc_i, keeps c_i
 

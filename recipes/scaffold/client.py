@@ -34,8 +34,8 @@ def accuracy(x, y) -> float:
 
 while flare.is_running():  # FL
     received = flare.receive()  # FL
-    scaffold = flare.Scaffold(model, received, optimizer)  # SCAFFOLD: before loading the model
     model.load_state_dict(received.params)  # FL
+    scaffold = flare.Scaffold(model, received, optimizer)  # SCAFFOLD: c from the server, c_i kept
     acc = accuracy(shard.x_val, shard.y_val)
     if flare.is_evaluate():  # FL
         flare.send(flare.FLModel(metrics={"accuracy": acc}, meta={"NUM_SAMPLES": len(shard.y_val)}))
