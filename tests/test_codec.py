@@ -218,3 +218,39 @@ def test_join_model_rejects_bad_headers() -> None:
         join_model(header, {"x:w": torch.ones(1)})
     with pytest.raises(CodecError, match="params_type must be FULL or DIFF"):
         FLModel(params_type="HALF")
+
+
+def test_lazy_tensor_file_reads_on_access_and_can_delete_itself(tmp_path) -> None:
+    import gc
+
+    path = tmp_path / "m.safetensors"
+    src = {
+        "p:a": torch.arange(6.0).reshape(2, 3),
+        "p:b": torch.ones(2, dtype=torch.int64),
+        "o:m": torch.zeros(1),
+    }
+    tc.save_file(src, path)
+    lazy = tc.LazyTensorFile(path, delete=True)
+    assert len(lazy) == 3 and set(lazy) == set(src)
+    first, second = lazy["p:a"], lazy["p:a"]
+    assert torch.equal(first, src["p:a"]) and first.data_ptr() != second.data_ptr()  # not kept
+    params = lazy.view({"a": "p:a", "b": "p:b"})
+    del lazy
+    gc.collect()
+    assert path.exists()  # the view still needs the file
+    assert torch.equal(dict(params)["b"], src["p:b"])
+    del params, first, second
+    gc.collect()
+    assert not path.exists()
+
+
+def test_lazy_tensor_file_checks_its_header_against_the_file(tmp_path) -> None:
+    path = tmp_path / "m.safetensors"
+    tc.save_file({"w": torch.ones(100)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-4])
+    with pytest.raises(CodecError, match="header describes"):
+        tc.LazyTensorFile(path)
+    path.write_bytes(data)
+    with pytest.raises(CodecError, match="exceeds the limit"):
+        tc.LazyTensorFile(path, max_bytes=100)

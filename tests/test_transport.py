@@ -146,3 +146,20 @@ def test_job_store_transitions_and_events(tmp_path: Path) -> None:
     store.close()
     again = st.JobStore(tmp_path / "jobs.db")  # persisted
     assert again.get("j1").state == st.FAILED and again.get("j1").reason == "boom"
+
+
+def test_site_bundles_leave_the_initial_model_out(toy_recipe, tmp_path: Path) -> None:
+    from fedctl.recipe.base import read_job_spec
+
+    job = toy_recipe.export(tmp_path / "job")
+    make_bundle(job, tmp_path / "site.zip", with_model=False)
+    names = zipfile.ZipFile(tmp_path / "site.zip").namelist()
+    assert "model/initial.safetensors" not in names and "code/client.py" in names
+    with pytest.raises(BundleError, match="model/initial.safetensors is listed"):
+        extract_bundle(tmp_path / "site.zip", tmp_path / "strict")
+    out = extract_bundle(tmp_path / "site.zip", tmp_path / "site", need_model=False)
+    spec = read_job_spec(out, need_model=False)
+    assert spec.train_script == "client.py" and spec.name == "toy"
+    (out / "code" / "client.py").write_text("tampered\n")
+    with pytest.raises(Exception, match="does not match its hash"):
+        read_job_spec(out, need_model=False)

@@ -41,13 +41,13 @@ def check_update(
     weight: float,
 ) -> None:
     """Raise UpdateRejected unless ``params`` can be aggregated into ``global_params``."""
-    import torch
 
     if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight):
         raise UpdateRejected(f"aggregation weight must be a finite number, got {weight!r}")
     if weight < 0:
         raise UpdateRejected(f"aggregation weight must be ≥ 0, got {weight}")
-    floats = []
+    batch: list[tuple[str, torch.Tensor]] = []
+    batch_bytes = 0
     for name, t in params.items():
         g = global_params.get(name)
         if g is None:
@@ -57,12 +57,30 @@ def check_update(
                 f"parameter {name!r} has shape {tuple(t.shape)}, expected {tuple(g.shape)}"
             )
         if t.is_floating_point() and t.numel():
-            floats.append(t)
-    if floats and not all(math.isfinite(float(n)) for n in torch._foreach_norm(floats)):
-        # One fused pass found something; name it (a norm can also overflow on huge values).
-        for name, t in params.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise UpdateRejected(f"parameter {name!r} contains NaN or infinite values")
+            batch.append((name, t))
+            batch_bytes += t.numel() * t.element_size()
+            if batch_bytes >= _CHECK_BATCH_BYTES:  # bounded memory when params load lazily
+                _check_finite(batch)
+                batch, batch_bytes = [], 0
+    _check_finite(batch)
+
+
+#: finiteness is checked in fused passes over at most this many bytes of tensors
+_CHECK_BATCH_BYTES = 64 * 1024 * 1024
+
+
+def _check_finite(batch: list[tuple[str, torch.Tensor]]) -> None:
+    import torch
+
+    if not batch:
+        return
+    norms = torch._foreach_norm([t for _, t in batch])
+    if all(math.isfinite(float(n)) for n in norms):
+        return
+    # The fused pass found something; name it (a norm can also overflow on huge values).
+    for name, t in batch:
+        if not bool(torch.isfinite(t).all()):
+            raise UpdateRejected(f"parameter {name!r} contains NaN or infinite values")
 
 
 class WeightedAggregator:

@@ -16,7 +16,7 @@ from typing import Any
 from fedctl.client.channel import Channel, SiteInfo
 from fedctl.client.state import SiteState
 from fedctl.codec.model import FLModel, Task, join_model, split_model
-from fedctl.codec.tensors import load_file, save_file
+from fedctl.codec.tensors import load_file, save_file_hashed
 from fedctl.errors import ClientAPIError
 from fedctl.transport.frames import FrameSocket
 
@@ -68,12 +68,13 @@ class AgentChannel(Channel):
 
     def submit(self, task: Task, model: FLModel) -> None:
         header, tensors = split_model(model)
-        path = None
+        path, sha = None, None
         if tensors:
             assert self._result_dir is not None
             safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in task.task_id)
             path = self._result_dir / f"result.{safe}.safetensors"
-            save_file(tensors, path)  # written now: later changes to the model do not leak
+            # written now (later changes do not leak), hashed while written
+            _, sha = save_file_hashed(tensors, path, durable=False)
         self._flush_records()
         self.conn.send(
             {
@@ -81,6 +82,7 @@ class AgentChannel(Channel):
                 "task_id": task.task_id,
                 "header": header,
                 "path": str(path) if path else None,
+                "sha256": sha,
             }
         )
         got = self.conn.recv({"ok"})

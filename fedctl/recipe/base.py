@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -453,11 +454,38 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_job(job_dir: str | os.PathLike[str], *, verify: bool = True) -> Recipe:
-    """Load a job folder written by :meth:`Recipe.export` back into an equal recipe.
+@dataclass
+class JobSpec:
+    """A validated job folder: its spec, its recipe class, where its model and code are."""
 
-    The spec is validated strictly (format, kind from the registry, argument names and values via
-    the recipe's own constructor, file hashes); nothing in the folder is executed.
+    root: Path
+    spec: dict[str, Any]
+    cls: type[Recipe]
+    model: Path
+    code: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.spec["name"])
+
+    @property
+    def train_script(self) -> str:
+        return str(self.spec["args"]["train_script"])
+
+    @property
+    def train_args(self) -> str:
+        return str(self.spec["args"].get("train_args", ""))
+
+
+def read_job_spec(
+    job_dir: str | os.PathLike[str], *, verify: bool = True, need_model: bool = True
+) -> JobSpec:
+    """Read and validate a job folder's spec without building the recipe.
+
+    Checks the format, the recipe kind (from fedctl's registry, never a class path), argument
+    names, that every path stays inside the folder, and every file's hash. ``need_model=False``
+    accepts a folder without the initial model (what sites receive: each task carries the
+    current model, so they never need the initial one).
     """
     import yaml
 
@@ -484,20 +512,37 @@ def load_job(job_dir: str | os.PathLike[str], *, verify: bool = True) -> Recipe:
         raise RecipeError(f"{spec_path}: unknown argument {sorted(unknown)[0]!r} for {cls.kind}")
     model = _inside(job_dir, spec["model"], spec_path, "model")
     code = _inside(job_dir, spec["code"], spec_path, "code")
+    script = spec["args"].get("train_script")
+    if not isinstance(script, str) or not (code / script).resolve().is_relative_to(code):
+        raise RecipeError(f"{spec_path}: train_script must be a path inside {spec['code']}")
     files = spec["files"]
     if not isinstance(files, dict):
         raise RecipeError(f"{spec_path}: files must map paths to SHA-256 hashes")
     if verify:
         for rel, digest in files.items():
             path = _inside(job_dir, rel, spec_path, "files")
+            if not need_model and path == model:
+                continue
             if not path.is_file():
                 raise RecipeError(f"{job_dir}: {rel} is listed in {JOB_SPEC} but missing")
             if sha256_file(path) != digest:
                 raise RecipeError(f"{job_dir}: {rel} does not match its hash in {JOB_SPEC}")
+    if not (code / script).is_file():
+        raise RecipeError(f"{job_dir}: train_script {script!r} is missing")
+    return JobSpec(job_dir, spec, cls, model, code)
+
+
+def load_job(job_dir: str | os.PathLike[str], *, verify: bool = True) -> Recipe:
+    """Load a job folder written by :meth:`Recipe.export` back into an equal recipe.
+
+    The spec is validated strictly (see :func:`read_job_spec`), then the arguments once more by
+    the recipe's own constructor; nothing in the folder is executed.
+    """
+    js = read_job_spec(job_dir, verify=verify)
     try:
-        return cls(**spec["args"], model=model, base_dir=code)
+        return js.cls(**js.spec["args"], model=js.model, base_dir=js.code)
     except TypeError as exc:
-        raise RecipeError(f"{spec_path}: {exc}") from None
+        raise RecipeError(f"{js.root / JOB_SPEC}: {exc}") from None
 
 
 def _inside(root: Path, rel: Any, spec_path: Path, key: str) -> Path:

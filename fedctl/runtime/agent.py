@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedctl.errors import FedctlError
 from fedctl.runtime.audit import AuditLog
-from fedctl.runtime.bundle import BundleError, extract_bundle, sha256_path
+from fedctl.runtime.bundle import BundleError, extract_bundle
 from fedctl.transport import frames, rpc
 from fedctl.transport.frames import FrameError, FrameSocket
 
@@ -255,13 +255,18 @@ class SiteAgent:
             expect_sha256=frames.field(blob, "sha256", str),
         )
 
-    def push(self, job_id: str, task_id: str, path: Path) -> dict[str, Any]:
-        """Upload a result file; returns the blob announcement for the result message."""
+    def push(
+        self, job_id: str, task_id: str, path: Path, sha256: str | None = None
+    ) -> dict[str, Any]:
+        """Upload a result file in one pass (hashed while read); returns its announcement.
+
+        The server checks the hash in the stream's end frame against what it received.
+        """
         size = path.stat().st_size
-        sha = sha256_path(path)
-        first = {"t": "push", "job": job_id, "task_id": task_id, "size": size, "sha256": sha}
-        reply, _ = frames.decode(self._stubs().Push(rpc.file_frames(path, first)), {"ok"})
-        return {"id": reply["blob"], "size": size, "sha256": sha}
+        first = {"t": "push", "job": job_id, "task_id": task_id, "size": size}
+        frames_out = rpc.file_frames(path, first, sha256=sha256)
+        reply, _ = frames.decode(self._stubs().Push(frames_out), {"ok"})
+        return {"id": reply["blob"], "size": size, "sha256": frames.field(reply, "sha256", str)}
 
     def _stubs(self) -> rpc.Stubs:
         if not self.connected.wait(60) or self.stubs is None:
@@ -315,7 +320,7 @@ class SiteJob:
         threading.Thread(target=self._serve_tasks, name=f"tasks-{self.job_id}", daemon=True).start()
 
     def _deploy(self) -> None:
-        from fedctl.recipe.base import load_job
+        from fedctl.recipe.base import read_job_spec
 
         job_dir = self.root / "job"
         if not job_dir.exists():
@@ -328,10 +333,10 @@ class SiteJob:
                 self.agent.max_bundle,
             )
             try:
-                extract_bundle(bundle, job_dir, max_bytes=self.agent.max_bundle)
+                extract_bundle(bundle, job_dir, max_bytes=self.agent.max_bundle, need_model=False)
             finally:
                 bundle.unlink(missing_ok=True)
-        self.recipe = load_job(job_dir)
+        self.recipe = read_job_spec(job_dir, need_model=False)
         self.check_policy()
         (self.root / "work").mkdir(exist_ok=True)
         (self.root / "blobs").mkdir(exist_ok=True)
@@ -565,7 +570,8 @@ class SiteJob:
             result = Path(result_path)
             if self.root / "blobs" not in result.resolve().parents:
                 raise FrameError("script wrote its result outside the job's folder")
-            blob = self.agent.push(self.job_id, task_id, result)
+            claimed = msg.get("sha256") if isinstance(msg.get("sha256"), str) else None
+            blob = self.agent.push(self.job_id, task_id, result, claimed)
             result.unlink(missing_ok=True)
             self.agent.audit.record(
                 "model_sent",

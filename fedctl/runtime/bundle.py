@@ -26,15 +26,23 @@ class BundleError(RecipeError):
     """A job bundle that is malformed, unsafe or too big."""
 
 
-def make_bundle(job_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> str:
-    """Zip a job folder (written by ``Recipe.export``) to ``dest``; returns its SHA-256."""
+def make_bundle(
+    job_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *, with_model: bool = True
+) -> str:
+    """Zip a job folder (written by ``Recipe.export``) to ``dest``; returns its SHA-256.
+
+    ``with_model=False`` leaves the initial model out (the bundle sites get).
+    """
+    from fedctl.recipe.base import read_job_spec
+
     job_dir, dest = Path(job_dir), Path(dest)
+    model = None if with_model else read_job_spec(job_dir, verify=False).model
     tmp = dest.with_name(f".{dest.name}.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         for path in sorted(job_dir.rglob("*")):
             if path.is_symlink():
                 raise BundleError(f"{path}: job folders hold plain files only (no links)")
-            if path.is_file():
+            if path.is_file() and path.resolve() != model:
                 zf.write(path, path.relative_to(job_dir).as_posix())
     os.replace(tmp, dest)
     return sha256_path(dest)
@@ -54,12 +62,13 @@ def extract_bundle(
     dest: str | os.PathLike[str],
     *,
     max_bytes: int = MAX_BUNDLE_BYTES,
+    need_model: bool = True,
 ) -> Path:
     """Unpack a job bundle into ``dest`` (which must not exist) and verify the job inside.
 
     Atomic: a bundle that fails any check leaves nothing behind.
     """
-    from fedctl.recipe.base import load_job
+    from fedctl.recipe.base import read_job_spec
 
     bundle, dest = Path(bundle), Path(dest)
     if dest.exists():
@@ -94,7 +103,7 @@ def extract_bundle(
                             raise BundleError(f"job bundle unpacks to more than {max_bytes} bytes")
                         out.write(block)
         try:
-            load_job(tmp, verify=True)
+            read_job_spec(tmp, verify=True, need_model=need_model)
         except RecipeError as exc:
             raise BundleError(f"job bundle: {exc}") from None
         os.replace(tmp, dest)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedctl.codec.model import Task, TaskResult, join_model, split_model
-from fedctl.codec.tensors import load_file, save_file
+from fedctl.codec.tensors import LazyTensorFile, load_file, save_file_hashed
 from fedctl.errors import CodecError, RunFailed
 from fedctl.transport.frames import FrameSocket
 from fedctl.workflows.base import Communicator, ResultStream
@@ -30,6 +30,8 @@ log = logging.getLogger("fedctl.job")
 
 #: how long a round waits, once it has enough sites, for the others that are still deploying
 DEPLOY_GRACE = 30.0
+#: results bigger than this are read tensor by tensor as they are aggregated, never whole
+LAZY_BYTES = 256 * 1024 * 1024
 #: a site's result may be this much bigger than the model it was sent (optimizer state, …)
 RESULT_FACTOR = 4
 
@@ -37,6 +39,23 @@ RESULT_FACTOR = 4
 def natural_key(name: str) -> list[Any]:
     """Sort key that puts site-2 before site-10 (the order that gives sites their index)."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _lazy_model(header: Any, path: Path, max_bytes: int) -> Any:
+    """An FLModel whose tensors are read from ``path`` one at a time when used."""
+    lazy = LazyTensorFile(path, max_bytes, delete=True)
+    groups: dict[str, dict[str, str]] = {"p": {}, "o": {}}
+    for name in lazy.stored_names:
+        prefix, _, key = name.partition(":")
+        if prefix not in groups or not key:
+            raise CodecError(f"model payload has an unexpected tensor {name!r}")
+        groups[prefix][key] = name
+    model = join_model(header, {})
+    if model.params is not None:
+        model.params = lazy.view(groups["p"])
+    if model.optimizer_params is not None:
+        model.optimizer_params = lazy.view(groups["o"])
+    return model
 
 
 class RuntimeStream(ResultStream):
@@ -83,16 +102,21 @@ class RuntimeStream(ResultStream):
             return TaskResult(
                 site, self.task_id, error=msg.get("error"), traceback=msg.get("traceback")
             )
+        blob = msg.get("blob")
         try:
-            tensors: dict[str, torch.Tensor] = {}
-            if msg.get("blob"):
-                tensors, _ = load_file(msg["blob"], max_bytes=self.max_bytes)
-            model = join_model(msg["header"], tensors)
-        except CodecError as exc:
+            if blob and Path(blob).stat().st_size > LAZY_BYTES:
+                model = _lazy_model(msg["header"], Path(blob), self.max_bytes)
+                blob = None  # deleted with the last reader of the lazy model
+            else:
+                tensors: dict[str, torch.Tensor] = {}
+                if blob:
+                    tensors, _ = load_file(blob, max_bytes=self.max_bytes)
+                model = join_model(msg["header"], tensors)
+        except (CodecError, OSError) as exc:
             return TaskResult(site, self.task_id, error=f"invalid result: {exc}")
         finally:
-            if msg.get("blob"):
-                Path(msg["blob"]).unlink(missing_ok=True)  # the aggregate keeps what it needs
+            if blob:
+                Path(blob).unlink(missing_ok=True)  # the aggregate keeps what it needs
         return TaskResult(site, self.task_id, model=model, duration=float(msg.get("duration", 0)))
 
     def cancel(self) -> None:
@@ -259,13 +283,15 @@ class RuntimeCommunicator(Communicator):
     def broadcast(self, task: Task, targets: Sequence[str]) -> RuntimeStream:
         header, tensors = split_model(task.model)
         blob = None
+        blob_info = None
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         for old in self._old_blobs:  # earlier tasks' models: their rounds are over
             (self.blob_dir / old).unlink(missing_ok=True)
         self._old_blobs.clear()
         if tensors:
             blob = f"task.{task.task_id.replace(':', '_')}.safetensors"
-            save_file(tensors, self.blob_dir / blob)
+            size, sha = save_file_hashed(tensors, self.blob_dir / blob, durable=False)
+            blob_info = {"size": size, "sha256": sha}
             self._old_blobs.append(blob)
         stream = RuntimeStream(self, task.task_id, targets)
         stream.max_bytes = max(RESULT_FACTOR * nbytes, 64 * 1024 * 1024)
@@ -277,6 +303,7 @@ class RuntimeCommunicator(Communicator):
                 "name": task.name,
                 "header": header,
                 "blob": blob,
+                "blob_info": blob_info,
                 "targets": list(targets),
             }
         )

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from fedctl.errors import FedctlError, NotFound, PermissionDenied, RecipeError
 from fedctl.runtime import store as st
 from fedctl.runtime.audit import AuditLog
-from fedctl.runtime.bundle import BundleError, extract_bundle, sha256_path
+from fedctl.runtime.bundle import BundleError, extract_bundle, make_bundle, sha256_path
 from fedctl.runtime.communicator import natural_key
 from fedctl.transport import frames, rpc
 from fedctl.transport.frames import FrameError, FrameSocket
@@ -102,6 +102,9 @@ class JobRuntime:
     finished: bool = False
     abort_reason: str | None = None
     task_blobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    site_bundle: dict[str, Any] = field(default_factory=dict)
+    #: result blobs uploaded by sites: name → SHA-256 computed while receiving
+    pushed: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ server
@@ -398,7 +401,8 @@ class Server:
         if blob is not None:
             name = frames.field(blob, "id", str, "result blob")
             path = self._blob_path(rt, name)
-            if not path.is_file() or sha256_path(path) != blob.get("sha256"):
+            pushed = rt.pushed.get(name)
+            if not path.is_file() or pushed is None or pushed != blob.get("sha256"):
                 msg = {
                     "t": "failed",
                     "site": conn.name,
@@ -452,7 +456,7 @@ class Server:
             _, rt = self._site_job(context, h)
             name = frames.field(h, "blob", str)
             if name == "bundle":
-                path = Path(rt.rec.job_dir).parent / "bundle.zip"
+                path = Path(rt.rec.job_dir).parent / "site-bundle.zip"
             elif name in rt.task_blobs:
                 path = self._blob_path(rt, name)
             else:
@@ -461,7 +465,8 @@ class Server:
             _abort(context, "INVALID_ARGUMENT", str(exc))
         if not path.is_file():
             _abort(context, "NOT_FOUND", f"blob {name!r} of job {rt.rec.id} is gone")
-        yield from rpc.file_frames(path)
+        known = rt.site_bundle if name == "bundle" else rt.task_blobs[name]
+        yield from rpc.file_frames(path, sha256=known.get("sha256"))
 
     def Push(self, request_iterator: Any, context: Any) -> bytes:
         try:
@@ -469,20 +474,20 @@ class Server:
             ident, rt = self._site_job(context, h)
             task_id = frames.field(h, "task_id", str)
             size = frames.field(h, "size", int)
-            sha = frames.field(h, "sha256", str)
             name = f"result.{_safe(task_id)}.{ident.name}"
             if size > MAX_RESULT:
                 _abort(context, "RESOURCE_EXHAUSTED", f"result of {size} bytes is over the limit")
-            rpc.receive_file(
+            _, sha = rpc.receive_file(
                 request_iterator,
                 self._blob_path(rt, name),
                 max_bytes=min(size, MAX_RESULT),
                 expect_size=size,
-                expect_sha256=sha,
             )
+            with self.lock:
+                rt.pushed[name] = sha
         except (FrameError, StopIteration) as exc:
             _abort(context, "INVALID_ARGUMENT", f"upload refused: {exc}")
-        return frames.encode({"t": "ok", "blob": name})
+        return frames.encode({"t": "ok", "blob": name, "sha256": sha})
 
     # ------------------------------------------------------------------ admin API
 
@@ -588,14 +593,14 @@ class Server:
                 )
             staging = self.ws / "incoming" / secrets.token_hex(8)
             try:
-                rpc.receive_file(
+                _, got = rpc.receive_file(
                     request_iterator,
                     staging / "bundle.zip",
                     max_bytes=size,
                     expect_size=size,
                     expect_sha256=sha,
                 )
-                rec = self.submit(staging / "bundle.zip", ident, seed)
+                rec = self.submit(staging / "bundle.zip", ident, seed, got)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         except (FrameError, StopIteration) as exc:
@@ -689,13 +694,15 @@ class Server:
 
     # ------------------------------------------------------------------ jobs
 
-    def submit(self, bundle: Path, ident: Identity, seed: int = 0) -> st.JobRecord:
+    def submit(
+        self, bundle: Path, ident: Identity, seed: int = 0, sha256: str | None = None
+    ) -> st.JobRecord:
         """Store a submitted bundle as a new job (validated: safe paths, hashes, spec)."""
         from fedctl.recipe.base import load_job
 
         staging = bundle.parent / "job"
-        extract_bundle(bundle, staging, max_bytes=self.max_bundle)
-        recipe = load_job(staging)
+        extract_bundle(bundle, staging, max_bytes=self.max_bundle)  # checks every file's hash
+        recipe = load_job(staging, verify=False)  # the arguments, through the recipe class
         job_id = new_job_id(recipe.name)
         root = self.ws / "jobs" / job_id
         root.mkdir(parents=True)
@@ -719,7 +726,7 @@ class Server:
             min_clients=recipe.min_clients,
             num_rounds=recipe.num_rounds,
             seed=seed,
-            bundle_sha256=sha256_path(root / "bundle.zip"),
+            bundle_sha256=sha256 or sha256_path(root / "bundle.zip"),
             bundle_size=(root / "bundle.zip").stat().st_size,
             extra={"submitter_role": ident.role},
         )
@@ -815,6 +822,14 @@ class Server:
     def _launch(self, rec: st.JobRecord, sites: list[str]) -> None:
         rec = self.store.transition(rec.id, st.SCHEDULED, None, sites=sites)
         rt = JobRuntime(rec, token=secrets.token_hex(16))
+        site_bundle = Path(rec.job_dir).parent / "site-bundle.zip"
+        if not site_bundle.exists():
+            make_bundle(rec.job_dir, site_bundle, with_model=False)
+        rt.site_bundle = {
+            "id": "bundle",
+            "size": site_bundle.stat().st_size,
+            "sha256": sha256_path(site_bundle),
+        }
         with self.lock:
             self.jobs[rec.id] = rt
         self._event(rt, "scheduled", {"sites": sites})
@@ -852,11 +867,7 @@ class Server:
                 "t": "deploy",
                 "job": rt.rec.id,
                 "name": rt.rec.name,
-                "bundle": {
-                    "id": "bundle",
-                    "size": rt.rec.bundle_size,
-                    "sha256": rt.rec.bundle_sha256,
-                },
+                "bundle": rt.site_bundle,
                 "site_index": sites.index(conn.name),
                 "num_sites": len(sites),
                 "seed": rt.rec.seed,
@@ -1038,10 +1049,12 @@ class Server:
             blob_info = None
             if blob is not None:
                 path = self._blob_path(rt, str(blob))
+                known = h.get("blob_info") if isinstance(h.get("blob_info"), dict) else {}
                 blob_info = {
                     "id": path.name,
                     "size": path.stat().st_size,
-                    "sha256": sha256_path(path),
+                    # the job process hashed the file while writing it; hash here otherwise
+                    "sha256": known.get("sha256") or sha256_path(path),
                 }
                 rt.task_blobs[path.name] = blob_info
             header = frames.field(h, "header", dict)

@@ -83,19 +83,28 @@ class Stubs:
 
 
 def file_frames(
-    path: str | os.PathLike[str], first: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    first: dict[str, Any] | None = None,
+    sha256: str | None = None,
 ) -> Iterator[bytes]:
-    """Frames for a file: an optional header frame, then ``chunk`` frames, then ``end``."""
+    """Frames for a file: an optional header frame, then ``chunk`` frames, then ``end``.
+
+    The end frame carries the file's SHA-256: ``sha256`` when the caller already knows it (it was
+    computed when the file was written), else computed while sending. The receiver always hashes
+    what it gets and compares.
+    """
     if first is not None:
         yield frames.encode(first)
-    h = hashlib.sha256()
+    h = hashlib.sha256() if sha256 is None else None
     size = 0
     with open(path, "rb") as fh:
         while block := fh.read(frames.CHUNK):
-            h.update(block)
+            if h is not None:
+                h.update(block)
             size += len(block)
             yield frames.encode({"t": "chunk"}, block)
-    yield frames.encode({"t": "end", "size": size, "sha256": h.hexdigest()})
+    digest = h.hexdigest() if h is not None else sha256
+    yield frames.encode({"t": "end", "size": size, "sha256": digest})
 
 
 def receive_file(

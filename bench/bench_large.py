@@ -1,0 +1,171 @@
+"""One round of a model larger than 2 GB through a real POC (server + 2 sites, mutual TLS).
+
+Prints the transfer throughput and the peak memory (PSS of each process tree: the server with its
+job process, each site agent with its client script) relative to the model size. Targets
+(issue #5): server ≤ 3× the model, each site ≤ 3× the model including the script's own copy.
+
+    python bench/bench_large.py                 # 600M fp32 parameters (2.4 GB)
+    python bench/bench_large.py --params 50e6   # a quick run
+
+The client script takes the global model it receives, changes it in place (no gradients: the
+point is moving and aggregating the model, not training it) and sends it back as FULL weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+CLIENT = """\
+import torch
+import fedctl.client as flare
+
+flare.init()
+while flare.is_running():
+    received = flare.receive()
+    params = received.params
+    with torch.no_grad():
+        for t in params.values():
+            t.add_(0.001 * (flare.get_site_index() + 1))
+    flare.send(flare.FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_pss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--params", type=float, default=600e6, help="fp32 parameters (default 600M)")
+    ap.add_argument("--tensor", type=float, default=50e6, help="elements per tensor")
+    ap.add_argument("--keep", action="store_true", help="keep the workspace")
+    args = ap.parse_args()
+
+    import torch
+
+    from fedctl.codec.tensors import save_file
+    from fedctl.recipe import FedAvgRecipe
+    from fedctl.runtime import poc
+    from fedctl.runtime.admin import AdminClient
+
+    total, per = int(args.params), int(args.tensor)
+    model_bytes = total * 4
+    root = Path(tempfile.mkdtemp(prefix="fedctl-large-"))
+    print(
+        f"model: {total / 1e6:.0f}M fp32 parameters = {model_bytes / 2**30:.2f} GiB; "
+        f"workspace {root}"
+    )
+    try:
+        weights = root / "initial.safetensors"
+        tensors, left, i = {}, total, 0
+        while left > 0:
+            n = min(per, left)
+            tensors[f"layer{i}.weight"] = torch.empty(n).uniform_(-0.01, 0.01)
+            left -= n
+            i += 1
+        save_file(tensors, weights)
+        del tensors
+        code = root / "recipe"
+        code.mkdir()
+        (code / "client.py").write_text(CLIENT)
+        recipe = FedAvgRecipe(
+            "large", 2, 1, weights, "client.py", base_dir=code, key_metric=None, round_timeout=3600
+        )
+
+        ws = root / "poc"
+        poc.prepare(ws, clients=2, port=free_port())
+        poc.start(ws)
+        procs = poc.status(ws)["processes"]
+        pids = {name: procs[name]["pid"] for name in ("server", "site-1", "site-2")}
+        peaks = dict.fromkeys(pids, 0)
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                for name, pid in pids.items():
+                    peaks[name] = max(peaks[name], tree_pss(pid))
+                stop.wait(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        events: list[dict[str, Any]] = []
+        with AdminClient(poc.admin_kit(ws)) as admin:
+            t0 = time.monotonic()
+            job = admin.submit_recipe(recipe)
+            t_submit = time.monotonic() - t0
+            for ev in admin.follow(job["id"]):
+                ev["_at"] = time.monotonic()
+                events.append(ev)
+                if ev["t"] == "end":
+                    break
+            status = admin.status(job["id"])
+        stop.set()
+        sampler.join()
+        t_total = time.monotonic() - t0
+        started = next(e["_at"] for e in events if e.get("event") == "round_started")
+        done = next((e["_at"] for e in events if e.get("event") == "round_completed"), None)
+        print(
+            f"job {status['id']}: {status['state']}"
+            + (f" ({status['reason']})" if status.get("reason") else "")
+        )
+        if status["state"] != "FINISHED" or done is None:
+            return 1
+        round_s = done - started
+        moved = 4 * model_bytes  # the global model to 2 sites, and 2 results back
+        print(f"submit (bundle with the initial model): {t_submit:.1f} s")
+        print(
+            f"round 1: {round_s:.1f} s; {moved / 2**20 / round_s:.0f} MB/s through the round "
+            f"({moved / 2**30:.1f} GiB moved: model to 2 sites and 2 results back, each "
+            "written to and read from disk at both ends)"
+        )
+        print(f"whole job, submit to end: {t_total:.1f} s")
+        ok = True
+        for name, peak in peaks.items():
+            ratio = peak / model_bytes
+            target = 3.0
+            verdict = "PASS" if ratio <= target else "SHORT"
+            ok &= ratio <= target
+            what = "server + job process" if name == "server" else "site agent + client script"
+            print(
+                f"  {verdict:<5} peak PSS {name:<7} ({what}): {peak / 2**30:.2f} GiB = "
+                f"{ratio:.2f}× the model (target ≤ {target:.0f}×)"
+            )
+        return 0 if ok else 1
+    finally:
+        try:
+            poc.stop(root / "poc")
+        except Exception:
+            pass
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
