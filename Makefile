@@ -42,3 +42,13 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(VENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info
+
+.PHONY: bench-algorithms bench-aggregators
+
+# Non-IID comparison of FedAvg, FedProx, SCAFFOLD, FedNova, FedAdam (docs/algorithms.md).
+bench-algorithms: $(STAMP)
+	$(BIN)/python bench/bench_algorithms.py
+
+# Memory and time of the weighted mean and the robust aggregators.
+bench-aggregators: $(STAMP)
+	$(BIN)/python bench/bench_aggregators.py

@@ -181,6 +181,8 @@ def test_cross_site_matrix_of_a_toy_model_in_simulation(tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert "cross-site evaluation (score)" in err and "site-3" in err
     assert (run.result_dir / "models/local-site-2.safetensors").is_file()
+    log = (run.result_dir / "run.log").read_text()
+    assert "cross-site evaluation saved to" in log and "model \\ data" in log
 
 
 EXAMPLES = [
