@@ -46,7 +46,15 @@ def ensure_ray(env: SimEnv, workers: int) -> bool:
     """
     import ray
 
+    if env.ray_address:
+        _check_reachable(env.ray_address)
     if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if env.ray_address not in (None, "auto", current):
+            raise RunFailed(
+                f"this process is already connected to Ray at {current}; "
+                f"it cannot also join {env.ray_address}"
+            )
         return False
     for handler in logging.getLogger("ray").handlers:
         if not any(isinstance(f, _QuietRay) for f in handler.filters):
@@ -71,8 +79,26 @@ def ensure_ray(env: SimEnv, workers: int) -> bool:
                 **common,
             )
     except Exception as exc:
-        raise RunFailed(f"could not start Ray: {type(exc).__name__}: {exc}") from None
+        hint = ""
+        if env.ray_address and env.ray_address.split(":")[0] in ("127.0.0.1", "localhost"):
+            # Ray replaces a loopback address by the machine's own before connecting.
+            hint = " (for a cluster started on this machine, use ray_address='auto')"
+        raise RunFailed(f"could not start Ray: {type(exc).__name__}: {exc}{hint}") from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a Ray cluster address does not answer."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise RunFailed(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
 def _check_gpus(env: SimEnv) -> None:
