@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -263,6 +263,30 @@ def _shortfall(
         f"{where}: only {len(outcome.accepted)} of the {policy.min_responses} required results "
         f"({detail})"
     )
+
+
+class KeyView(Mapping[str, Any]):
+    """A read-only view of the entries of ``base`` whose names pass ``keep``, optionally
+    renamed; values are fetched from ``base`` only when asked for (results of large models may
+    load their tensors lazily, and a view keeps it that way)."""
+
+    def __init__(
+        self,
+        base: Mapping[str, Any],
+        keep: Callable[[str], bool],
+        rename: Callable[[str], str] | None = None,
+    ) -> None:
+        self._base = base
+        self._names = {(rename(k) if rename else k): k for k in base if keep(k)}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._base[self._names[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class Workflow(ABC):

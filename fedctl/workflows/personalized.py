@@ -31,7 +31,7 @@ from fedctl.aggregators.weighted import UpdateRejected
 from fedctl.codec.keys import PERSONAL_KEY, bn_prefixes_from_names, stays_local
 from fedctl.codec.model import TaskResult
 from fedctl.errors import RunFailed
-from fedctl.workflows.base import WorkflowContext
+from fedctl.workflows.base import KeyView, WorkflowContext
 from fedctl.workflows.fedavg import FedAvg, log
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class Personalized(FedAvg):
     ) -> None:
         assert result.model is not None and result.model.params is not None
         local = self.local_keys(global_params)
-        params = {k: v for k, v in result.model.params.items() if k not in local}
+        params = KeyView(result.model.params, lambda k: k not in local)  # lazy: no copies
         dropped = len(result.model.params) - len(params)
         if dropped and result.site not in self._warned_local:
             self._warned_local.add(result.site)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from fedctl.aggregators.weighted import UpdateRejected, check_update
 from fedctl.codec.keys import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX, SCAFFOLD_KEY, is_statistic
 from fedctl.codec.model import TaskResult
-from fedctl.workflows.base import WorkflowContext
+from fedctl.workflows.base import KeyView, WorkflowContext
 from fedctl.workflows.fedavg import FedAvg, log
 
 if TYPE_CHECKING:
@@ -76,12 +76,14 @@ class Scaffold(FedAvg):
         import torch
 
         assert result.model is not None and result.model.params is not None
-        params, dc = {}, {}
-        for k, v in result.model.params.items():
-            if k.startswith(SCAFFOLD_DC_PREFIX):
-                dc[k[len(SCAFFOLD_DC_PREFIX) :]] = v
-            else:
-                params[k] = v
+        received = result.model.params
+        # views, not copies: large results may load their tensors lazily, one at a time
+        params = KeyView(received, lambda k: not k.startswith(SCAFFOLD_DC_PREFIX))
+        dc = KeyView(
+            received,
+            lambda k: k.startswith(SCAFFOLD_DC_PREFIX),
+            rename=lambda k: k[len(SCAFFOLD_DC_PREFIX) :],
+        )
         check_update(global_params, params, weight)
         check_update(global_params, dc, 1.0)
         for k, v in dc.items():
