@@ -42,7 +42,9 @@ def _run(address: str, tmp_path: Path, env: dict[str, str]) -> dict:
 
 @pytest.mark.slow
 def test_simulation_joins_an_existing_cluster(tmp_path) -> None:
-    env = {**os.environ, "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    # A clean environment: a Ray instance of this test process may have exported RAY_* variables
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")
     start = [
         str(RAY),
         "start",
