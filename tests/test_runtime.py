@@ -303,3 +303,22 @@ def test_poc_stop_leaves_no_process(poc_ws) -> None:
     for p in everything:
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
     assert poc.stop(poc_ws) == []  # nothing left to stop
+
+
+def test_server_code_needs_the_operators_consent(toy_dir, tmp_path) -> None:
+    """A job with server_eval runs code on the server: refused unless the server allows it."""
+    from fedctl.runtime.server import Server
+
+    (toy_dir / "evaluate.py").write_text("def evaluate(params, rnd):\n    return {'n': 1.0}\n")
+    recipe = load_recipe(toy_dir).recipe.with_overrides(server_eval="evaluate.py:evaluate")
+    res = provision(poc_project(1, port=free_port()), tmp_path / "ws")
+    kits = {r.identity.name: r.kit_dir for r in res.kits}
+    server = Server(tls.load_kit(kits["localhost"]))
+    port = server.start("127.0.0.1:0")
+    try:
+        with AdminClient(kits["project_admin@poc.local"], f"127.0.0.1:{port}") as admin:
+            with pytest.raises(PermissionDenied, match="does not run code from jobs"):
+                admin.submit_recipe(recipe)
+            assert admin.list_jobs() == []
+    finally:
+        server.stop()

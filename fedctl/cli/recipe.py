@@ -7,6 +7,7 @@ imported, so the catalog prints without loading torch.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import typer
@@ -76,7 +77,9 @@ def register(app: typer.Typer) -> None:
         for entry in catalog:
             own = [p["name"] for p in entry["parameters"] if p["name"] not in common]
             table.add_row(entry["kind"], entry["class"], entry["summary"], ", ".join(own) or "-")
-        console = Console(soft_wrap=False, highlight=False)
+        console = Console(
+            soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 200
+        )
         console.print(table)
         console.print(
             "Every recipe also takes the common arguments of fedavg (e.g. aggregator, "
@@ -102,7 +105,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(entry, indent=2, default=repr))
             return
-        console = Console(soft_wrap=False, highlight=False)
+        console = Console(
+            soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 200
+        )
         console.print(f"[bold]{entry['kind']}[/bold]  ({entry['class']})  {entry['summary']}")
         if entry["paper"]:
             console.print(f"paper:   {entry['paper']}")

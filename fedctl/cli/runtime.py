@@ -48,6 +48,9 @@ def server_start(
     offline_grace: float = typer.Option(
         60.0, "--offline-grace", help="Seconds a site may be offline before its tasks fail."
     ),
+    allow_server_code: bool = typer.Option(
+        False, "--allow-server-code", help="Let jobs run their own code here (server_eval)."
+    ),
 ) -> int:
     """Serve sites and admins on the kit's port until stopped (SIGTERM/Ctrl-C)."""
     import logging
@@ -61,6 +64,7 @@ def server_start(
         mode=mode,
         max_jobs=max_jobs,
         offline_grace=offline_grace,
+        allow_server_code=allow_server_code,
     )
     return 0
 

@@ -213,7 +213,15 @@ def start(
             )
         grace = str(info.get("offline_grace", 60.0))
         cmd = _fedctl(
-            "server", "start", "--kit", info["server"], "--mode", "poc", "--offline-grace", grace
+            "server",
+            "start",
+            "--kit",
+            info["server"],
+            "--mode",
+            "poc",
+            "--offline-grace",
+            grace,
+            "--allow-server-code",  # POC runs on the user's own machine: server_eval allowed
         )
         _spawn(ws, "server", cmd)
         started.append("server")

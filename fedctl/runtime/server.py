@@ -124,6 +124,7 @@ class Server:
         site_timeout: float = SITE_TIMEOUT,
         max_bundle: int = MAX_BUNDLE,
         offline_grace: float = OFFLINE_GRACE,
+        allow_server_code: bool = False,
     ) -> None:
         if kit.type != "server":
             raise FedctlError(
@@ -139,6 +140,8 @@ class Server:
         self.site_timeout = site_timeout
         self.max_bundle = max_bundle
         self.offline_grace = offline_grace
+        #: whether jobs may run their own code in their job process (server_eval)
+        self.allow_server_code = allow_server_code
         self.store = st.JobStore(self.ws / "jobs.db")
         self.audit = AuditLog(self.ws / "audit.jsonl", kit.name)
         self._policy: tuple[float, Any] | None = None
@@ -703,6 +706,14 @@ class Server:
         staging = bundle.parent / "job"
         extract_bundle(bundle, staging, max_bytes=self.max_bundle)  # checks every file's hash
         recipe = load_job(staging, verify=False)  # the arguments, through the recipe class
+        server_code = getattr(recipe, "server_eval", None)
+        if server_code and not self.allow_server_code:
+            reason = (
+                f"this server does not run code from jobs (server_eval={server_code!r}); "
+                "an operator can allow it with `fedctl server start --allow-server-code`"
+            )
+            self.audit.record("access_denied", ident.name, action="server_code", reason=reason)
+            raise PermissionDenied(reason)
         job_id = new_job_id(recipe.name)
         root = self.ws / "jobs" / job_id
         root.mkdir(parents=True)
