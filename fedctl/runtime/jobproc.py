@@ -112,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         rounds_completed=len(store.history),
         num_rounds=job.num_rounds,
         duration=time.monotonic() - started,
-        extra={"sites": start["sites"], "seed": ctx.seed, "best": store.best},
+        extra={
+            "sites": start["sites"],
+            "seed": ctx.seed,
+            "best": store.best,
+            **store.extra_outputs(),
+        },
     )
     store.log(status + (f": {reason}" if reason else ""))
     store.close()

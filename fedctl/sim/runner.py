@@ -234,6 +234,7 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             "seed": env.seed,
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "best": store.best,
+            **store.extra_outputs(),
         },
     )
     store.log(f"{status}" + (f": {reason}" if reason else ""))

@@ -198,6 +198,11 @@ class RunStore:
         if self.checkpoint_enabled:
             self.save_checkpoint(rnd + 1, model_out, state)
 
+    def extra_outputs(self) -> dict[str, str]:
+        """Optional result files a workflow wrote, by name (e.g. the cross-site matrix)."""
+        path = self.root / "cross_site_eval.json"
+        return {"cross_site_eval": str(path)} if path.exists() else {}
+
     def save_json(self, name: str, data: Any) -> Path:
         """Write ``<root>/<name>`` atomically as JSON (e.g. the cross-site matrix)."""
         path = self.root / name
