@@ -163,3 +163,41 @@ def test_site_bundles_leave_the_initial_model_out(toy_recipe, tmp_path: Path) ->
     (out / "code" / "client.py").write_text("tampered\n")
     with pytest.raises(Exception, match="does not match its hash"):
         read_job_spec(out, need_model=False)
+
+
+def test_reliable_link_resends_unacked_and_drops_duplicates() -> None:
+    import queue
+
+    from fedctl.transport.reliable import ReliableLink
+
+    def drain(q: queue.Queue) -> list[dict]:
+        out = []
+        while not q.empty():
+            item = q.get()
+            out.append(item if item is None else frames.decode(item)[0])
+        return out
+
+    sender, receiver = ReliableLink(), ReliableLink()
+    sender.send({"t": "task", "n": 1})  # offline: kept for later
+    first = queue.Queue()
+    sender.attach(first)
+    sender.resend()
+    sender.send({"t": "task", "n": 2})
+    sent = drain(first)
+    assert [(m["seq"], m["n"]) for m in sent] == [(1, 1), (2, 2)]
+    rq = queue.Queue()
+    receiver.attach(rq)
+    assert receiver.accept(1) and receiver.accept(2)
+    assert not receiver.accept(2)  # a duplicate after a resend is not processed again
+    assert [m["seq"] for m in drain(rq)] == [1, 2, 2]  # but acknowledged each time
+    sender.acked(1)  # the ack for 2 was lost with the stream
+    second = queue.Queue()
+    sender.attach(second)
+    assert drain(first) == [None]  # the old stream is told to close
+    sender.resend()
+    assert [m["seq"] for m in drain(second)] == [2]
+    sender.detach(first)  # a stale detach does not drop the new stream
+    assert sender.online
+    sender.reset(outgoing=True)
+    sender.resend()
+    assert drain(second) == []

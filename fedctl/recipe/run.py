@@ -102,3 +102,39 @@ class Run:
             f"Run({self.name!r}, {self.status}, rounds {self.rounds_completed}/{self.num_rounds}, "
             f"result_dir={str(self.result_dir)!r})"
         )
+
+
+def finish_run(
+    store: Any,
+    *,
+    job_id: str,
+    name: str,
+    mode: str,
+    status: str,
+    reason: str | None,
+    num_rounds: int,
+    duration: float,
+    extra: dict[str, Any],
+) -> Run:
+    """Describe a run from its RunStore, log its outcome, close the store, write result.json."""
+    from fedctl.tracking.store import write_json_atomic
+
+    run = Run(
+        job_id=job_id,
+        name=name,
+        mode=mode,
+        status=status,
+        reason=reason,
+        result_dir=store.root,
+        final_model=store.model_path("final") if status == FINISHED else None,
+        best_model=store.model_path("best"),
+        metrics=list(store.history),
+        rounds_completed=len(store.history),
+        num_rounds=num_rounds,
+        duration=duration,
+        extra={**extra, "best": store.best, **store.extra_outputs()},
+    )
+    store.log(status + (f": {reason}" if reason else ""))
+    store.close()
+    write_json_atomic(store.root / "result.json", run.to_json())
+    return run

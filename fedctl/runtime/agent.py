@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from fedctl.runtime.audit import AuditLog
 from fedctl.runtime.bundle import BundleError, extract_bundle
 from fedctl.transport import frames, rpc
 from fedctl.transport.frames import FrameError, FrameSocket
+from fedctl.transport.reliable import ReliableLink
 
 if TYPE_CHECKING:
     from fedctl.provision.kit import Kit
@@ -74,11 +75,7 @@ class SiteAgent:
         self.max_bundle = max_bundle
         self.incarnation = secrets.token_hex(8)
         self.server_id: str | None = None
-        self.next_seq = 1
-        self.recv_seq = 0
-        self.outbox: OrderedDict[int, dict[str, Any]] = OrderedDict()
-        self.lock = threading.RLock()
-        self.outq: queue.Queue[bytes | None] | None = None
+        self.link = ReliableLink()
         self.jobs: dict[str, SiteJob] = {}
         self.stopping = threading.Event()
         self.connected = threading.Event()
@@ -116,13 +113,9 @@ class SiteAgent:
 
     def _session(self) -> None:
         outq: queue.Queue[bytes | None] = queue.Queue()
-        with self.lock:
-            self.outq = outq
-            outq.put(
-                frames.encode(
-                    {"t": "hello", "incarnation": self.incarnation, "recv_seq": self.recv_seq}
-                )
-            )
+        hello = {"t": "hello", "incarnation": self.incarnation, "recv_seq": self.link.recv_seq}
+        outq.put(frames.encode(hello))  # first on the stream, before anything queued later
+        self.link.attach(outq)
 
         def requests() -> Any:
             while True:
@@ -141,9 +134,7 @@ class SiteAgent:
                 header, _ = frames.decode(raw)
                 self._on_message(header)
         finally:
-            with self.lock:
-                if self.outq is outq:
-                    self.outq = None
+            self.link.detach(outq)
             outq.put(None)
             responses.cancel()
 
@@ -152,23 +143,11 @@ class SiteAgent:
         self.stopping.set()
         for job in list(self.jobs.values()):
             job.stop("site agent stopping")
-        with self.lock:
-            if self.outq is not None:
-                self.outq.put(None)
+        self.link.close()
 
     def send(self, header: dict[str, Any]) -> None:
         """A reliable message to the server (sent now, or resent after a reconnect)."""
-        with self.lock:
-            header = {**header, "seq": self.next_seq}
-            self.next_seq += 1
-            self.outbox[header["seq"]] = header
-            if self.outq is not None:
-                self.outq.put(frames.encode(header))
-
-    def _ack(self, seq: int) -> None:
-        with self.lock:
-            for s in [s for s in self.outbox if s <= seq]:
-                del self.outbox[s]
+        self.link.send(header)
 
     def _on_message(self, h: dict[str, Any]) -> None:
         kind = h["t"]
@@ -176,35 +155,23 @@ class SiteAgent:
             return
         if kind == "welcome":
             server_id = frames.field(h, "server_id", str)
-            with self.lock:
-                if server_id != self.server_id:
-                    if self.server_id is not None:
-                        # A new server process: its numbering starts again, and what we had
-                        # not delivered refers to tasks of job processes that are gone.
-                        log.info("the server restarted; resetting the session")
-                        self.outbox.clear()
-                    self.server_id = server_id
-                    self.recv_seq = 0
-            self._ack(frames.field(h, "recv_seq", int))
-            with self.lock:
-                for header in self.outbox.values():
-                    if self.outq is not None:
-                        self.outq.put(frames.encode(header))
+            if server_id != self.server_id:
+                # A new server process: its numbering starts again, and what we had not
+                # delivered refers to tasks of job processes that are gone.
+                if self.server_id is not None:
+                    log.info("the server restarted; resetting the session")
+                self.link.reset(incoming=True, outgoing=self.server_id is not None)
+                self.server_id = server_id
+            self.link.acked(frames.field(h, "recv_seq", int))
+            self.link.resend()
             self.connected.set()
             log.info("connected to the server as %s", self.kit.name)
             return
         if kind == "ack":
-            self._ack(frames.field(h, "seq", int))
+            self.link.acked(frames.field(h, "seq", int))
             return
-        seq = frames.field(h, "seq", int)
-        with self.lock:
-            duplicate = seq <= self.recv_seq
-            if not duplicate:
-                self.recv_seq = seq
-            if self.outq is not None:
-                self.outq.put(frames.encode({"t": "ack", "seq": self.recv_seq}))
-        if duplicate:
-            return
+        if not self.link.accept(frames.field(h, "seq", int)):
+            return  # a resent duplicate: acknowledged again, not processed twice
         job_id = frames.field(h, "job", str)
         if kind == "deploy":
             old = self.jobs.get(job_id)

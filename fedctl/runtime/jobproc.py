@@ -24,9 +24,9 @@ from typing import Any
 
 from fedctl.errors import FedctlError, RunFailed
 from fedctl.recipe.base import load_job
-from fedctl.recipe.run import ABORTED, FAILED, FINISHED, Run
+from fedctl.recipe.run import ABORTED, FAILED, FINISHED, finish_run
 from fedctl.runtime.communicator import RuntimeCommunicator
-from fedctl.tracking.store import RunStore, _jsonable, write_json_atomic
+from fedctl.tracking.store import RunStore, _jsonable
 from fedctl.transport.frames import FrameSocket
 from fedctl.workflows.base import JobAborted, WorkflowContext
 
@@ -99,29 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         status, reason = FAILED, f"internal error: {type(exc).__name__}: {exc}"
         store.log(traceback.format_exc())
-    run = Run(
+    finish_run(
+        store,
         job_id=args.job_id,
         name=job.name,
         mode="server",
         status=status,
         reason=reason,
-        result_dir=args.result_dir,
-        final_model=store.model_path("final") if status == FINISHED else None,
-        best_model=store.model_path("best"),
-        metrics=list(store.history),
-        rounds_completed=len(store.history),
         num_rounds=job.num_rounds,
         duration=time.monotonic() - started,
-        extra={
-            "sites": start["sites"],
-            "seed": ctx.seed,
-            "best": store.best,
-            **store.extra_outputs(),
-        },
+        extra={"sites": start["sites"], "seed": ctx.seed},
     )
-    store.log(status + (f": {reason}" if reason else ""))
-    store.close()
-    write_json_atomic(args.result_dir / "result.json", run.to_json())
     try:
         ipc.send({"t": "finished", "status": status, "reason": reason})
     except OSError:

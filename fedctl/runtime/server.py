@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 import zipfile
-from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from fedctl.runtime.bundle import BundleError, extract_bundle, make_bundle, sha2
 from fedctl.runtime.communicator import natural_key
 from fedctl.transport import frames, rpc
 from fedctl.transport.frames import FrameError, FrameSocket
+from fedctl.transport.reliable import ReliableLink
 
 if TYPE_CHECKING:
     import grpc
@@ -76,17 +76,19 @@ class SiteConn:
     name: str
     org: str
     incarnation: str = ""
-    next_seq: int = 1
-    recv_seq: int = 0  # last reliable message from the site that was processed
-    outbox: OrderedDict[int, dict[str, Any]] = field(default_factory=OrderedDict)
-    queue: Any = None  # queue.Queue of frames for the live stream, or None when offline
+    link: ReliableLink = field(default_factory=ReliableLink)
     connected_at: float = 0.0
     last_seen: float = 0.0
     address: str = ""
 
     @property
     def online(self) -> bool:
-        return self.queue is not None
+        return self.link.online
+
+    @property
+    def queue(self) -> Any:
+        """The live stream's outgoing queue (None while the site is offline)."""
+        return self.link.queue
 
 
 @dataclass
@@ -191,8 +193,7 @@ class Server:
         with self.lock:
             runtimes = list(self.jobs.values())
             for conn in self.sites.values():
-                if conn.queue is not None:
-                    conn.queue.put(None)
+                conn.link.close()
         for rt in runtimes:
             if rt.proc is not None and rt.proc.poll() is None:
                 _terminate(rt.proc, grace)
@@ -245,30 +246,25 @@ class Server:
             conn = self.sites.get(ident.name)
             if conn is None:
                 conn = self.sites[ident.name] = SiteConn(ident.name, ident.org)
-            if conn.queue is not None:
-                conn.queue.put(None)  # an older stream of this site: close it
             restarted = conn.incarnation != incarnation
-            if restarted:
+            if restarted:  # a new agent process: new numbering, it has none of our messages
                 conn.incarnation = incarnation
-                conn.recv_seq = 0
-                conn.outbox.clear()
-            conn.queue = outq
+                conn.link.reset(incoming=True, outgoing=True)
+            conn.link.attach(outq)  # closes an older stream of this site
             conn.connected_at = conn.last_seen = time.time()
             conn.address = context.peer()
-            for seq in [s for s in conn.outbox if s <= peer_recv]:
-                del conn.outbox[seq]
+            conn.link.acked(peer_recv)
             outq.put(
                 frames.encode(
                     {
                         "t": "welcome",
                         "server_id": self.server_id,
-                        "recv_seq": conn.recv_seq,
+                        "recv_seq": conn.link.recv_seq,
                         "heartbeat": self.heartbeat,
                     }
                 )
             )
-            for header in conn.outbox.values():
-                outq.put(frames.encode(header))
+            conn.link.resend()
             if restarted:
                 self._redeploy(conn)
         log.info("site %s connected from %s", ident.name, context.peer())
@@ -293,9 +289,7 @@ class Server:
                     break
                 yield item
         finally:
-            with self.lock:
-                if conn.queue is outq:
-                    conn.queue = None
+            conn.link.detach(outq)
             self._notify_sites_changed()
             self.audit.record("site_disconnected", ident.name)
             log.info("site %s disconnected", ident.name)
@@ -318,32 +312,17 @@ class Server:
 
     def _send(self, conn: SiteConn, header: dict[str, Any]) -> None:
         """Queue a reliable message for a site (delivered now or when it reconnects)."""
-        with self.lock:
-            header = {**header, "seq": conn.next_seq}
-            conn.next_seq += 1
-            conn.outbox[header["seq"]] = header
-            if conn.queue is not None:
-                conn.queue.put(frames.encode(header))
+        conn.link.send(header)
 
     def _on_site_message(self, conn: SiteConn, h: dict[str, Any]) -> None:
         kind = h["t"]
         if kind == "heartbeat":
             return
         if kind == "ack":
-            seq = frames.field(h, "seq", int)
-            with self.lock:
-                for s in [s for s in conn.outbox if s <= seq]:
-                    del conn.outbox[s]
+            conn.link.acked(frames.field(h, "seq", int))
             return
-        seq = frames.field(h, "seq", int)
-        with self.lock:
-            duplicate = seq <= conn.recv_seq
-            if not duplicate:
-                conn.recv_seq = seq
-            if conn.queue is not None:
-                conn.queue.put(frames.encode({"t": "ack", "seq": conn.recv_seq}))
-        if duplicate:
-            return
+        if not conn.link.accept(frames.field(h, "seq", int)):
+            return  # a resent duplicate: acknowledged again, not processed twice
         job_id = frames.field(h, "job", str)
         with self.lock:
             rt = self.jobs.get(job_id)
@@ -901,7 +880,7 @@ class Server:
                         conn.name,
                         now - conn.last_seen,
                     )
-                    conn.queue.put(None)
+                    conn.link.close()
 
     def _check_processes(self) -> None:
         with self.lock:

@@ -16,12 +16,12 @@ from typing import Any
 
 from fedctl.errors import FedctlError, RecipeError, RunFailed, UsageError
 from fedctl.recipe.base import Recipe, load_job
-from fedctl.recipe.run import ABORTED, FAILED, FINISHED, Run
+from fedctl.recipe.run import ABORTED, FAILED, FINISHED, Run, finish_run
 from fedctl.sim.env import SimEnv
 from fedctl.sim.pool import LocalPool, Pool, RayPool, SimCommunicator, available_cpus
 from fedctl.sim.worker import WorkerConfig
 from fedctl.tracking.display import Display
-from fedctl.tracking.store import RunStore, write_json_atomic
+from fedctl.tracking.store import RunStore
 from fedctl.workflows.base import JobAborted, WorkflowContext
 
 log = logging.getLogger("fedctl.sim")
@@ -214,17 +214,13 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             torch.set_num_threads(driver_threads)
             timings["shutdown_s"] = time.monotonic() - t1
 
-    run = Run(
+    run = finish_run(
+        store,
         job_id=job_id,
         name=job.name,
         mode="simulation",
         status=status,
         reason=reason,
-        result_dir=run_dir,
-        final_model=store.model_path("final") if status == FINISHED else None,
-        best_model=store.model_path("best"),
-        metrics=list(store.history),
-        rounds_completed=len(store.history),
         num_rounds=job.num_rounds,
         duration=time.monotonic() - started,
         extra={
@@ -233,13 +229,8 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             "resident": resident,
             "seed": env.seed,
             "timings": {k: round(v, 3) for k, v in timings.items()},
-            "best": store.best,
-            **store.extra_outputs(),
         },
     )
-    store.log(f"{status}" + (f": {reason}" if reason else ""))
-    store.close()
-    write_json_atomic(run_dir / "result.json", run.to_json())
     display.summary(status, reason, _summary_lines(run))
     return run
 
