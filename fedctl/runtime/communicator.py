@@ -147,6 +147,8 @@ class RuntimeCommunicator(Communicator):
         self.blob_dir = blob_dir
         self.abort = abort
         self.on_records = on_records
+        #: called with one line when a result arrives after its round closed
+        self.on_late: Any = None
         self.streams: dict[str, RuntimeStream] = {}
         self.ready: list[str] = []
         self.refused: dict[str, str] = {}
@@ -200,8 +202,14 @@ class RuntimeCommunicator(Communicator):
             stream = self.streams.get(str(h.get("task_id")))
             if stream is not None:
                 stream.inbox.put(h)
-            elif h.get("blob"):
-                Path(h["blob"]).unlink(missing_ok=True)  # late: its round already closed
+            else:  # late: its round already closed; dropped, but said
+                if h.get("blob"):
+                    Path(h["blob"]).unlink(missing_ok=True)
+                if self.on_late is not None:
+                    self.on_late(
+                        f"late result from {h.get('site')} for task {h.get('task_id')} "
+                        "dropped (its round had closed)"
+                    )
         elif kind == "records" and self.on_records is not None:
             self.on_records(str(h.get("site")), h.get("records") or [])
         elif kind == "site_restarted":

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         on_records=store.add_records,
     )
     comm.offline_grace = float(start.get("offline_grace", comm.offline_grace))
+    comm.on_late = store.log
     comm.start()
 
     def forward(event: dict[str, Any]) -> None:
