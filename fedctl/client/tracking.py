@@ -1,7 +1,8 @@
 """``SummaryWriter`` for training scripts: metrics stream to the server, not to local files.
 
-Drop-in for the common part of ``torch.utils.tensorboard.SummaryWriter``: the server writes what
-it receives to its sinks (JSONL always, TensorBoard when installed), tagged with site and round.
+Drop-in for the common part of ``torch.utils.tensorboard.SummaryWriter``: what a script records
+reaches the server, which writes it, tagged with site and round, to the run's
+``metrics/tracking.jsonl`` (a TensorBoard or MLflow sink is not built yet).
 """
 
 from __future__ import annotations
