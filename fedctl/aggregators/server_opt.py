@@ -36,26 +36,19 @@ KINDS = ("sgdm", "adagrad", "adam", "yogi")
 Tensor = Any  # torch.Tensor, without importing torch at module level
 
 
+def optimised(name: str, t: Tensor) -> bool:
+    """Whether a server step applies to this entry (floating-point and not a running statistic)."""
+    return t.is_floating_point() and not is_statistic(name)
+
+
 def sgdm_step(x: Tensor, delta: Tensor, v: Tensor, lr: float, momentum: float) -> tuple:
     """Server SGD with momentum: returns ``(x_new, v_new)``."""
     v_new = momentum * v + delta
     return x + lr * v_new, v_new
 
 
-def _adaptive(x: Tensor, m_new: Tensor, v_new: Tensor, eta: float, tau: float) -> Tensor:
-    return x + eta * m_new / (v_new.sqrt() + tau)
-
-
-def adagrad_step(
-    x: Tensor, delta: Tensor, m: Tensor, v: Tensor, eta: float, beta1: float, tau: float
-) -> tuple:
-    """FedAdagrad: returns ``(x_new, m_new, v_new)``."""
-    m_new = beta1 * m + (1 - beta1) * delta
-    v_new = v + delta * delta
-    return _adaptive(x, m_new, v_new, eta, tau), m_new, v_new
-
-
-def adam_step(
+def adaptive_step(
+    kind: str,
     x: Tensor,
     delta: Tensor,
     m: Tensor,
@@ -65,27 +58,34 @@ def adam_step(
     beta2: float,
     tau: float,
 ) -> tuple:
-    """FedAdam: returns ``(x_new, m_new, v_new)``."""
+    """FedAdagrad, FedAdam or FedYogi (``kind``): returns ``(x_new, m_new, v_new)``; they differ
+    only in the second moment (``beta2`` is unused by adagrad)."""
     m_new = beta1 * m + (1 - beta1) * delta
-    v_new = beta2 * v + (1 - beta2) * delta * delta
-    return _adaptive(x, m_new, v_new, eta, tau), m_new, v_new
+    if kind == "adagrad":
+        v_new = v + delta * delta
+    elif kind == "adam":
+        v_new = beta2 * v + (1 - beta2) * delta * delta
+    else:  # yogi
+        d2 = delta * delta
+        v_new = v - (1 - beta2) * d2 * (v - d2).sign()
+    return x + eta * m_new / (v_new.sqrt() + tau), m_new, v_new
 
 
-def yogi_step(
-    x: Tensor,
-    delta: Tensor,
-    m: Tensor,
-    v: Tensor,
-    eta: float,
-    beta1: float,
-    beta2: float,
-    tau: float,
-) -> tuple:
-    """FedYogi: returns ``(x_new, m_new, v_new)``."""
-    m_new = beta1 * m + (1 - beta1) * delta
-    d2 = delta * delta
-    v_new = v - (1 - beta2) * d2 * (v - d2).sign()
-    return _adaptive(x, m_new, v_new, eta, tau), m_new, v_new
+def scaled_step(
+    global_params: Mapping[str, Tensor], aggregate: Mapping[str, Tensor], lr: float
+) -> dict[str, Tensor]:
+    """``x + lr·(a - x)`` (in float64) on the optimised entries; the others take the aggregate.
+
+    A stateless server step (SCAFFOLD's η_g, FedNova's rescaling); the inputs are left untouched.
+    """
+    out = {}
+    for name, g in global_params.items():
+        a = aggregate[name]
+        if optimised(name, g):
+            out[name] = (g.double() + lr * (a.double() - g.double())).to(g.dtype)
+        else:
+            out[name] = a
+    return out
 
 
 class ServerOptimizer:
@@ -113,10 +113,6 @@ class ServerOptimizer:
         self.v: dict[str, torch.Tensor] = {}
         self.steps = 0
 
-    def optimised(self, name: str, t: torch.Tensor) -> bool:
-        """Whether the step applies to this entry (floating-point and not a running statistic)."""
-        return t.is_floating_point() and not is_statistic(name)
-
     def step(
         self, global_params: Mapping[str, torch.Tensor], aggregate: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
@@ -126,26 +122,21 @@ class ServerOptimizer:
         out: dict[str, torch.Tensor] = {}
         for name, x in global_params.items():
             a = aggregate.get(name, x)
-            if not self.optimised(name, x):
+            if not optimised(name, x):
                 out[name] = a
                 continue
             x64, delta = x.double(), a.double() - x.double()
+            v = self.v.get(name)
             if self.kind == "sgdm":
-                v = self.v.get(name, torch.zeros_like(x64))
-                new, v = sgdm_step(x64, delta, v.double(), self.lr, self.momentum)
+                v = torch.zeros_like(x64) if v is None else v.double()
+                new, v = sgdm_step(x64, delta, v, self.lr, self.momentum)
             else:
-                m = self.m.get(name, torch.zeros_like(x64)).double()
-                v = self.v.get(name, torch.full_like(x64, self.tau**2)).double()
-                if self.kind == "adam":
-                    new, m, v = adam_step(
-                        x64, delta, m, v, self.lr, self.beta1, self.beta2, self.tau
-                    )
-                elif self.kind == "yogi":
-                    new, m, v = yogi_step(
-                        x64, delta, m, v, self.lr, self.beta1, self.beta2, self.tau
-                    )
-                else:
-                    new, m, v = adagrad_step(x64, delta, m, v, self.lr, self.beta1, self.tau)
+                m = self.m.get(name)
+                m = torch.zeros_like(x64) if m is None else m.double()
+                v = torch.full_like(x64, self.tau**2) if v is None else v.double()
+                new, m, v = adaptive_step(
+                    self.kind, x64, delta, m, v, self.lr, self.beta1, self.beta2, self.tau
+                )
                 self.m[name] = m.to(x.dtype)
             self.v[name] = v.to(x.dtype)
             out[name] = new.to(x.dtype)

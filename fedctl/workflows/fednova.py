@@ -28,8 +28,9 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from fedctl.aggregators.select import parse_aggregator
+from fedctl.aggregators.server_opt import scaled_step
 from fedctl.aggregators.weighted import UpdateRejected, check_update
-from fedctl.codec.keys import NUM_SAMPLES_KEY, is_statistic
+from fedctl.codec.keys import NUM_SAMPLES_KEY
 from fedctl.codec.model import NUM_STEPS_KEY, TaskResult
 from fedctl.workflows.base import WorkflowContext
 from fedctl.workflows.fedavg import FedAvg
@@ -113,11 +114,4 @@ class FedNova(FedAvg):
         scale = (self._pa / self._p) * (self._p_over_a / self._p)
         if math.isclose(scale, 1.0, rel_tol=1e-12):
             return aggregate
-        out = {}
-        for name, g in global_params.items():
-            a = aggregate[name]
-            if g.is_floating_point() and not is_statistic(name):
-                out[name] = (g.double() + scale * (a.double() - g.double())).to(g.dtype)
-            else:
-                out[name] = a
-        return out
+        return scaled_step(global_params, aggregate, scale)

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fedctl.aggregators.server_opt import scaled_step
 from fedctl.aggregators.weighted import UpdateRejected, check_update
-from fedctl.codec.keys import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX, SCAFFOLD_KEY, is_statistic
+from fedctl.codec.keys import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX, SCAFFOLD_KEY
 from fedctl.codec.model import TaskResult
 from fedctl.workflows.base import KeyView, WorkflowContext
 from fedctl.workflows.fedavg import FedAvg, log
@@ -119,14 +120,7 @@ class Scaffold(FedAvg):
         self._dc_sum = {}
         if self.server_lr == 1.0:
             return aggregate
-        out = {}
-        for name, g in global_params.items():
-            a = aggregate[name]
-            if g.is_floating_point() and not is_statistic(name):
-                out[name] = (g.double() + self.server_lr * (a.double() - g.double())).to(g.dtype)
-            else:
-                out[name] = a
-        return out
+        return scaled_step(global_params, aggregate, self.server_lr)
 
     def state_dict(self) -> dict[str, Any]:
         return {"c": dict(self.c)} if self.c else {}
