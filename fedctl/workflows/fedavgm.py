@@ -19,17 +19,13 @@ The momentum buffer is checkpointed with the round.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedctl.aggregators.server_opt import ServerOptimizer
-from fedctl.workflows.base import WorkflowContext
-from fedctl.workflows.fedavg import FedAvg
-
-if TYPE_CHECKING:
-    import torch
+from fedctl.workflows.fedopt import ServerOptimized
 
 
-class FedAvgM(FedAvg):
+class FedAvgM(ServerOptimized):
     """FedAvg with server momentum; see the module docstring."""
 
     def __init__(
@@ -43,18 +39,3 @@ class FedAvgM(FedAvg):
     ) -> None:
         super().__init__(num_rounds, min_clients, **kwargs)
         self.optimizer = ServerOptimizer("sgdm", server_lr, momentum=server_momentum)
-
-    def server_update(
-        self,
-        ctx: WorkflowContext,
-        global_params: dict[str, torch.Tensor],
-        aggregate: dict[str, torch.Tensor],
-        rnd: int,
-    ) -> dict[str, torch.Tensor]:
-        return self.optimizer.step(global_params, aggregate)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)

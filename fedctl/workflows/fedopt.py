@@ -30,7 +30,29 @@ if TYPE_CHECKING:
     import torch
 
 
-class FedOpt(FedAvg):
+class ServerOptimized(FedAvg):
+    """FedAvg whose server update is a step of ``self.optimizer``, set by the subclasses
+    (FedOpt, FedAvgM); the optimizer's state is checkpointed with the round."""
+
+    optimizer: ServerOptimizer
+
+    def server_update(
+        self,
+        ctx: WorkflowContext,
+        global_params: dict[str, torch.Tensor],
+        aggregate: dict[str, torch.Tensor],
+        rnd: int,
+    ) -> dict[str, torch.Tensor]:
+        return self.optimizer.step(global_params, aggregate)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class FedOpt(ServerOptimized):
     """FedAvg whose server update is a :class:`ServerOptimizer` step on the aggregate."""
 
     optimizer_kind: ClassVar[str] = "adam"
@@ -50,21 +72,6 @@ class FedOpt(FedAvg):
         self.optimizer = ServerOptimizer(
             self.optimizer_kind, eta, beta1=beta1, beta2=beta2, tau=tau
         )
-
-    def server_update(
-        self,
-        ctx: WorkflowContext,
-        global_params: dict[str, torch.Tensor],
-        aggregate: dict[str, torch.Tensor],
-        rnd: int,
-    ) -> dict[str, torch.Tensor]:
-        return self.optimizer.step(global_params, aggregate)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
 
 
 class FedAdam(FedOpt):
