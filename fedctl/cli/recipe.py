@@ -6,8 +6,6 @@ imported, so the catalog prints without loading torch.
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
 import typer
@@ -63,12 +61,13 @@ def register(app: typer.Typer) -> None:
     @recipe_app.command("list")
     def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
         """Every recipe kind with its one-line purpose and its own parameters."""
-        from rich.console import Console
         from rich.table import Table
+
+        from fedctl.cli.common import console, print_json
 
         catalog = _catalog()
         if as_json:
-            typer.echo(json.dumps(catalog, indent=2))
+            print_json(catalog)
             return
         common = {p["name"] for p in catalog[0]["parameters"]} if catalog else set()
         table = Table(box=None, pad_edge=False)
@@ -77,11 +76,9 @@ def register(app: typer.Typer) -> None:
         for entry in catalog:
             own = [p["name"] for p in entry["parameters"] if p["name"] not in common]
             table.add_row(entry["kind"], entry["class"], entry["summary"], ", ".join(own) or "-")
-        console = Console(
-            soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 200
-        )
-        console.print(table)
-        console.print(
+        out = console()
+        out.print(table)
+        out.print(
             "Every recipe also takes the common arguments of fedavg (e.g. aggregator, "
             "sample_clients, federated_eval); `fedctl recipe show KIND` lists them all."
         )
@@ -92,9 +89,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """A recipe's purpose, paper, example folder and every parameter with its default."""
-        from rich.console import Console
         from rich.table import Table
 
+        from fedctl.cli.common import console, print_json
         from fedctl.errors import UsageError
 
         catalog = _catalog()
@@ -103,22 +100,20 @@ def register(app: typer.Typer) -> None:
             kinds = ", ".join(e["kind"] for e in catalog)
             raise UsageError(f"unknown recipe {name!r} (one of: {kinds})")
         if as_json:
-            typer.echo(json.dumps(entry, indent=2, default=repr))
+            print_json(entry)
             return
-        console = Console(
-            soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 200
-        )
-        console.print(f"[bold]{entry['kind']}[/bold]  ({entry['class']})  {entry['summary']}")
+        out = console()
+        out.print(f"[bold]{entry['kind']}[/bold]  ({entry['class']})  {entry['summary']}")
         if entry["paper"]:
-            console.print(f"paper:   {entry['paper']}")
+            out.print(f"paper:   {entry['paper']}")
         if entry["example"]:
-            console.print(f"example: fedctl simulate {entry['example']}")
-        console.print(f"use:     from fedctl.recipe import {entry['class']}")
+            out.print(f"example: fedctl simulate {entry['example']}")
+        out.print(f"use:     from fedctl.recipe import {entry['class']}")
         table = Table(box=None, pad_edge=False)
         for column in ("parameter", "default", "meaning"):
             table.add_column(column, overflow="fold")
         for p in entry["parameters"]:
             table.add_row(p["name"], _default(p), p["doc"])
-        console.print(table)
+        out.print(table)
 
     app.add_typer(recipe_app, name="recipe")
