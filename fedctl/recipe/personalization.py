@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedctl.errors import RecipeError
+from fedctl.recipe.base import _bool
 from fedctl.recipe.fedavg import FedAvgRecipe
 from fedctl.workflows.base import Workflow
 
@@ -53,19 +54,24 @@ class FedBNRecipe(FedAvgRecipe):
         if type(self) is FedBNRecipe:
             self._check_split()
 
-    def _check_split(self) -> None:
+    def _local_split(self) -> tuple[int, int]:
+        """How many of the initial model's entries stay local under :meth:`personalization`,
+        and how many entries there are."""
         from fedctl.codec.keys import bn_prefixes_from_names, stays_local
 
         params = self.initial_params()
-        spec = {"fedbn": True, "shared": None, "local": self.local}
+        spec = self.personalization()
         bn = bn_prefixes_from_names(set(params))
-        local = [k for k in params if stays_local(k, spec, bn)]
+        return sum(stays_local(k, spec, bn) for k in params), len(params)
+
+    def _check_split(self) -> None:
+        local, total = self._local_split()
         if not local:
             raise RecipeError(
                 f"{self.kind}: the model has no batch-norm layers with running statistics "
                 "(nothing would stay local)"
             )
-        if len(local) == len(params):
+        if local == total:
             raise RecipeError(f"{self.kind}: every parameter would stay local (nothing is shared)")
 
     def personalization(self) -> dict[str, Any]:
@@ -119,21 +125,14 @@ class PartialSharingRecipe(FedBNRecipe):
             name, min_clients, num_rounds, model, train_script, train_args, local=local, **kwargs
         )
         self.shared = _patterns("shared", shared)
-        if not isinstance(fedbn, bool):
-            raise RecipeError(f"fedbn must be true or false, got {fedbn!r}")
-        self.fedbn = fedbn
-        if self.shared is None and not self.local and not fedbn:
+        self.fedbn = _bool("fedbn", fedbn)
+        if self.shared is None and not self.local and not self.fedbn:
             raise RecipeError("fedper needs shared or local patterns (e.g. local=['head.*'])")
         self._check_split()
 
     def _check_split(self) -> None:
-        from fedctl.codec.keys import bn_prefixes_from_names, stays_local
-
-        params = self.initial_params()
-        spec = {"fedbn": self.fedbn, "shared": self.shared, "local": self.local}
-        bn = bn_prefixes_from_names(set(params))
-        local = [k for k in params if stays_local(k, spec, bn)]
-        if len(local) == len(params):
+        local, total = self._local_split()
+        if local == total:
             raise RecipeError("fedper: the patterns keep every parameter local (nothing is shared)")
         if not local:
             raise RecipeError("fedper: the patterns match no parameter (everything is shared)")
