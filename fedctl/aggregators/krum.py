@@ -63,12 +63,12 @@ class DistanceAggregator(BufferedAggregator):
     def _keep(self, update: dict[str, torch.Tensor]) -> None:
         import torch
 
+        floats = {name: t.double() for name, t in update.items() if t.is_floating_point()}
         row = []
         for other in self.updates:
             total = 0.0
-            for name, t in update.items():
-                if t.is_floating_point():
-                    total += float(torch.sum((t.double() - other[name].double()) ** 2))
+            for name, t in floats.items():
+                total += float(torch.sum((t - other[name].double()) ** 2))
             row.append(total)
         for old, d in zip(self._dist, row, strict=True):
             old.append(d)
