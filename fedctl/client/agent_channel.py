@@ -18,7 +18,7 @@ from fedctl.client.state import SiteState
 from fedctl.codec.model import FLModel, Task, join_model, split_model
 from fedctl.codec.tensors import load_file, save_file_hashed
 from fedctl.errors import ClientAPIError
-from fedctl.transport.frames import FrameSocket
+from fedctl.transport.frames import FrameSocket, safe_name
 
 STATE_FILE = "state.safetensors"
 
@@ -71,8 +71,7 @@ class AgentChannel(Channel):
         path, sha = None, None
         if tensors:
             assert self._result_dir is not None
-            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in task.task_id)
-            path = self._result_dir / f"result.{safe}.safetensors"
+            path = self._result_dir / f"result.{safe_name(task.task_id)}.safetensors"
             # written now (later changes do not leak), hashed while written
             _, sha = save_file_hashed(tensors, path, durable=False)
         self._flush_records()

@@ -60,7 +60,7 @@ def _caller_dir() -> Path:
     return Path.cwd()
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -376,7 +376,7 @@ class Recipe:
         """Write this recipe as a job folder; atomic (a failure leaves nothing behind)."""
         import yaml
 
-        from fedctl.codec.tensors import save_file
+        from fedctl.codec.tensors import save_file_hashed
 
         job_dir = Path(job_dir).resolve()
         if job_dir.exists() and any(job_dir.iterdir()) and not overwrite:
@@ -391,8 +391,7 @@ class Recipe:
                 shutil.copyfile(self.base_dir / rel, dst)
                 files[f"code/{rel.as_posix()}"] = sha256_file(dst)
             model_rel = "model/initial.safetensors"
-            save_file(self.initial_params(), tmp / model_rel)
-            files[model_rel] = sha256_file(tmp / model_rel)
+            _, files[model_rel] = save_file_hashed(self.initial_params(), tmp / model_rel)
             spec = {
                 "fedctl_job": JOB_FORMAT,
                 "kind": self.kind,

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
 FINISHED, FAILED, ABORTED = "FINISHED", "FAILED", "ABORTED"
 
 
+def new_job_id(name: str) -> str:
+    """A readable, unique job id: name, UTC time, 4 random hex digits."""
+    import secrets
+    import time
+
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
 @dataclass
 class Run:
     """The outcome of a job run: status (FINISHED, FAILED, ABORTED) with the reason, where the

@@ -18,7 +18,6 @@ Site folder (``<kit>/workspace`` by default)::
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from fedctl.errors import FedctlError
 from fedctl.runtime.audit import AuditLog
 from fedctl.runtime.bundle import BundleError, extract_bundle
+from fedctl.runtime.procs import terminate_group
 from fedctl.transport import frames, rpc
 from fedctl.transport.frames import FrameError, FrameSocket
 from fedctl.transport.reliable import ReliableLink
@@ -252,9 +252,7 @@ class SiteJob:
         self.tasks: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.cancelled: set[str] = set()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.current: dict[str, Any] | None = None
         self.stopped = threading.Event()
-        self.ready = threading.Event()
         self.sock_path = frames.socket_path(f"{agent.kit.name}-{secrets.token_hex(4)}")
         self.server_sock: socket.socket | None = None
         self.tail: deque[str] = deque(maxlen=200)
@@ -283,7 +281,6 @@ class SiteJob:
             bundle_sha256=self.deploy_msg["bundle"].get("sha256"),
         )
         self.agent.send({"t": "deployed", "job": self.job_id})
-        self.ready.set()
         threading.Thread(target=self._serve_tasks, name=f"tasks-{self.job_id}", daemon=True).start()
 
     def _deploy(self) -> None:
@@ -333,16 +330,8 @@ class SiteJob:
     # ------------------------------------------------------------------ the script
 
     def _listen(self) -> None:
-        self.sock_path.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(self.sock_path))
-        finally:
-            os.umask(old)
-        sock.listen(1)
-        sock.settimeout(1.0)
-        self.server_sock = sock
+        self.server_sock = frames.listen_unix(self.sock_path, 1)
+        self.server_sock.settimeout(1.0)
 
     def _start_script(self) -> None:
         """Start the client script (it connects back on the job's socket)."""
@@ -354,12 +343,8 @@ class SiteJob:
         env = {
             **os.environ,
             "FEDCTL_MODE": str(d.get("mode", "production")),
+            # the rest (site, index, seed, …) the script learns over this socket
             "FEDCTL_AGENT_SOCKET": str(self.sock_path),
-            "FEDCTL_JOB_ID": self.job_id,
-            "FEDCTL_SITE_NAME": self.agent.kit.name,
-            "FEDCTL_SITE_INDEX": str(d.get("site_index", 0)),
-            "FEDCTL_NUM_SITES": str(d.get("num_sites", 1)),
-            "FEDCTL_SEED": str(d.get("seed", 0)),
             "PYTHONUNBUFFERED": "1",
         }
         cmd = [sys.executable, str(script), *shlex.split(self.recipe.train_args)]
@@ -389,7 +374,7 @@ class SiteJob:
                     time.sleep(0.2)  # let the output pump catch the last lines
                     raise _ScriptDied(*self._exit_reason()) from None
                 if time.monotonic() > deadline:
-                    _kill_group(self.proc)
+                    terminate_group(self.proc)
                     raise _ScriptDied(
                         f"the script did not call fedctl.client.init() within "
                         f"{SCRIPT_CONNECT_TIMEOUT:.0f}s",
@@ -487,7 +472,7 @@ class SiteJob:
         task_id = str(task["task_id"])
         path = None
         if task.get("blob"):
-            path = self.root / "blobs" / f"task.{_safe(task_id)}.safetensors"
+            path = self.root / "blobs" / f"task.{frames.safe_name(task_id)}.safetensors"
             self.agent.fetch(self.job_id, task["blob"], path, MAX_TASK_BLOB)
             self.agent.audit.record(
                 "model_received",
@@ -568,7 +553,7 @@ class SiteJob:
                 try:
                     self.proc.wait(10)
                 except subprocess.TimeoutExpired:
-                    _kill_group(self.proc)
+                    terminate_group(self.proc)
             time.sleep(0.2)  # let the output pump catch the last lines
             raise _ScriptDied(*self._exit_reason())
         return got[0]
@@ -590,33 +575,16 @@ class SiteJob:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                terminate_group(proc)
         if conn is not None:
             conn.close()
         if self.server_sock is not None:
             self.server_sock.close()
             self.sock_path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            (self.root / "status.json").write_text(json.dumps({"stopped": reason}))
 
 
 class _ScriptDied(Exception):
     """The client script ended while a task was outstanding (args: error, traceback)."""
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:96]
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
 
 
 def _rpc_message(exc: Any) -> str:

@@ -7,7 +7,6 @@ again while writing, since a zip directory can lie), then verifies the job's own
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -33,7 +32,7 @@ def make_bundle(
 
     ``with_model=False`` leaves the initial model out (the bundle sites get).
     """
-    from fedctl.recipe.base import read_job_spec
+    from fedctl.recipe.base import read_job_spec, sha256_file
 
     job_dir, dest = Path(job_dir), Path(dest)
     model = None if with_model else read_job_spec(job_dir, verify=False).model
@@ -45,16 +44,7 @@ def make_bundle(
             if path.is_file() and path.resolve() != model:
                 zf.write(path, path.relative_to(job_dir).as_posix())
     os.replace(tmp, dest)
-    return sha256_path(dest)
-
-
-def sha256_path(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(dest)
 
 
 def extract_bundle(

@@ -140,6 +140,9 @@ class RuntimeCommunicator(Communicator):
         blob_dir: Path,
         abort: threading.Event,
         on_records: Any = None,
+        *,
+        offline_grace: float = 60.0,
+        on_late: Any = None,
     ) -> None:
         self.ipc = ipc
         self.job_id = job_id
@@ -148,7 +151,7 @@ class RuntimeCommunicator(Communicator):
         self.abort = abort
         self.on_records = on_records
         #: called with one line when a result arrives after its round closed
-        self.on_late: Any = None
+        self.on_late = on_late
         self.streams: dict[str, RuntimeStream] = {}
         self.ready: list[str] = []
         self.refused: dict[str, str] = {}
@@ -158,7 +161,7 @@ class RuntimeCommunicator(Communicator):
         #: since when a site of this job has been offline
         self.offline_since: dict[str, float] = {}
         #: seconds a site may be offline before its outstanding tasks count as failed
-        self.offline_grace = 60.0
+        self.offline_grace = offline_grace
         self._old_blobs: list[str] = []
         self._cond = threading.Condition()
         self.closed = False
@@ -276,13 +279,8 @@ class RuntimeCommunicator(Communicator):
             parts = [f"{s} refused: {r}" for s, r in sorted(self.refused.items())]
             if self.offline:
                 parts.append(f"offline: {', '.join(self.offline)}")
-            not_ready = [
-                s
-                for s in self.job_sites
-                if s not in self.ready and s not in self.refused and s not in self.offline
-            ]
-            if not_ready:
-                parts.append(f"still deploying: {', '.join(not_ready)}")
+            if self._deploying():
+                parts.append(f"still deploying: {', '.join(self._deploying())}")
             raise RunFailed(
                 f"the job needs {count} sites but {len(self.ready)} are ready"
                 + (f" ({'; '.join(parts)})" if parts else "")

@@ -26,7 +26,7 @@ from fedctl.errors import FedctlError, RunFailed
 from fedctl.recipe.base import load_job
 from fedctl.recipe.run import ABORTED, FAILED, FINISHED, finish_run
 from fedctl.runtime.communicator import RuntimeCommunicator
-from fedctl.tracking.store import RunStore, _jsonable
+from fedctl.tracking.store import RunStore, jsonable
 from fedctl.transport.frames import FrameSocket
 from fedctl.workflows.base import JobAborted, WorkflowContext
 
@@ -66,16 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         args.job_dir.parent / "blobs",
         abort,
         on_records=store.add_records,
+        offline_grace=float(start.get("offline_grace", 60.0)),
+        on_late=store.log,
     )
-    comm.offline_grace = float(start.get("offline_grace", comm.offline_grace))
-    comm.on_late = store.log
     comm.start()
 
     def forward(event: dict[str, Any]) -> None:
-        slim = {k: v for k, v in event.items() if k != "traceback" or v is None}
-        if event.get("traceback"):
-            slim["traceback"] = event["traceback"][-8000:]
-        ipc.send({"t": "event", "event": _jsonable(slim)})
+        if event.get("traceback"):  # keep control messages small: the tail says where
+            event = {**event, "traceback": event["traceback"][-8000:]}
+        ipc.send({"t": "event", "event": jsonable(event)})
 
     ctx = WorkflowContext(
         comm,

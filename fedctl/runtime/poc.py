@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedctl.errors import FedctlError, UsageError
+from fedctl.runtime.procs import terminate_group
 
 POC_FILE = "poc.json"
 DEFAULT_PORT = 8002
@@ -298,26 +298,10 @@ def stop(
         if rec is None:
             continue
         if _alive(rec):
-            _stop_pid(rec["pid"], timeout)
+            terminate_group(int(rec["pid"]), timeout)
             stopped.append(name)
         _record_path(ws, name).unlink(missing_ok=True)
     return stopped
-
-
-def _stop_pid(pid: int, timeout: float) -> None:
-    import psutil
-
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    try:
-        psutil.Process(pid).wait(timeout)
-    except psutil.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(psutil.Error):
-            psutil.Process(pid).wait(5)
-    except psutil.NoSuchProcess:
-        pass
 
 
 def clean(workspace: str | os.PathLike[str] | None = None) -> Path:

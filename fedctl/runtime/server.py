@@ -29,16 +29,20 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedctl.errors import FedctlError, NotFound, PermissionDenied, RecipeError
+from fedctl.recipe.base import sha256_file
+from fedctl.recipe.run import new_job_id
 from fedctl.runtime import store as st
 from fedctl.runtime.audit import AuditLog
-from fedctl.runtime.bundle import BundleError, extract_bundle, make_bundle, sha256_path
+from fedctl.runtime.bundle import extract_bundle, make_bundle
 from fedctl.runtime.communicator import natural_key
+from fedctl.runtime.procs import terminate_group
 from fedctl.transport import frames, rpc
 from fedctl.transport.frames import FrameError, FrameSocket
 from fedctl.transport.reliable import ReliableLink
@@ -62,10 +66,6 @@ MAX_RESULT = 64 * 1024**3
 _BLOB = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def new_job_id(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-
-
 # ------------------------------------------------------------------------------------ sites
 
 
@@ -84,11 +84,6 @@ class SiteConn:
     @property
     def online(self) -> bool:
         return self.link.online
-
-    @property
-    def queue(self) -> Any:
-        """The live stream's outgoing queue (None while the site is offline)."""
-        return self.link.queue
 
 
 @dataclass
@@ -158,7 +153,6 @@ class Server:
         self.port = 0
         self._ipc_sock: socket.socket | None = None
         self.ipc_path = frames.socket_path("server-jobs")
-        self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,9 +174,7 @@ class Server:
         self._start_ipc()
         self.grpc_server.start()
         for target in (self._scheduler_loop, self._ipc_accept_loop):
-            t = threading.Thread(target=target, name=target.__name__, daemon=True)
-            t.start()
-            self._threads.append(t)
+            threading.Thread(target=target, name=target.__name__, daemon=True).start()
         log.info("server %s listening on port %d", self.kit.name, self.port)
         return self.port
 
@@ -196,7 +188,7 @@ class Server:
                 conn.link.close()
         for rt in runtimes:
             if rt.proc is not None and rt.proc.poll() is None:
-                _terminate(rt.proc, grace)
+                terminate_group(rt.proc, grace)
         if self.grpc_server is not None:
             self.grpc_server.stop(grace).wait(grace + 1)
         if self._ipc_sock is not None:
@@ -235,12 +227,10 @@ class Server:
         import queue as queue_mod
 
         ident = self._who(context, "site")
-        try:
+        with _as_status(context, "bad session start: "):
             hello, _ = frames.decode(next(request_iterator), {"hello"})
             incarnation = frames.field(hello, "incarnation", str)
             peer_recv = frames.field(hello, "recv_seq", int)
-        except (FrameError, StopIteration) as exc:
-            _abort(context, "INVALID_ARGUMENT", f"bad session start: {exc}")
         outq: queue_mod.Queue[bytes | None] = queue_mod.Queue()
         with self.lock:
             conn = self.sites.get(ident.name)
@@ -346,16 +336,9 @@ class Server:
         elif kind == "result":
             self._on_result(conn, rt, h)
         elif kind == "task_failed":
-            self._to_job(
-                rt,
-                {
-                    "t": "failed",
-                    "site": conn.name,
-                    "task_id": frames.field(h, "task_id", str),
-                    "error": str(h.get("error", "failed"))[:4000],
-                    "traceback": str(h.get("traceback") or "")[:65536] or None,
-                },
-            )
+            error = str(h.get("error", "failed"))[:4000]
+            tb = str(h.get("traceback") or "")[:65536] or None
+            self._to_job(rt, _failed(conn.name, frames.field(h, "task_id", str), error, tb))
         elif kind == "log":
             lines = h.get("lines")
             if isinstance(lines, list):
@@ -385,13 +368,7 @@ class Server:
             path = self._blob_path(rt, name)
             pushed = rt.pushed.get(name)
             if not path.is_file() or pushed is None or pushed != blob.get("sha256"):
-                msg = {
-                    "t": "failed",
-                    "site": conn.name,
-                    "task_id": task_id,
-                    "error": "result upload missing or corrupted",
-                    "traceback": None,
-                }
+                msg = _failed(conn.name, task_id, "result upload missing or corrupted")
             else:
                 msg["blob"] = str(path)
                 self.audit.record(
@@ -406,7 +383,7 @@ class Server:
         self._to_job(rt, msg)
 
     def _redeploy(self, conn: SiteConn) -> None:
-        """A restarted site gets its running jobs (and their outstanding tasks) again."""
+        """A restarted site gets its running jobs again; their jobs learn its tasks are lost."""
         for rt in self.jobs.values():
             if rt.finished or conn.name not in rt.rec.sites:
                 continue
@@ -433,7 +410,7 @@ class Server:
         return ident, rt
 
     def Fetch(self, request: bytes, context: Any) -> Any:
-        try:
+        with _as_status(context):
             h, _ = frames.decode(request, {"fetch"})
             _, rt = self._site_job(context, h)
             name = frames.field(h, "blob", str)
@@ -443,20 +420,18 @@ class Server:
                 path = self._blob_path(rt, name)
             else:
                 _abort(context, "PERMISSION_DENIED", f"blob {name!r} is not for sites to fetch")
-        except FrameError as exc:
-            _abort(context, "INVALID_ARGUMENT", str(exc))
         if not path.is_file():
             _abort(context, "NOT_FOUND", f"blob {name!r} of job {rt.rec.id} is gone")
         known = rt.site_bundle if name == "bundle" else rt.task_blobs[name]
         yield from rpc.file_frames(path, sha256=known.get("sha256"))
 
     def Push(self, request_iterator: Any, context: Any) -> bytes:
-        try:
+        with _as_status(context, "upload refused: "):
             h, _ = frames.decode(next(request_iterator), {"push"})
             ident, rt = self._site_job(context, h)
             task_id = frames.field(h, "task_id", str)
             size = frames.field(h, "size", int)
-            name = f"result.{_safe(task_id)}.{ident.name}"
+            name = f"result.{frames.safe_name(task_id)}.{ident.name}"
             if size > MAX_RESULT:
                 _abort(context, "RESOURCE_EXHAUSTED", f"result of {size} bytes is over the limit")
             _, sha = rpc.receive_file(
@@ -467,26 +442,15 @@ class Server:
             )
             with self.lock:
                 rt.pushed[name] = sha
-        except (FrameError, StopIteration) as exc:
-            _abort(context, "INVALID_ARGUMENT", f"upload refused: {exc}")
         return frames.encode({"t": "ok", "blob": name, "sha256": sha})
 
     # ------------------------------------------------------------------ admin API
 
     def Admin(self, request: bytes, context: Any) -> bytes:
         ident = self._who(context, "admin")
-        try:
+        with _as_status(context):
             h, _ = frames.decode(request, {"admin"})
-            op = frames.field(h, "op", str)
-            result = self._admin(ident, op, h)
-        except FrameError as exc:
-            _abort(context, "INVALID_ARGUMENT", str(exc))
-        except PermissionDenied as exc:
-            _abort(context, "PERMISSION_DENIED", str(exc))
-        except NotFound as exc:
-            _abort(context, "NOT_FOUND", str(exc))
-        except FedctlError as exc:
-            _abort(context, "FAILED_PRECONDITION", str(exc))
+            result = self._admin(ident, frames.field(h, "op", str), h)
         return frames.encode({"t": "reply", **result})
 
     def policy(self) -> Any:
@@ -560,7 +524,7 @@ class Server:
 
     def AdminUpload(self, request_iterator: Any, context: Any) -> bytes:
         ident = self._who(context, "admin")
-        try:
+        with _as_status(context, "submission refused: "):
             h, _ = frames.decode(next(request_iterator), {"submit"})
             size = frames.field(h, "size", int)
             sha = frames.field(h, "sha256", str)
@@ -585,39 +549,22 @@ class Server:
                 rec = self.submit(staging / "bundle.zip", ident, seed, got)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        except (FrameError, StopIteration) as exc:
-            _abort(context, "INVALID_ARGUMENT", f"submission refused: {exc}")
-        except PermissionDenied as exc:
-            _abort(context, "PERMISSION_DENIED", str(exc))
-        except (RecipeError, BundleError) as exc:
-            _abort(context, "INVALID_ARGUMENT", f"submission refused: {exc}")
         return frames.encode({"t": "reply", "job": self._job_summary(rec)})
 
     def AdminStream(self, request: bytes, context: Any) -> Any:
         ident = self._who(context, "admin")
-        try:
+        with _as_status(context):
             h, _ = frames.decode(request, {"download", "follow", "logs"})
             job_id = frames.field(h, "job", str)
             rec = self.store.get(job_id)
-        except FrameError as exc:
-            _abort(context, "INVALID_ARGUMENT", str(exc))
-        except NotFound as exc:
-            _abort(context, "NOT_FOUND", str(exc))
+            self.authorize(ident, "download" if h["t"] == "download" else "view", rec)
         if h["t"] == "download":
-            try:
-                self.authorize(ident, "download", rec)
-            except PermissionDenied as exc:
-                _abort(context, "PERMISSION_DENIED", str(exc))
             zip_path = self._result_zip(rec)
             try:
                 yield from rpc.file_frames(zip_path, {"t": "download", "state": rec.state})
             finally:
                 zip_path.unlink(missing_ok=True)
             return
-        try:
-            self.authorize(ident, "view", rec)
-        except PermissionDenied as exc:
-            _abort(context, "PERMISSION_DENIED", str(exc))
         if h["t"] == "logs":
             yield from self._logs(rec, h, context)
             return
@@ -658,8 +605,9 @@ class Server:
                     pos += cut
                     yield frames.encode({"t": "log"}, data[:cut])
                     continue
-            if not follow or self.store.get(rec.id).state in st.TERMINAL:
-                yield frames.encode({"t": "end", "state": self.store.get(rec.id).state})
+            state = self.store.get(rec.id).state
+            if not follow or state in st.TERMINAL:
+                yield frames.encode({"t": "end", "state": state})
                 return
             time.sleep(0.3)
 
@@ -716,7 +664,7 @@ class Server:
             min_clients=recipe.min_clients,
             num_rounds=recipe.num_rounds,
             seed=seed,
-            bundle_sha256=sha256 or sha256_path(root / "bundle.zip"),
+            bundle_sha256=sha256 or sha256_file(root / "bundle.zip"),
             bundle_size=(root / "bundle.zip").stat().st_size,
             extra={"submitter_role": ident.role},
         )
@@ -755,7 +703,7 @@ class Server:
             time.sleep(0.05)
         if not rt.finished:
             if rt.proc is not None:
-                _terminate(rt.proc, 2)
+                terminate_group(rt.proc, 2)
             self._finish(rt, st.ABORTED, reason)
         return self.store.get(job_id)
 
@@ -779,11 +727,8 @@ class Server:
             with self.lock:
                 running = sum(1 for rt in self.jobs.values() if not rt.finished)
             if running >= self.max_jobs:
-                reason = (
-                    f"waiting: {running} jobs running (the server runs at most {self.max_jobs})"
-                )
-                if rec.reason != reason:
-                    self.store.update(rec.id, reason=reason)
+                limit = f"the server runs at most {self.max_jobs}"
+                self._waiting(rec, f"waiting: {running} jobs running ({limit})")
                 continue
             online = self._online_sites()
             if rec.sites:
@@ -793,33 +738,30 @@ class Server:
                 back = [s for s in rec.sites if s in online]
                 waited = time.time() - self.started_at
                 if missing and (waited < RESUME_GRACE or len(back) < rec.min_clients):
-                    reason = f"resuming: waiting for {', '.join(missing)} to reconnect"
-                    if rec.reason != reason:
-                        self.store.update(rec.id, reason=reason)
+                    self._waiting(rec, f"resuming: waiting for {', '.join(missing)} to reconnect")
                     continue
                 self._launch(rec, back)
                 continue
             if len(online) < rec.min_clients:
-                who = ", ".join(online) or "none"
-                reason = (
-                    f"waiting for sites: needs {rec.min_clients}, connected {len(online)} ({who})"
-                )
-                if rec.reason != reason:
-                    self.store.update(rec.id, reason=reason)
+                who = f"{len(online)} ({', '.join(online) or 'none'})"
+                self._waiting(rec, f"waiting for sites: needs {rec.min_clients}, connected {who}")
                 continue
             self._launch(rec, online)
+
+    def _waiting(self, rec: st.JobRecord, reason: str) -> None:
+        """Say why a submitted job is not scheduled yet (written only when it changes)."""
+        if rec.reason != reason:
+            self.store.update(rec.id, reason=reason)
 
     def _launch(self, rec: st.JobRecord, sites: list[str]) -> None:
         rec = self.store.transition(rec.id, st.SCHEDULED, None, sites=sites)
         rt = JobRuntime(rec, token=secrets.token_hex(16))
         site_bundle = Path(rec.job_dir).parent / "site-bundle.zip"
-        if not site_bundle.exists():
-            make_bundle(rec.job_dir, site_bundle, with_model=False)
-        rt.site_bundle = {
-            "id": "bundle",
-            "size": site_bundle.stat().st_size,
-            "sha256": sha256_path(site_bundle),
-        }
+        if site_bundle.exists():  # a job resumed after a restart
+            sha = sha256_file(site_bundle)
+        else:
+            sha = make_bundle(rec.job_dir, site_bundle, with_model=False)
+        rt.site_bundle = {"id": "bundle", "size": site_bundle.stat().st_size, "sha256": sha}
         with self.lock:
             self.jobs[rec.id] = rt
         self._event(rt, "scheduled", {"sites": sites})
@@ -974,15 +916,7 @@ class Server:
     # ------------------------------------------------------------------ job processes (IPC)
 
     def _start_ipc(self) -> None:
-        self.ipc_path.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(self.ipc_path))
-        finally:
-            os.umask(old)
-        sock.listen(64)
-        self._ipc_sock = sock
+        self._ipc_sock = frames.listen_unix(self.ipc_path, 64)
 
     def _ipc_accept_loop(self) -> None:
         assert self._ipc_sock is not None
@@ -1044,7 +978,7 @@ class Server:
                     "id": path.name,
                     "size": path.stat().st_size,
                     # the job process hashed the file while writing it; hash here otherwise
-                    "sha256": known.get("sha256") or sha256_path(path),
+                    "sha256": known.get("sha256") or sha256_file(path),
                 }
                 rt.task_blobs[path.name] = blob_info
             header = frames.field(h, "header", dict)
@@ -1063,16 +997,7 @@ class Server:
                 with self.lock:
                     conn = self.sites.get(name)
                 if conn is None or name not in rt.rec.sites:
-                    self._to_job(
-                        rt,
-                        {
-                            "t": "failed",
-                            "site": name,
-                            "task_id": task_id,
-                            "error": "site is not part of this job",
-                            "traceback": None,
-                        },
-                    )
+                    self._to_job(rt, _failed(name, task_id, "site is not part of this job"))
                     continue
                 self._send(
                     conn,
@@ -1081,7 +1006,7 @@ class Server:
                         "job": rt.rec.id,
                         "task_id": task_id,
                         "name": frames.field(h, "name", str),
-                        "header": frames.field(h, "header", dict),
+                        "header": header,
                         "blob": blob_info,
                     },
                 )
@@ -1144,8 +1069,26 @@ class Server:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:96]
+def _failed(site: str, task_id: str, error: str, tb: str | None = None) -> dict[str, Any]:
+    """The message that tells a job process a site's task failed."""
+    return {"t": "failed", "site": site, "task_id": task_id, "error": error, "traceback": tb}
+
+
+@contextlib.contextmanager
+def _as_status(context: Any, prefix: str = "") -> Iterator[None]:
+    """Turn fedctl errors raised by a handler into the gRPC status the client maps back."""
+    try:
+        yield
+    except (FrameError, StopIteration) as exc:
+        _abort(context, "INVALID_ARGUMENT", f"{prefix}{exc}")
+    except PermissionDenied as exc:
+        _abort(context, "PERMISSION_DENIED", str(exc))
+    except NotFound as exc:
+        _abort(context, "NOT_FOUND", str(exc))
+    except RecipeError as exc:  # bad job bundles and specs
+        _abort(context, "INVALID_ARGUMENT", f"{prefix}{exc}")
+    except FedctlError as exc:
+        _abort(context, "FAILED_PRECONDITION", str(exc))
 
 
 def _abort(context: Any, code: str, message: str) -> Any:
@@ -1160,18 +1103,6 @@ def _tail(path: Path, lines: int = 1) -> str:
     except OSError:
         return ""
     return " | ".join(text[-lines:])[:500]
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM the process group, SIGKILL after ``grace`` seconds."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
 
 
 def serve(kit_dir: str | os.PathLike[str], workspace: str | None = None, **kwargs: Any) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import time
 import traceback
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from fedctl.errors import FedctlError, RecipeError, RunFailed, UsageError
 from fedctl.recipe.base import Recipe, load_job
-from fedctl.recipe.run import ABORTED, FAILED, FINISHED, Run, finish_run
+from fedctl.recipe.run import ABORTED, FAILED, FINISHED, Run, finish_run, new_job_id
 from fedctl.sim.env import SimEnv
 from fedctl.sim.pool import LocalPool, Pool, RayPool, SimCommunicator, available_cpus
 from fedctl.sim.worker import WorkerConfig
@@ -25,11 +24,6 @@ from fedctl.tracking.store import RunStore
 from fedctl.workflows.base import JobAborted, WorkflowContext
 
 log = logging.getLogger("fedctl.sim")
-
-
-def new_job_id(name: str) -> str:
-    """A readable, unique id: name, UTC time, 4 random hex digits."""
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
 class _QuietRay(logging.Filter):

@@ -18,6 +18,7 @@ to its site's ``client.log``. Before each task the global generators are seeded 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -34,6 +35,7 @@ from fedctl.client import channel as client_channel
 from fedctl.client.channel import Channel, SiteInfo
 from fedctl.client.state import SiteState
 from fedctl.codec.model import FLModel, Task, TaskResult
+from fedctl.recipe.loader import isolated_imports
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "client.log"
@@ -247,11 +249,9 @@ class ScriptHost:
         self.sent = None
         status = self._execute()
         sent, self.sent = self.sent, None
-        if sent is None:
-            return status
-        if status[1]:
-            self.worker.notes.append(f"{self.site}: after send(): {status[1]}")
-        return sent
+        # An error after send() (code after the loop) is in the site's client.log; the result
+        # that was sent stands.
+        return status if sent is None else sent
 
     def _run_resident(self, task: Task) -> tuple[Any, ...]:
         """Resident mode: hand the task to the site's long-lived script thread."""
@@ -298,7 +298,6 @@ class WorkerCore:
 
         self.config = config
         self.transport = transport
-        self.notes: list[str] = []
         script = Path(config.code_dir) / config.train_script
         self.script_path = str(script)
         self.argv = shlex.split(config.train_args)
@@ -306,9 +305,10 @@ class WorkerCore:
         # argparse asks for the terminal size on every parser; scripts have no terminal here.
         os.environ.setdefault("COLUMNS", "100")
         os.environ.setdefault("LINES", "40")
-        self._path_entry = str(Path(config.code_dir).resolve())
-        sys.path.insert(0, self._path_entry)
-        self._modules_before = set(sys.modules)
+        # the job's code folder is importable (from model import Net), shadowing same-named
+        # modules of this process, until close()
+        self._imports = contextlib.ExitStack()
+        self._imports.enter_context(isolated_imports(config.code_dir))
         self._cwd = os.getcwd()
         if config.threads > 0:
             torch.set_num_threads(config.threads)
@@ -367,15 +367,7 @@ class WorkerCore:
             host.stop()
         self.hosts.clear()
         self._model = None
-        try:
-            sys.path.remove(self._path_entry)
-        except ValueError:
-            pass
-        code_dir = Path(self._path_entry)
-        for name, mod in list(sys.modules.items()):
-            f = getattr(mod, "__file__", None)
-            if name not in self._modules_before and f and code_dir in Path(f).resolve().parents:
-                del sys.modules[name]
+        self._imports.close()
         try:
             os.chdir(self._cwd)
         except OSError:

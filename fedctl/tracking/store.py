@@ -32,18 +32,18 @@ if TYPE_CHECKING:
     import torch
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if hasattr(value, "item"):
         try:
-            return _jsonable(value.item())
+            return jsonable(value.item())
         except (ValueError, RuntimeError):
             pass
     return repr(value)
@@ -52,7 +52,7 @@ def _jsonable(value: Any) -> Any:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` via a temp file and rename (never a half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -98,7 +98,7 @@ class RunStore:
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         with self._lock:
-            self._files[name].write(json.dumps(_jsonable(record)) + "\n")
+            self._files[name].write(json.dumps(jsonable(record)) + "\n")
 
     def listener(self, event: dict[str, Any]) -> None:
         """Workflow event → run.log / metrics JSONL."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import shutil
 import socket
 import struct
@@ -144,5 +145,22 @@ def socket_path(name: str) -> Path:
     if _socket_dir is None:
         _socket_dir = Path(tempfile.mkdtemp(prefix="fedctl-"))
         atexit.register(shutil.rmtree, _socket_dir, True)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-60:]
-    return _socket_dir / f"{safe}.sock"
+    return _socket_dir / f"{safe_name(name)[-60:]}.sock"
+
+
+def safe_name(text: str, limit: int = 96) -> str:
+    """``text`` with anything but letters, digits, ``.``, ``_`` and ``-`` replaced: a file name."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:limit]
+
+
+def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
+    """A listening unix socket at ``path`` that only this user can connect to (mode 0600)."""
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    return sock
