@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_sim import tree_pss  # the same measure as the simulator benchmark
+
 CLIENT = """\
 import torch
 import fedctl.client as flare
@@ -42,23 +44,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def tree_pss(pid: int) -> int:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return total
 
 
 def main() -> int:

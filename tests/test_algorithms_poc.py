@@ -5,11 +5,11 @@ with sampling, federated, server-side and cross-site evaluation. Slow: ``make te
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from fedctl.recipe import PocEnv, SimEnv, load_recipe
 from fedctl.runtime import poc
@@ -18,16 +18,10 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def poc_two_sites(tmp_path_factory):
     ws = tmp_path_factory.mktemp("poc-alg") / "ws"
-    poc.prepare(ws, sites=["site-1", "site-2"], port=_free_port())
+    poc.prepare(ws, sites=["site-1", "site-2"], port=free_port())
     poc.start(ws, site="site-1")
     poc.start(ws, site="site-2")
     yield ws

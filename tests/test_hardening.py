@@ -7,7 +7,6 @@ file order (the server kill comes last) and every process is stopped by PID at t
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from conftest import free_port
 
 from fedctl.cli.main import main
 from fedctl.codec.tensors import load_file
@@ -25,12 +25,6 @@ from fedctl.runtime.admin import AdminClient
 from fedctl.runtime.audit import AuditLog, verify
 
 TERMINAL = ("FINISHED", "FAILED", "ABORTED")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

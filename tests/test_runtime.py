@@ -17,6 +17,7 @@ import grpc
 import psutil
 import pytest
 import torch
+from conftest import free_port
 
 from fedctl.cli.main import main
 from fedctl.errors import FedctlError, PermissionDenied, UsageError
@@ -27,12 +28,6 @@ from fedctl.runtime.admin import AdminClient, ServerError
 from fedctl.transport import frames, rpc, tls
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -244,11 +239,10 @@ def test_reconnect_neither_loses_nor_duplicates(toy_dir, tmp_path) -> None:
             cut = 0
             for ev in admin.follow(job["id"]):
                 if ev.get("event") in ("round_started", "result") and cut < 3:
-                    with server.lock:
-                        stream = server.sites["site-1"].queue
-                        if stream is not None:
-                            stream.put(None)  # drop site-1's stream
-                            cut += 1
+                    link = server.sites["site-1"].link
+                    if link.online:
+                        link.close()  # drop site-1's stream
+                        cut += 1
                 if ev["t"] == "end":
                     break
             final = admin.status(job["id"])
