@@ -118,8 +118,15 @@ class FedAvg(Workflow):
         self.cross_site_eval = cross_site_eval
         #: the sites available in the current round (SCAFFOLD's N)
         self.round_sites: list[str] = []
-        self._warned_weight: set[str] = set()
-        self._warned_samples: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()
+
+    def warn_once(self, ctx: WorkflowContext, topic: str, site: str, message: str) -> None:
+        """Log and show ``message`` the first time ``site`` gives cause on ``topic``."""
+        if (topic, site) in self._warned:
+            return
+        self._warned.add((topic, site))
+        log.warning(message)
+        ctx.emit("warning", message=message)
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -148,14 +155,13 @@ class FedAvg(Workflow):
         if NUM_STEPS_KEY in meta:
             value = meta[NUM_STEPS_KEY]
             return float(value) if isinstance(value, int | float) else value
-        if result.site not in self._warned_weight:
-            self._warned_weight.add(result.site)
-            message = (
-                f"{result.site} sent no meta['{NUM_STEPS_KEY}']; its update is weighted 1 "
-                "(warned once per site)"
-            )
-            log.warning(message)
-            ctx.emit("warning", message=message)
+        self.warn_once(
+            ctx,
+            "weight",
+            result.site,
+            f"{result.site} sent no meta['{NUM_STEPS_KEY}']; its update is weighted 1 "
+            "(warned once per site)",
+        )
         return 1.0
 
     def new_aggregator(self, global_params: dict[str, torch.Tensor]) -> Any:
@@ -335,14 +341,13 @@ class FedAvg(Workflow):
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if number and math.isfinite(value) and value >= 0:
             return float(value)
-        if result.site not in self._warned_samples:
-            self._warned_samples.add(result.site)
-            message = (
-                f"{result.site} sent evaluation metrics without a valid meta['{NUM_SAMPLES_KEY}']; "
-                "they are weighted 1 (warned once per site)"
-            )
-            log.warning(message)
-            ctx.emit("warning", message=message)
+        self.warn_once(
+            ctx,
+            "samples",
+            result.site,
+            f"{result.site} sent evaluation metrics without a valid meta['{NUM_SAMPLES_KEY}']; "
+            "they are weighted 1 (warned once per site)",
+        )
         return 1.0
 
     def run_server_eval(

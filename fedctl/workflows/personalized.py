@@ -32,7 +32,7 @@ from fedctl.codec.keys import PERSONAL_KEY, bn_prefixes_from_names, stays_local
 from fedctl.codec.model import TaskResult
 from fedctl.errors import RunFailed
 from fedctl.workflows.base import KeyView, WorkflowContext
-from fedctl.workflows.fedavg import FedAvg, log
+from fedctl.workflows.fedavg import FedAvg
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,6 @@ class Personalized(FedAvg):
             "local": list(local or []),
         }
         self._local: set[str] | None = None
-        self._warned_local: set[str] = set()
 
     def base_meta(self, ctx: WorkflowContext, rnd: int) -> dict[str, Any]:
         return {**super().base_meta(ctx, rnd), PERSONAL_KEY: self.spec}
@@ -92,14 +91,14 @@ class Personalized(FedAvg):
         local = self.local_keys(global_params)
         params = KeyView(result.model.params, lambda k: k not in local)  # lazy: no copies
         dropped = len(result.model.params) - len(params)
-        if dropped and result.site not in self._warned_local:
-            self._warned_local.add(result.site)
-            message = (
+        if dropped:
+            self.warn_once(
+                ctx,
+                "local",
+                result.site,
                 f"{result.site} sent {dropped} local parameter(s) (they stay on the site and are "
-                "not averaged; use pz.shared() from flare.personalize); warned once per site"
+                "not averaged; use pz.shared() from flare.personalize); warned once per site",
             )
-            log.warning(message)
-            ctx.emit("warning", message=message)
         if not params:
             raise UpdateRejected("the update holds no shared parameters")
         result.model.params = params

@@ -35,7 +35,7 @@ from fedctl.aggregators.weighted import UpdateRejected, check_update
 from fedctl.codec.keys import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX, SCAFFOLD_KEY
 from fedctl.codec.model import TaskResult
 from fedctl.workflows.base import KeyView, WorkflowContext
-from fedctl.workflows.fedavg import FedAvg, log
+from fedctl.workflows.fedavg import FedAvg
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,6 @@ class Scaffold(FedAvg):
         #: the server control variate, by parameter name (empty means zero)
         self.c: dict[str, torch.Tensor] = {}
         self._dc_sum: dict[str, torch.Tensor] = {}
-        self._warned_dc: set[str] = set()
 
     def task_meta_for(self, ctx: WorkflowContext, rnd: int) -> dict[str, Any]:
         return {**super().task_meta_for(ctx, rnd), SCAFFOLD_KEY: True}
@@ -90,14 +89,14 @@ class Scaffold(FedAvg):
         for k, v in dc.items():
             if not v.is_floating_point():
                 raise UpdateRejected(f"control-variate change for {k!r} is not floating-point")
-        if not dc and result.site not in self._warned_dc:
-            self._warned_dc.add(result.site)
-            message = (
+        if not dc:
+            self.warn_once(
+                ctx,
+                "scaffold",
+                result.site,
                 f"{result.site} sent no SCAFFOLD control-variate change (does its script use "
-                "flare.Scaffold?); warned once per site"
+                "flare.Scaffold?); warned once per site",
             )
-            log.warning(message)
-            ctx.emit("warning", message=message)
         agg.add(params, weight, result.model.params_type, validate=False)
         for k, v in dc.items():
             acc = self._dc_sum.get(k)
