@@ -31,7 +31,9 @@ SPECS = [
 
 def held_bytes(agg) -> int:
     """Bytes of update data the aggregator holds now."""
-    return agg.nbytes
+    if hasattr(agg, "nbytes"):
+        return agg.nbytes
+    return sum(t.numel() * t.element_size() for t in agg._acc.values())
 
 
 def main() -> int:

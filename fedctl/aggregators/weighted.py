@@ -99,11 +99,6 @@ class WeightedAggregator:
         self.count = 0
         self.total_weight = 0.0
 
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the accumulator now (what it costs beyond the global model)."""
-        return sum(t.numel() * t.element_size() for t in self._acc.values())
-
     def _acc_dtype(self, t: torch.Tensor) -> torch.dtype:
         import torch
 
