@@ -401,3 +401,56 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_model(tmp_path: Path, 
     store.close()
     assert any(e["event"] == "resumed" and e["round"] == 2 for e in events)
     assert torch.allclose(resumed["w"], straight["w"], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- broadcast params
+
+
+@pytest.mark.parametrize(
+    "workflow",
+    [
+        lambda: FedAvg(3, 5),
+        lambda: FedAvg(3, 5, aggregator="median"),
+        lambda: FedAvg(3, 5, aggregator={"name": "krum", "f": 1}),
+        lambda: FedAvg(3, 5, federated_eval=True),
+        lambda: FedAvgM(3, 5, server_momentum=0.9),
+        lambda: FedAdam(3, 5, eta=0.1),
+        lambda: FedNova(3, 5),
+        lambda: FedProx(3, 5, mu=0.1),
+        lambda: Scaffold(3, 5),
+        lambda: Personalized(3, 5, fedbn=True, local=["n"]),
+    ],
+    ids=[
+        "fedavg",
+        "median",
+        "krum",
+        "eval",
+        "fedavgm",
+        "fedadam",
+        "fednova",
+        "fedprox",
+        "scaffold",
+        "personalized",
+    ],
+)
+def test_workflows_never_modify_broadcast_params_in_place(workflow) -> None:
+    """The simulator hands workers the workflow's own broadcast tensors (local backend) or
+    read-only shared memory (Ray): no workflow may write into them once broadcast."""
+    sent: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Recording(ScriptedComm):
+        def broadcast(self, task, targets):
+            for t in (task.model.params or {}).values():
+                sent.append((t, t.clone()))
+            return super().broadcast(task, targets)
+
+    def make(site: str, task: Task) -> TaskResult:
+        extra = {}
+        if SCAFFOLD_C_PREFIX + "w" in task.model.params:
+            extra = {SCAFFOLD_DC_PREFIX + "w": OFFSETS[site] * 0.1}
+        return _train(site, task, extra=extra)
+
+    comm = Recording(SITES, lambda s, t: (0.0, lambda: make(s, t)))
+    workflow().run(_ctx(comm), INITIAL)
+    assert len(sent) >= 6
+    assert all(torch.equal(t, before) for t, before in sent)

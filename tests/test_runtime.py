@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 from conftest import free_port
+from ground_truth import reference as ground_truth
 
 from fedctl.cli.main import main
 from fedctl.errors import FedctlError, PermissionDenied, UsageError
@@ -72,6 +73,16 @@ def test_poc_end_to_end_matches_simulation(poc_ws, tmp_path) -> None:
     )
     a, b = run.load_final(), sim.load_final()
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same model, bit for bit
+
+
+def test_poc_equals_the_framework_free_loop(poc_ws, tmp_path) -> None:
+    """A script that sends its cached model's own tensors and changes them right after send()
+    gives the ground-truth FedAvg model in POC too (issue 9)."""
+    args = f"--cache-dir {ground_truth.HELPERS} --mutate"
+    recipe = load_recipe(ground_truth.WORKLOAD).recipe.with_overrides(num_rounds=3, train_args=args)
+    run = recipe.run(PocEnv(workspace=poc_ws, display="none", results=tmp_path))
+    assert run.ok, run.reason
+    ground_truth.assert_bit_identical(run.load_final(), ground_truth.fedavg(2, 3))
 
 
 def test_cli_submit_status_logs_download(poc_ws, toy_dir, tmp_path, capsys) -> None:

@@ -57,6 +57,7 @@ class AgentChannel(Channel):
         self.conn.send({"t": "next"})
         got = self.conn.recv({"task", "end"})
         if got is None or got[0]["t"] == "end":
+            self._save_state()  # the job is over for this site
             return None
         h = got[0]
         tensors = load_file(h["path"])[0] if h.get("path") else {}
@@ -87,6 +88,10 @@ class AgentChannel(Channel):
         got = self.conn.recv({"ok"})
         if got is None:
             raise ClientAPIError("the fedctl site agent closed the connection")
+        self._save_state()
+
+    def _save_state(self) -> None:
+        """Persist the site's state (at each send and when the job ends for the site)."""
         if self._state is not None:
             self._state.save()
 

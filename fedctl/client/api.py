@@ -11,6 +11,7 @@ The contract, in the order a script uses it::
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import sys
@@ -29,6 +30,7 @@ from fedctl.codec.model import (
     FLModel,
     as_tensor_dict,
     check_json,
+    plain_metrics,
 )
 from fedctl.errors import ClientAPIError, CodecError
 
@@ -133,13 +135,21 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
         what = "twice for the same task" if ch.answered else "before receive()"
         raise ClientAPIError(f"send() called {what}")
     try:
-        if model.params is not None:
-            model.params = as_tensor_dict(model.params, "FLModel.params")
-        if model.optimizer_params is not None:
-            model.optimizer_params = as_tensor_dict(
-                model.optimizer_params, "FLModel.optimizer_params"
-            )
-        check_json(model.meta or {}, "FLModel.meta")
+        # What the runtime gets is the script's answer as of this call: its own dicts (the
+        # script may reuse its metrics or meta), metrics as plain numbers, every part checked.
+        # The tensors are frozen by the channel (a copy or a file written before this returns).
+        model = replace(
+            model,
+            params=None if model.params is None else as_tensor_dict(model.params, "FLModel.params"),
+            optimizer_params=(
+                None
+                if model.optimizer_params is None
+                else as_tensor_dict(model.optimizer_params, "FLModel.optimizer_params")
+            ),
+            metrics=plain_metrics(model.metrics),
+            meta=copy.deepcopy(check_json(model.meta or {}, "FLModel.meta")),
+        )
+        check_json(model.metrics or {}, "FLModel.metrics")
     except CodecError as exc:
         raise ClientAPIError(f"send(): {exc}") from None
     if ch.task.name == TASK_TRAIN and model.params is None:

@@ -3,7 +3,12 @@
 ``RayTransport`` puts a model into Ray's object store once (as flat uint8 numpy buffers, which Ray
 stores without pickling their data and hands back as zero-copy read-only views);
 ``LocalTransport`` is the in-process equivalent. Both give a *snapshot*: what a script sends
-is copied at ``send`` time, so later changes to its model cannot leak into the aggregate.
+is copied at ``send`` time, so later changes to its tensors cannot leak into the aggregate.
+
+The copy is never skipped, not even for a script that has ended: objects outlive a script in its
+worker process (a module-level model cache in a helper module, an ``lru_cache``, the next site's
+``load_state_dict`` into that cached model), so "nothing can change this any more" is never
+true of a tensor a script handed over. A real site serialises at ``send``; so does this.
 """
 
 from __future__ import annotations
@@ -73,10 +78,9 @@ class LocalTransport:
         """Make the round's global params available to workers."""
         return params
 
-    def snapshot(self, params: dict[str, torch.Tensor], *, frozen: bool = False) -> Any:
-        """Freeze what a script sent, at send time (``frozen``: the script has ended and
-        cannot change it any more, so no copy is needed)."""
-        return params if frozen else _clone(params)
+    def snapshot(self, params: dict[str, torch.Tensor]) -> Any:
+        """Freeze what a script sent, at send time: a private copy."""
+        return _clone(params)
 
     def get(self, handle: Any) -> dict[str, torch.Tensor]:
         return handle
@@ -90,13 +94,15 @@ class RayTransport:
 
         return ("ref", ray.put(pack(params)))
 
-    def snapshot(self, params: dict[str, torch.Tensor], *, frozen: bool = False) -> Any:
+    def snapshot(self, params: dict[str, torch.Tensor]) -> Any:
+        """Freeze what a script sent, at send time: small results are cloned and travel in
+        their batch's return value; large ones are copied into the object store now."""
         import ray
 
         nbytes = sum(t.numel() * t.element_size() for t in params.values())
         if nbytes <= INLINE_BYTES:
-            return ("inline", pack(params if frozen else _clone(params)))
-        return ("ref", ray.put(pack(params)))
+            return ("inline", pack(_clone(params)))
+        return ("ref", ray.put(pack(params)))  # ray.put copies the bytes before it returns
 
     def get(self, handle: Any) -> dict[str, torch.Tensor]:
         import ray

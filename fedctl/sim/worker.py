@@ -10,15 +10,20 @@ How a script runs (the design is in docs/simulation.md):
   Memory does not grow with the number of sites; what a site must keep between rounds goes in
   ``fedctl.client.get_state()``, which the worker saves to ``sites/<site>/state.safetensors``.
 
-Either way a worker runs one script at a time, so per-process settings (``sys.argv``, the
-working directory) are set for the script that is running; ``print`` output of each script goes
-to its site's ``client.log``. Before each task the global generators are seeded from
-(seed, site, round), so results do not depend on the mode or on which worker ran what.
+Either way a worker *executes* one script at a time: a resident script that has sent its result
+runs on (the code after ``send``) until it blocks again in ``is_running()`` before any other site
+of its worker is given a task. Sites of one worker share a process, like a module-level cache in a
+helper module does; taking turns makes them behave as if each had its own, as on real sites.
+Per-process settings (``sys.argv``, the working directory) are set for the script that is
+running; ``print`` output of each script goes to its site's ``client.log``. Before each task the
+global generators are seeded from (seed, site, round), so results do not depend on the mode or on
+which worker ran what.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import queue
@@ -27,7 +32,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,8 @@ from fedctl.recipe.loader import isolated_imports
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "client.log"
+#: what a resident script's thread reports when it blocks for its next task
+PARKED = ("parked",)
 
 
 @dataclass
@@ -112,34 +119,47 @@ class SimChannel(Channel):
         self._state: SiteState | None = None
 
     def next_task(self) -> Task | None:
-        task = (
-            self.inbox.get() if self.host.resident else (self.inbox.pop(0) if self.inbox else None)
-        )
+        if self.host.resident:
+            self.host.outbox.put(PARKED)  # the worker may now run another site's script
+            task = self.inbox.get()
+        else:
+            task = self.inbox.pop(0) if self.inbox else None
         if task is not None:
             self.host.enter_context()
+        else:
+            self.save_state()
         return task
 
     def submit(self, task: Task, model: FLModel) -> None:
-        params = model.params
+        # Frozen now, in the script's thread: the tensors are copied before send() returns (see
+        # fedctl.sim.transport), the JSON parts were copied by the client API.
         handle = None
-        if params is not None:
-            # A per-round script ends before its result leaves the worker: nothing can change
-            # the tensors in between, so no copy. A resident one keeps running: copy at send.
-            handle = self.host.transport.snapshot(params, frozen=not self.host.resident)
-        sent = FLModel(
-            params_type=model.params_type,
+        if model.params is not None:
+            handle = self.host.transport.snapshot(model.params)
+        sent = replace(
+            model,
             params=None,
-            optimizer_params=model.optimizer_params,
-            metrics=model.metrics,
-            start_round=model.start_round,
-            current_round=model.current_round,
-            total_rounds=model.total_rounds,
-            meta=model.meta,
+            optimizer_params=(
+                {k: v.detach().clone() for k, v in model.optimizer_params.items()}
+                if model.optimizer_params is not None
+                else None
+            ),
         )
+        self.save_state()
+        # the records made so far travel with this result; what the script logs after send()
+        # (each record names its round) goes with its next one
+        records, self.host.records = self.host.records, []
         if self.host.resident:
-            self.host.outbox.put(("result", sent, handle))
+            self.host.outbox.put(("result", sent, handle, records))
         else:
-            self.host.sent = ("result", sent, handle)  # and its loop ends: the inbox is empty
+            self.host.sent = ("result", sent, handle, records)  # and its loop ends
+
+    def save_state(self) -> None:
+        """Persist the site's state (at each send and when the job ends for the site), in the
+        script's own thread so nothing it does meanwhile can race the write."""
+        st = self._state
+        if st is not None and (len(st) or st.path.exists()):
+            st.save()
 
     def record(self, record: dict[str, Any]) -> None:
         self.host.records.append(record)
@@ -170,6 +190,8 @@ class ScriptHost:
             workspace=str(self.site_dir),
         )
         self.outbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        #: a resident script has sent its result and has not blocked in is_running() again
+        self.unsettled = False
         self.sent: tuple[Any, ...] | None = None
         self.records: list[dict[str, Any]] = []
         self.channel: SimChannel | None = None
@@ -222,7 +244,6 @@ class ScriptHost:
 
     def run(self, task: Task) -> tuple[TaskResult, Any]:
         """Give the script ``task``; wait for its send (or its end). Returns (result, handle)."""
-        self.records = []
         started = time.monotonic()
         if self.resident:
             msg = self._run_resident(task)
@@ -231,14 +252,13 @@ class ScriptHost:
         result = TaskResult(self.site, task.task_id)
         handle = None
         if msg[0] == "result":
-            _, result.model, handle = msg
+            _, result.model, handle, result.records = msg
         else:
             _, error, tb = msg
             result.error = error or "script finished without calling send()"
             result.traceback = tb
             self.thread = None
-        self._save_state()
-        result.records = self.records
+            result.records, self.records = self.records, []  # the script has ended
         result.duration = time.monotonic() - started
         return result, handle
 
@@ -260,18 +280,31 @@ class ScriptHost:
                 self._start()
             assert self.channel is not None
             self.channel.inbox.put(task)
-            msg = self.outbox.get()
+            msg = self._next_message()
             if msg[0] == "exit" and not msg[1] and not self.channel.inbox.empty():
                 # A resident script that ended on its own between tasks: start it again.
                 self.thread = None
                 continue
+            self.unsettled = msg[0] == "result"
             return msg
         return msg
 
-    def _save_state(self) -> None:
-        ch = self.channel
-        if ch is not None and ch._state is not None and (len(ch._state) or ch._state.path.exists()):
-            ch._state.save()
+    def _next_message(self) -> tuple[Any, ...]:
+        """The script's next result or exit (it parks before taking a task: skipped here)."""
+        while True:
+            msg = self.outbox.get()
+            if msg is not PARKED:
+                return msg
+
+    def settle(self) -> None:
+        """Wait until a resident script that has sent its result blocks again in
+        ``is_running()`` (or ends): until then it may still change what the process shares."""
+        if not self.unsettled:
+            return
+        self.unsettled = False
+        msg = self.outbox.get()
+        if msg is not PARKED:  # it ended; an error after send() is in its client.log
+            self.thread = None
 
     def stop(self, timeout: float = 10.0) -> None:
         """End a resident script: its ``is_running()`` returns False."""
@@ -316,6 +349,7 @@ class WorkerCore:
         self._site_dirs: set[Path] = set()
         self._model_id: str | None = None
         self._model: dict[str, Any] | None = None
+        self._active: ScriptHost | None = None  # the host that ran last
 
     def make_site_dir(self, path: Path) -> None:
         """Create a site's folder once per worker (not once per task)."""
@@ -324,6 +358,11 @@ class WorkerCore:
             self._site_dirs.add(path)
 
     def _global(self, model_id: str, handle: Any) -> dict[str, Any]:
+        """The round's global params, fetched once per broadcast and never handed to a script
+        (each gets a clone). With Ray they are read-only views of the object store; in the local
+        backend they are the workflow's own tensors, which stay unchanged while the broadcast
+        runs because workflows and aggregators never modify broadcast params in place (every
+        step builds new tensors; ``tests/test_algorithms.py`` pins it for every workflow)."""
         if model_id != self._model_id:
             self._model = None  # drop the previous round's model before fetching this one
             self._model = self.transport.get(handle)
@@ -342,15 +381,15 @@ class WorkerCore:
                 base = self._global(model_id, handle_box[0])
                 params = {k: v.clone() for k, v in base.items()}  # the script's own copy
             m = item.task.model
-            model = FLModel(
-                params_type=m.params_type,
+            # Each script gets its own copies: the task object is shared by every item of the
+            # batch (and, in the local backend, with the workflow), and scripts may edit what
+            # they receive.
+            model = replace(
+                m,
                 params=params,
                 optimizer_params=None,
-                metrics=m.metrics,
-                start_round=m.start_round,
-                current_round=m.current_round,
-                total_rounds=m.total_rounds,
-                meta=dict(m.meta or {}),
+                metrics=copy.deepcopy(m.metrics),
+                meta=copy.deepcopy(m.meta or {}),
             )
             task = Task(item.task.name, model, item.task.task_id, item.task.job_id)
             host = self.hosts.get(item.site)
@@ -358,11 +397,20 @@ class WorkerCore:
                 host = ScriptHost(self, item.site, item.site_index)
                 if self.config.resident:
                     self.hosts[item.site] = host
+            self._settle()
             out.append(host.run(task))
+            self._active = host
         return out
+
+    def _settle(self) -> None:
+        """Let the script that ran last finish its code after send() before another starts."""
+        if self._active is not None:
+            self._active.settle()
+            self._active = None
 
     def close(self) -> None:
         """Stop resident scripts and undo this worker's changes to the process."""
+        self._settle()
         for host in self.hosts.values():
             host.stop()
         self.hosts.clear()
