@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 
+from fedctl.constants import ENV_ADMIN_KIT
+
 KIT_OPTION = typer.Option(
     None,
     "--kit",
@@ -25,8 +27,8 @@ def admin_client(
     from fedctl.errors import UsageError
     from fedctl.runtime.admin import AdminClient
 
-    if kit is None and target != "poc" and os.environ.get("FEDCTL_ADMIN_KIT"):
-        kit = Path(os.environ["FEDCTL_ADMIN_KIT"])
+    if kit is None and target != "poc" and os.environ.get(ENV_ADMIN_KIT):
+        kit = Path(os.environ[ENV_ADMIN_KIT])
     if kit is None:
         if target == "prod":
             raise UsageError(

@@ -13,12 +13,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from fedctl._fs import safe_name
 from fedctl.client.channel import Channel, SiteInfo
 from fedctl.client.state import SiteState
 from fedctl.codec.model import FLModel, Task, join_model, split_model
 from fedctl.codec.tensors import load_file, save_file_hashed
+from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE
 from fedctl.errors import ClientAPIError
-from fedctl.transport.frames import FrameSocket, safe_name
+from fedctl.transport.frames import FrameSocket
 
 STATE_FILE = "state.safetensors"
 
@@ -114,7 +116,7 @@ class AgentChannel(Channel):
 
 def connect_from_env() -> AgentChannel:
     """The channel for a script started by a site agent (``FEDCTL_AGENT_SOCKET``)."""
-    path = os.environ.get("FEDCTL_AGENT_SOCKET")
+    path = os.environ.get(ENV_AGENT_SOCKET)
     if not path:
-        raise ClientAPIError("FEDCTL_MODE is set but FEDCTL_AGENT_SOCKET is not")
+        raise ClientAPIError(f"{ENV_MODE} is set but {ENV_AGENT_SOCKET} is not")
     return AgentChannel(path)

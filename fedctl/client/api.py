@@ -32,6 +32,7 @@ from fedctl.codec.model import (
     check_json,
     plain_metrics,
 )
+from fedctl.constants import ENV_MODE
 from fedctl.errors import ClientAPIError, CodecError
 
 #: ``params`` names that carry algorithm state, not model weights (see _set_aside_algorithm_state)
@@ -46,7 +47,7 @@ def init(rank: int | str | None = None) -> None:
     """
     ch = _ch.current()
     if ch is None:
-        mode = os.environ.get("FEDCTL_MODE")
+        mode = os.environ.get(ENV_MODE)
         if mode in ("poc", "production"):
             from fedctl.client.agent_channel import connect_from_env
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl._fs import atomic_write
 from fedctl.errors import ConfigError, NotFound, UsageError
 from fedctl.provision.identity import Identity, IdentityError
 from fedctl.provision.kit import (
@@ -207,18 +208,6 @@ class _State:
             os.close(fd)
 
 
-def _atomic_text(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _record(identity: Identity, cert: x509.Certificate, key_origin: str) -> dict[str, Any]:
     from fedctl.provision.certs import fingerprint, utcnow
 
@@ -310,7 +299,7 @@ def _write_issues(state: _State, issues: list[_Issue], *, replace: bool) -> list
         zip_path = state.kits / f"{name}.zip"
         atomic_write_zip(it.files, name, zip_path)
         serial = format(load_cert(it.cert_pem).serial_number, "x")
-        _atomic_text(state.dir / ISSUED_DIR / f"{serial}.pem", it.cert_pem)
+        atomic_write(state.dir / ISSUED_DIR / f"{serial}.pem", it.cert_pem)
         records.append(KitRecord(it.identity, it.status, dest, zip_path, it.note))
     return records
 
@@ -318,12 +307,14 @@ def _write_issues(state: _State, issues: list[_Issue], *, replace: bool) -> list
 def _save_state(state: _State, project: Project, new_records: list[dict[str, Any]]) -> None:
     issued = state.issued()
     issued["certificates"].extend(new_records)
-    _atomic_text(state.dir / ISSUED_FILE, (json.dumps(issued, indent=2) + "\n").encode(), 0o644)
+    atomic_write(
+        state.dir / ISSUED_FILE, (json.dumps(issued, indent=2) + "\n").encode(), mode=0o644
+    )
     header = (
         "# The project as provisioned in this workspace (kept by fedctl; participants added\n"
         "# with --add-site/--add-admin or `fedctl cert sign` are included).\n"
     )
-    _atomic_text(state.dir / PROJECT_FILE, (header + project.to_yaml()).encode())
+    atomic_write(state.dir / PROJECT_FILE, (header + project.to_yaml()).encode())
 
 
 # --------------------------------------------------------------------------- provision
@@ -376,8 +367,8 @@ def _provision_new(project: Project, root: Path) -> ProvisionResult:
             valid_days=project.ca_valid_days,
             key_type=project.key_type,
         )
-        _atomic_text(state.dir / CA_KEY, certs.key_to_pem(ca_key), 0o600)
-        _atomic_text(state.dir / CA_CERT, certs.cert_to_pem(ca_cert))
+        atomic_write(state.dir / CA_KEY, certs.key_to_pem(ca_key), mode=0o600)
+        atomic_write(state.dir / CA_CERT, certs.cert_to_pem(ca_cert))
         issues = [_build(project, project.server, ca_key, ca_cert)]
         issues += [_build(project, p, ca_key, ca_cert) for p in project.participants]
         _write_issues(state, issues, replace=False)

@@ -14,7 +14,6 @@ Job folder layout (the unit that is zipped, signed and submitted)::
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 import shutil
@@ -24,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fedctl._fs import sha256_file
 from fedctl.aggregators.select import aggregator_label, min_results
 from fedctl.codec.model import check_json
+from fedctl.constants import MAX_CODE_BYTES
 from fedctl.errors import CodecError, RecipeError
 from fedctl.workflows.sampling import check_sample_spec
 
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
 
 JOB_SPEC = "fedctl-job.yaml"
 JOB_FORMAT = 1
-#: A job's code folder larger than this is refused (data belongs on the sites, not in a job).
-MAX_CODE_BYTES = 64 * 1024 * 1024
 _SKIP_DIRS = {"__pycache__", "fedctl-runs", "fedctl-workspace", "node_modules", "venv"}
 _SKIP_SUFFIXES = {".pyc", ".pyo"}
 _FEDCTL_DIR = Path(__file__).resolve().parent.parent
@@ -58,15 +57,6 @@ def _caller_dir() -> Path:
                 return path.parent
         frame = frame.f_back
     return Path.cwd()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Recipe:

@@ -125,7 +125,8 @@ def finish_run(
     extra: dict[str, Any],
 ) -> Run:
     """Describe a run from its RunStore, log its outcome, close the store, write result.json."""
-    from fedctl.tracking.store import write_json_atomic
+    from fedctl._fs import write_json_atomic
+    from fedctl.tracking.store import jsonable
 
     run = Run(
         job_id=job_id,
@@ -144,5 +145,5 @@ def finish_run(
     )
     store.log(status + (f": {reason}" if reason else ""))
     store.close()
-    write_json_atomic(store.root / "result.json", run.to_json())
+    write_json_atomic(store.root / "result.json", jsonable(run.to_json()))
     return run

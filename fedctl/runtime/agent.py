@@ -33,6 +33,8 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl._fs import safe_name
+from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE, MAX_BLOB_BYTES, MAX_BUNDLE_BYTES
 from fedctl.errors import FedctlError
 from fedctl.runtime.audit import AuditLog
 from fedctl.runtime.bundle import BundleError, extract_bundle
@@ -46,8 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedctl.agent")
 
-MAX_BUNDLE = 8 * 1024**3
-MAX_TASK_BLOB = 64 * 1024**3
 LOG_BATCH = 200
 SCRIPT_CONNECT_TIMEOUT = 300.0
 
@@ -61,7 +61,7 @@ class SiteAgent:
         workspace: str | os.PathLike[str] | None = None,
         *,
         address: str | None = None,
-        max_bundle: int = MAX_BUNDLE,
+        max_bundle: int = MAX_BUNDLE_BYTES,
     ) -> None:
         if kit.type != "site":
             raise FedctlError(
@@ -342,9 +342,9 @@ class SiteJob:
         script = code / self.recipe.train_script
         env = {
             **os.environ,
-            "FEDCTL_MODE": str(d.get("mode", "production")),
+            ENV_MODE: str(d.get("mode", "production")),
             # the rest (site, index, seed, …) the script learns over this socket
-            "FEDCTL_AGENT_SOCKET": str(self.sock_path),
+            ENV_AGENT_SOCKET: str(self.sock_path),
             "PYTHONUNBUFFERED": "1",
         }
         cmd = [sys.executable, str(script), *shlex.split(self.recipe.train_args)]
@@ -472,8 +472,8 @@ class SiteJob:
         task_id = str(task["task_id"])
         path = None
         if task.get("blob"):
-            path = self.root / "blobs" / f"task.{frames.safe_name(task_id)}.safetensors"
-            self.agent.fetch(self.job_id, task["blob"], path, MAX_TASK_BLOB)
+            path = self.root / "blobs" / f"task.{safe_name(task_id)}.safetensors"
+            self.agent.fetch(self.job_id, task["blob"], path, MAX_BLOB_BYTES)
             self.agent.audit.record(
                 "model_received",
                 None,

@@ -14,11 +14,12 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from fedctl._fs import sha256_file
+from fedctl.constants import MAX_BUNDLE_BYTES
 from fedctl.errors import RecipeError
 
 MAX_FILES = 10_000
 #: default cap on an unpacked job (code + initial model); servers can raise it.
-MAX_BUNDLE_BYTES = 8 * 1024**3
 
 
 class BundleError(RecipeError):
@@ -32,7 +33,7 @@ def make_bundle(
 
     ``with_model=False`` leaves the initial model out (the bundle sites get).
     """
-    from fedctl.recipe.base import read_job_spec, sha256_file
+    from fedctl.recipe.base import read_job_spec
 
     job_dir, dest = Path(job_dir), Path(dest)
     model = None if with_model else read_job_spec(job_dir, verify=False).model

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from fedctl.constants import ENV_JOB_TOKEN
 from fedctl.errors import FedctlError, RunFailed
 from fedctl.recipe.base import load_job
 from fedctl.recipe.run import ABORTED, FAILED, FINISHED, finish_run
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     log = logging.getLogger("fedctl.job")
 
-    token = os.environ.pop("FEDCTL_JOB_TOKEN", "")
+    token = os.environ.pop(ENV_JOB_TOKEN, "")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.socket)
     ipc = FrameSocket(sock)

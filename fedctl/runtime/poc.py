@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedctl.constants import ENV_POC_WORKSPACE
 from fedctl.errors import FedctlError, UsageError
 from fedctl.runtime.procs import terminate_group
 
@@ -34,7 +35,7 @@ DEFAULT_PORT = 8002
 
 def default_workspace() -> Path:
     """``$FEDCTL_POC_WORKSPACE`` or ``~/.fedctl/poc``."""
-    env = os.environ.get("FEDCTL_POC_WORKSPACE")
+    env = os.environ.get(ENV_POC_WORKSPACE)
     return Path(env) if env else Path.home() / ".fedctl" / "poc"
 
 

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl._fs import safe_name, sha256_file
+from fedctl.constants import ENV_JOB_TOKEN, MAX_BLOB_BYTES, MAX_BUNDLE_BYTES
 from fedctl.errors import FedctlError, NotFound, PermissionDenied, RecipeError
-from fedctl.recipe.base import sha256_file
 from fedctl.recipe.run import new_job_id
 from fedctl.runtime import store as st
 from fedctl.runtime.audit import AuditLog
@@ -61,8 +62,6 @@ SITE_TIMEOUT = 30.0
 OFFLINE_GRACE = 60.0
 #: after a restart, how long an interrupted job waits for all its sites before going on
 RESUME_GRACE = 120.0
-MAX_BUNDLE = 8 * 1024**3
-MAX_RESULT = 64 * 1024**3
 _BLOB = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -119,7 +118,7 @@ class Server:
         max_jobs: int = 4,
         heartbeat: float = HEARTBEAT,
         site_timeout: float = SITE_TIMEOUT,
-        max_bundle: int = MAX_BUNDLE,
+        max_bundle: int = MAX_BUNDLE_BYTES,
         offline_grace: float = OFFLINE_GRACE,
         allow_server_code: bool = False,
     ) -> None:
@@ -431,13 +430,13 @@ class Server:
             ident, rt = self._site_job(context, h)
             task_id = frames.field(h, "task_id", str)
             size = frames.field(h, "size", int)
-            name = f"result.{frames.safe_name(task_id)}.{ident.name}"
-            if size > MAX_RESULT:
+            name = f"result.{safe_name(task_id)}.{ident.name}"
+            if size > MAX_BLOB_BYTES:
                 _abort(context, "RESOURCE_EXHAUSTED", f"result of {size} bytes is over the limit")
             _, sha = rpc.receive_file(
                 request_iterator,
                 self._blob_path(rt, name),
-                max_bytes=min(size, MAX_RESULT),
+                max_bytes=min(size, MAX_BLOB_BYTES),
                 expect_size=size,
             )
             with self.lock:
@@ -767,7 +766,7 @@ class Server:
         self._event(rt, "scheduled", {"sites": sites})
         self.audit.record("job_scheduled", None, job=rec.id, sites=sites)
         log_path = Path(rec.job_dir).parent / "job.log"
-        env = {**os.environ, "FEDCTL_JOB_TOKEN": rt.token, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, ENV_JOB_TOKEN: rt.token, "PYTHONUNBUFFERED": "1"}
         cmd = [
             sys.executable,
             "-m",

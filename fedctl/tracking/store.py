@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl._fs import write_json_atomic
 from fedctl.codec.tensors import load_file, save_file
 
 if TYPE_CHECKING:
@@ -47,13 +48,6 @@ def jsonable(value: Any) -> Any:
         except (ValueError, RuntimeError):
             pass
     return repr(value)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temp file and rename (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class RunStore:
@@ -206,7 +200,7 @@ class RunStore:
     def save_json(self, name: str, data: Any) -> Path:
         """Write ``<root>/<name>`` atomically as JSON (e.g. the cross-site matrix)."""
         path = self.root / name
-        write_json_atomic(path, data)
+        write_json_atomic(path, jsonable(data))
         return path
 
     # ------------------------------------------------------------------ checkpoints
@@ -237,7 +231,7 @@ class RunStore:
             "best": self.best,
             "history": self.history,
         }
-        write_json_atomic(self.checkpoint_dir / "checkpoint.json", info)
+        write_json_atomic(self.checkpoint_dir / "checkpoint.json", jsonable(info))
         for old in self.checkpoint_dir.glob("round-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fedctl._fs import safe_name
 from fedctl.errors import CodecError
 
 MAGIC = b"FC"
@@ -146,11 +147,6 @@ def socket_path(name: str) -> Path:
         _socket_dir = Path(tempfile.mkdtemp(prefix="fedctl-"))
         atexit.register(shutil.rmtree, _socket_dir, True)
     return _socket_dir / f"{safe_name(name)[-60:]}.sock"
-
-
-def safe_name(text: str, limit: int = 96) -> str:
-    """``text`` with anything but letters, digits, ``.``, ``_`` and ``-`` replaced: a file name."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:limit]
 
 
 def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
