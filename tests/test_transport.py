@@ -149,7 +149,7 @@ def test_job_store_transitions_and_events(tmp_path: Path) -> None:
 
 
 def test_site_bundles_leave_the_initial_model_out(toy_recipe, tmp_path: Path) -> None:
-    from fedctl.recipe.base import read_job_spec
+    from fedctl.recipe.jobfolder import read_job_spec
 
     job = toy_recipe.export(tmp_path / "job")
     make_bundle(job, tmp_path / "site.zip", with_model=False)

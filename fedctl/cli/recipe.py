@@ -44,7 +44,7 @@ def _describe(cls: Any) -> dict[str, Any]:
 
 def _catalog() -> list[dict[str, Any]]:
     import fedctl.recipe  # noqa: F401  (registers every recipe kind)
-    from fedctl.recipe.base import REGISTRY
+    from fedctl.recipe.jobfolder import REGISTRY
 
     order = {kind: i for i, kind in enumerate(ORDER)}
     classes = sorted(REGISTRY.values(), key=lambda c: (order.get(c.kind, len(order)), c.kind))

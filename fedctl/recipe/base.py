@@ -3,47 +3,54 @@
 A recipe holds only declarative values (numbers, strings, lists, dicts), the initial model, and
 the folder its client script lives in. Every constructor argument is kept as an attribute of the
 same name, which is what makes a recipe exportable: ``to_spec()`` reads them back, and loading a
-job folder calls the constructor again with them (so validation runs in both directions).
-
-Job folder layout (the unit that is zipped, signed and submitted)::
-
-    fedctl-job.yaml              kind, name, arguments, file hashes (declarative, no code)
-    model/initial.safetensors    initial weights (safe framing, no pickle)
-    code/                        the recipe folder: client script and its helper modules
+job folder (:mod:`fedctl.recipe.jobfolder`) calls the constructor again with them (so validation
+runs in both directions). ``recipe.run(env)`` hands the recipe to an environment (anything with
+a ``run(recipe) -> Run`` method, the :class:`ExecEnv` protocol): the recipe does not know the
+simulator or the runtime, they know it.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from fedctl._fs import sha256_file
 from fedctl.aggregators.select import aggregator_label, min_results
 from fedctl.codec.model import check_json
 from fedctl.constants import MAX_CODE_BYTES
 from fedctl.errors import CodecError, RecipeError
+from fedctl.recipe.checks import (
+    check_bool,
+    check_int,
+    check_name,
+    check_opt_nonneg,
+    check_opt_pos,
+    check_str,
+    size_text,
+)
+from fedctl.recipe.jobfolder import JOB_SPEC, REGISTRY, load_weights, write_job
 from fedctl.workflows.sampling import check_sample_spec
 
 if TYPE_CHECKING:
     import torch
 
-    from fedctl.recipe.run import Run
+    from fedctl.tracking.run import Run
     from fedctl.workflows.base import Workflow
 
-JOB_SPEC = "fedctl-job.yaml"
-JOB_FORMAT = 1
 _SKIP_DIRS = {"__pycache__", "fedctl-runs", "fedctl-workspace", "node_modules", "venv"}
 _SKIP_SUFFIXES = {".pyc", ".pyo"}
 _FEDCTL_DIR = Path(__file__).resolve().parent.parent
 
-#: kind → recipe class; job folders name a kind, never a class path (nothing is imported by name).
-REGISTRY: dict[str, type[Recipe]] = {}
+
+@runtime_checkable
+class ExecEnv(Protocol):
+    """Where a recipe runs: ``SimEnv``, ``PocEnv``, ``ProdEnv`` or your own."""
+
+    def run(self, recipe: Recipe) -> Run:
+        """Run ``recipe`` to its end and describe how it went."""
+        ...
 
 
 def _caller_dir() -> Path:
@@ -124,15 +131,15 @@ class Recipe:
         base_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else _caller_dir()
-        _check_name(name)
+        check_name(name)
         self.name = name
-        self.min_clients = _int("min_clients", min_clients, 1)
-        self.num_rounds = _int("num_rounds", num_rounds, 1)
-        self.train_args = _str("train_args", train_args)
-        self.round_timeout = _opt_pos("round_timeout", round_timeout)
-        self.wait_after_min = _opt_nonneg("wait_after_min", wait_after_min)
+        self.min_clients = check_int("min_clients", min_clients, 1)
+        self.num_rounds = check_int("num_rounds", num_rounds, 1)
+        self.train_args = check_str("train_args", train_args)
+        self.round_timeout = check_opt_pos("round_timeout", round_timeout)
+        self.wait_after_min = check_opt_nonneg("wait_after_min", wait_after_min)
         if key_metric is not None:
-            _str("key_metric", key_metric)
+            check_str("key_metric", key_metric)
         self.key_metric = key_metric
         if key_metric_mode not in ("max", "min"):
             raise RecipeError(f"key_metric_mode must be 'max' or 'min', got {key_metric_mode!r}")
@@ -152,10 +159,10 @@ class Recipe:
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
         self.sample_clients = sample_clients
-        self.federated_eval = _bool("federated_eval", federated_eval)
-        self.eval_every = _int("eval_every", eval_every, 1)
+        self.federated_eval = check_bool("federated_eval", federated_eval)
+        self.eval_every = check_int("eval_every", eval_every, 1)
         self.server_eval = self._check_function("server_eval", server_eval)
-        self.cross_site_eval = _bool("cross_site_eval", cross_site_eval)
+        self.cross_site_eval = check_bool("cross_site_eval", cross_site_eval)
 
     # ------------------------------------------------------------------ validation
 
@@ -322,12 +329,11 @@ class Recipe:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, env: Any) -> Run:
+    def run(self, env: ExecEnv) -> Run:
         """Run the recipe in ``env`` (SimEnv, PocEnv, ProdEnv) and return the Run."""
-        runner = getattr(env, "run", None)
-        if runner is None:
+        if not isinstance(env, ExecEnv):
             raise RecipeError(f"{type(env).__name__} is not an environment (SimEnv, PocEnv, ...)")
-        return runner(self)
+        return env.run(self)
 
     execute = run
 
@@ -357,50 +363,14 @@ class Recipe:
         if total > MAX_CODE_BYTES:
             biggest = max(files, key=lambda f: (self.base_dir / f).stat().st_size)
             raise RecipeError(
-                f"recipe folder {self.base_dir} holds {_size(total)} of files "
-                f"(limit {_size(MAX_CODE_BYTES)}; largest: {biggest}); keep data out of it"
+                f"recipe folder {self.base_dir} holds {size_text(total)} of files "
+                f"(limit {size_text(MAX_CODE_BYTES)}; largest: {biggest}); keep data out of it"
             )
         return files
 
     def export(self, job_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write this recipe as a job folder; atomic (a failure leaves nothing behind)."""
-        import yaml
-
-        from fedctl.codec.tensors import save_file_hashed
-
-        job_dir = Path(job_dir).resolve()
-        if job_dir.exists() and any(job_dir.iterdir()) and not overwrite:
-            raise RecipeError(f"{job_dir} already exists and is not empty")
-        job_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{job_dir.name}.", dir=job_dir.parent))
-        try:
-            files: dict[str, str] = {}
-            for rel in self.code_files():
-                dst = tmp / "code" / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.base_dir / rel, dst)
-                files[f"code/{rel.as_posix()}"] = sha256_file(dst)
-            model_rel = "model/initial.safetensors"
-            _, files[model_rel] = save_file_hashed(self.initial_params(), tmp / model_rel)
-            spec = {
-                "fedctl_job": JOB_FORMAT,
-                "kind": self.kind,
-                "name": self.name,
-                "args": self.to_spec(),
-                "model": model_rel,
-                "code": "code",
-                "files": files,
-            }
-            (tmp / JOB_SPEC).write_text(yaml.safe_dump(spec, sort_keys=False))
-            if job_dir.exists():
-                shutil.rmtree(job_dir)
-            os.replace(tmp, job_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return job_dir
-
-    # ------------------------------------------------------------------ comparison
+        """Write this recipe as a job folder (see :mod:`fedctl.recipe.jobfolder`); atomic."""
+        return write_job(self, job_dir, overwrite=overwrite)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -419,195 +389,3 @@ class Recipe:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.to_spec().items())
         return f"{type(self).__name__}({args})"
-
-
-def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read initial weights: safetensors, or a .pt/.pth state_dict via torch's weights-only loader
-    (a user's own file on their own machine; job folders always carry safetensors)."""
-    import torch
-
-    from fedctl.codec.tensors import load_file
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)[0]
-        except CodecError as exc:
-            raise RecipeError(str(exc)) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RecipeError(f"{path}: cannot read as a weights-only state_dict: {exc}") from None
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RecipeError(f"{path}: expected a state_dict (names → tensors)")
-    return dict(obj)
-
-
-@dataclass
-class JobSpec:
-    """A validated job folder: its spec, its recipe class, where its model and code are."""
-
-    root: Path
-    spec: dict[str, Any]
-    cls: type[Recipe]
-    model: Path
-    code: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.spec["name"])
-
-    @property
-    def train_script(self) -> str:
-        return str(self.spec["args"]["train_script"])
-
-    @property
-    def train_args(self) -> str:
-        return str(self.spec["args"].get("train_args", ""))
-
-
-def read_job_spec(
-    job_dir: str | os.PathLike[str], *, verify: bool = True, need_model: bool = True
-) -> JobSpec:
-    """Read and validate a job folder's spec without building the recipe.
-
-    Checks the format, the recipe kind (from fedctl's registry, never a class path), argument
-    names, that every path stays inside the folder, and every file's hash. ``need_model=False``
-    accepts a folder without the initial model (what sites receive: each task carries the
-    current model, so they never need the initial one).
-    """
-    import yaml
-
-    job_dir = Path(job_dir).resolve()
-    spec_path = job_dir / JOB_SPEC
-    if not spec_path.is_file():
-        raise RecipeError(f"{job_dir}: not a job folder (no {JOB_SPEC})")
-    try:
-        spec = yaml.safe_load(spec_path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{spec_path}: invalid YAML: {exc}") from None
-    expected = {"fedctl_job", "kind", "name", "args", "model", "code", "files"}
-    if not isinstance(spec, dict) or set(spec) != expected:
-        raise RecipeError(f"{spec_path}: expected exactly the keys {sorted(expected)}")
-    if spec["fedctl_job"] != JOB_FORMAT:
-        raise RecipeError(f"{spec_path}: unsupported job format {spec['fedctl_job']!r}")
-    cls = REGISTRY.get(spec["kind"]) if isinstance(spec["kind"], str) else None
-    if cls is None:
-        raise RecipeError(f"{spec_path}: unknown recipe kind {spec['kind']!r}")
-    if not isinstance(spec["args"], dict):
-        raise RecipeError(f"{spec_path}: args must be a mapping")
-    unknown = set(spec["args"]) - set(cls.arg_names())
-    if unknown:
-        raise RecipeError(f"{spec_path}: unknown argument {sorted(unknown)[0]!r} for {cls.kind}")
-    model = _inside(job_dir, spec["model"], spec_path, "model")
-    code = _inside(job_dir, spec["code"], spec_path, "code")
-    script = spec["args"].get("train_script")
-    if not isinstance(script, str) or not (code / script).resolve().is_relative_to(code):
-        raise RecipeError(f"{spec_path}: train_script must be a path inside {spec['code']}")
-    files = spec["files"]
-    if not isinstance(files, dict):
-        raise RecipeError(f"{spec_path}: files must map paths to SHA-256 hashes")
-    if verify:
-        for rel, digest in files.items():
-            path = _inside(job_dir, rel, spec_path, "files")
-            if not need_model and path == model:
-                continue
-            if not path.is_file():
-                raise RecipeError(f"{job_dir}: {rel} is listed in {JOB_SPEC} but missing")
-            if sha256_file(path) != digest:
-                raise RecipeError(f"{job_dir}: {rel} does not match its hash in {JOB_SPEC}")
-    if not (code / script).is_file():
-        raise RecipeError(f"{job_dir}: train_script {script!r} is missing")
-    return JobSpec(job_dir, spec, cls, model, code)
-
-
-def load_job(job_dir: str | os.PathLike[str], *, verify: bool = True) -> Recipe:
-    """Load a job folder written by :meth:`Recipe.export` back into an equal recipe.
-
-    The spec is validated strictly (see :func:`read_job_spec`), then the arguments once more by
-    the recipe's own constructor; nothing in the folder is executed.
-    """
-    js = read_job_spec(job_dir, verify=verify)
-    try:
-        return js.cls(**js.spec["args"], model=js.model, base_dir=js.code)
-    except TypeError as exc:
-        raise RecipeError(f"{js.root / JOB_SPEC}: {exc}") from None
-
-
-def _inside(root: Path, rel: Any, spec_path: Path, key: str) -> Path:
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel):
-        raise RecipeError(f"{spec_path}: {key} must be a relative path")
-    path = (root / rel).resolve()
-    if root not in path.parents and path != root:
-        raise RecipeError(f"{spec_path}: {key} path {rel!r} escapes the job folder")
-    return path
-
-
-# ---------------------------------------------------------------------- small validators
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
-
-
-def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not name or len(name) > 64:
-        raise RecipeError("name must be a non-empty string of at most 64 characters")
-    if not all(c.isalnum() or c in "-_." for c in name):
-        raise RecipeError(f"name {name!r} may contain only letters, digits, '-', '_' and '.'")
-
-
-def _int(what: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise RecipeError(f"{what} must be an integer ≥ {minimum}, got {value!r}")
-    return value
-
-
-def _bool(what: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise RecipeError(f"{what} must be true or false, got {value!r}")
-    return value
-
-
-def check_number(
-    what: str,
-    value: Any,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    lt: float | None = None,
-    le: float | None = None,
-) -> float:
-    """``value`` as a float if it is a number within the bounds, else a RecipeError."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and (ge is None or value >= ge) and (gt is None or value > gt)
-    ok = ok and (lt is None or value < lt) and (le is None or value <= le)
-    if not ok:
-        bounds = [
-            f"{op} {b}" for op, b in ((">=", ge), (">", gt), ("<", lt), ("<=", le)) if b is not None
-        ]
-        where = f" ({' and '.join(bounds)})" if bounds else ""
-        raise RecipeError(f"{what} must be a number{where}, got {value!r}")
-    return float(value)
-
-
-def _str(what: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise RecipeError(f"{what} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _opt_pos(what: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise RecipeError(f"{what} must be a positive number of seconds or None, got {value!r}")
-    return float(value)
-
-
-def _opt_nonneg(what: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise RecipeError(f"{what} must be a number of seconds ≥ 0 or None, got {value!r}")
-    return float(value)

@@ -6,7 +6,7 @@ from typing import Any
 
 from fedctl.aggregators.select import parse_aggregator
 from fedctl.errors import RecipeError
-from fedctl.recipe.base import check_number
+from fedctl.recipe.checks import check_number
 from fedctl.recipe.fedavg import FedAvgRecipe
 from fedctl.workflows.base import Workflow
 

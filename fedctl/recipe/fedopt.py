@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from fedctl.recipe.base import check_number
+from fedctl.recipe.checks import check_number
 from fedctl.recipe.fedavg import FedAvgRecipe
 from fedctl.workflows.base import Workflow
 

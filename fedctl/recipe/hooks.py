@@ -14,30 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedctl._imports import exec_file, isolated_imports
 from fedctl.errors import RecipeError
 
 
 def load_function(base_dir: Path, ref: str, what: str = "hook") -> Callable[..., Any]:
     """The function ``ref`` (``file.py:name``) of a file in ``base_dir``, wrapped so that it
     runs with the folder importable; one-line RecipeError if it cannot be loaded."""
-    from fedctl.recipe.loader import _where, isolated_imports
-
     file, name = ref.split(":")
     path = (Path(base_dir) / file).resolve()
-    namespace: dict[str, Any] = {"__name__": f"fedctl_hook_{path.stem}", "__file__": str(path)}
-    try:
-        code = compile(path.read_text(), str(path), "exec")
-    except SyntaxError as exc:
-        raise RecipeError(f"{what}: {path}:{exc.lineno}: {exc.msg}") from None
-    except OSError as exc:
-        raise RecipeError(f"{what}: cannot read {path}: {exc}") from None
-    with isolated_imports(path.parent):
-        try:
-            exec(code, namespace)
-        except Exception as exc:
-            raise RecipeError(
-                f"{what}: {path}{_where(exc, path)}: {type(exc).__name__}: {exc}"
-            ) from None
+    namespace = exec_file(path, f"fedctl_hook_{path.stem}", what)
     fn = namespace.get(name)
     if not callable(fn):
         raise RecipeError(f"{what}: {file} defines no function {name!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedctl.errors import RecipeError
-from fedctl.recipe.base import _bool
+from fedctl.recipe.checks import check_bool
 from fedctl.recipe.fedavg import FedAvgRecipe
 from fedctl.workflows.base import Workflow
 
@@ -125,7 +125,7 @@ class PartialSharingRecipe(FedBNRecipe):
             name, min_clients, num_rounds, model, train_script, train_args, local=local, **kwargs
         )
         self.shared = _patterns("shared", shared)
-        self.fedbn = _bool("fedbn", fedbn)
+        self.fedbn = check_bool("fedbn", fedbn)
         if self.shared is None and not self.local and not self.fedbn:
             raise RecipeError("fedper needs shared or local patterns (e.g. local=['head.*'])")
         self._check_split()

@@ -86,7 +86,7 @@ class AdminClient:
         """Submit a job folder, or a recipe (file/folder) which is exported first."""
         import grpc
 
-        from fedctl.recipe.base import JOB_SPEC
+        from fedctl.recipe.jobfolder import JOB_SPEC
 
         with tempfile.TemporaryDirectory(prefix="fedctl-submit-") as tmp:
             job_dir = Path(job)

@@ -284,7 +284,7 @@ class SiteJob:
         threading.Thread(target=self._serve_tasks, name=f"tasks-{self.job_id}", daemon=True).start()
 
     def _deploy(self) -> None:
-        from fedctl.recipe.base import read_job_spec
+        from fedctl.recipe.jobfolder import read_job_spec
 
         job_dir = self.root / "job"
         if not job_dir.exists():

@@ -33,7 +33,7 @@ def make_bundle(
 
     ``with_model=False`` leaves the initial model out (the bundle sites get).
     """
-    from fedctl.recipe.base import read_job_spec
+    from fedctl.recipe.jobfolder import read_job_spec
 
     job_dir, dest = Path(job_dir), Path(dest)
     model = None if with_model else read_job_spec(job_dir, verify=False).model
@@ -59,7 +59,7 @@ def extract_bundle(
 
     Atomic: a bundle that fails any check leaves nothing behind.
     """
-    from fedctl.recipe.base import read_job_spec
+    from fedctl.recipe.jobfolder import read_job_spec
 
     bundle, dest = Path(bundle), Path(dest)
     if dest.exists():

@@ -1,7 +1,7 @@
 """``PocEnv`` and ``ProdEnv``: ``recipe.run(env)`` on a real server.
 
 Both submit the recipe as a job with an admin kit, follow it with the same live display as the
-simulator, download its results when it ends, and return a :class:`~fedctl.recipe.run.Run`
+simulator, download its results when it ends, and return a :class:`~fedctl.tracking.run.Run`
 whose folder (``<results>/<job id>/``) stays until you remove it.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fedctl.errors import UsageError
 
 if TYPE_CHECKING:  # fedctl.recipe imports this module: no import of it at load time
-    from fedctl.recipe.run import Run
+    from fedctl.tracking.run import Run
 
 
 def follow_job(
@@ -31,8 +31,8 @@ def follow_job(
     started: float | None = None,
 ) -> Run:
     """Follow a submitted job to its end with the live display; download and describe it."""
-    from fedctl.recipe.run import Run
     from fedctl.tracking.display import Display
+    from fedctl.tracking.run import Run
 
     started = started if started is not None else time.monotonic()
     shown = Display(title, num_rounds, display)

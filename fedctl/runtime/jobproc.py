@@ -18,18 +18,18 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from fedctl.constants import ENV_JOB_TOKEN
-from fedctl.errors import FedctlError, RunFailed
-from fedctl.recipe.base import load_job
-from fedctl.recipe.run import ABORTED, FAILED, FINISHED, finish_run
+from fedctl.jobs import EXIT_CODES
+from fedctl.recipe.jobfolder import load_job
+from fedctl.recipe.runner import run_workflow
 from fedctl.runtime.communicator import RuntimeCommunicator
+from fedctl.tracking.run import finish_run
 from fedctl.tracking.store import RunStore, jsonable
 from fedctl.transport.frames import FrameSocket
-from fedctl.workflows.base import JobAborted, WorkflowContext
+from fedctl.workflows.base import WorkflowContext
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,20 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         abort=abort,
     )
     started = time.monotonic()
-    status, reason = FAILED, None
     store.log(f"job {args.job_id} ({job.name}) on sites {', '.join(start['sites'])}")
-    try:
-        job.build_workflow().run(ctx, job.initial_params())
-        status = FINISHED
-    except JobAborted as exc:
-        status, reason = ABORTED, str(exc)
-    except RunFailed as exc:
-        status, reason = (ABORTED, "job aborted") if abort.is_set() else (FAILED, str(exc))
-    except FedctlError as exc:
-        status, reason = FAILED, str(exc)
-    except Exception as exc:
-        status, reason = FAILED, f"internal error: {type(exc).__name__}: {exc}"
-        store.log(traceback.format_exc())
+    status, reason = run_workflow(job, ctx)
     finish_run(
         store,
         job_id=args.job_id,
@@ -115,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         ipc.send({"t": "finished", "status": status, "reason": reason})
     except OSError:
         pass
-    return {FINISHED: 0, FAILED: 1, ABORTED: 2}[status]
+    return EXIT_CODES[status]
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from fedctl._fs import safe_name, sha256_file
 from fedctl.constants import ENV_JOB_TOKEN, MAX_BLOB_BYTES, MAX_BUNDLE_BYTES
 from fedctl.errors import FedctlError, NotFound, PermissionDenied, RecipeError
-from fedctl.recipe.run import new_job_id
+from fedctl.jobs import new_job_id
 from fedctl.runtime import store as st
 from fedctl.runtime.audit import AuditLog
 from fedctl.runtime.bundle import extract_bundle, make_bundle
@@ -627,7 +627,7 @@ class Server:
         self, bundle: Path, ident: Identity, seed: int = 0, sha256: str | None = None
     ) -> st.JobRecord:
         """Store a submitted bundle as a new job (validated: safe paths, hashes, spec)."""
-        from fedctl.recipe.base import load_job
+        from fedctl.recipe.jobfolder import load_job
 
         staging = bundle.parent / "job"
         extract_bundle(bundle, staging, max_bytes=self.max_bundle)  # checks every file's hash

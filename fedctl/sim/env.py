@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from fedctl.errors import UsageError
 
 if TYPE_CHECKING:
-    from fedctl.recipe.run import Run
+    from fedctl.tracking.run import Run
 
 
 @dataclass

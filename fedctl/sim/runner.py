@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from fedctl.errors import FedctlError, RecipeError, RunFailed, UsageError
-from fedctl.recipe.base import Recipe, load_job
-from fedctl.recipe.run import ABORTED, FAILED, FINISHED, Run, finish_run, new_job_id
+from fedctl.jobs import ABORTED, FAILED, new_job_id
+from fedctl.recipe.base import Recipe
+from fedctl.recipe.jobfolder import load_job
+from fedctl.recipe.runner import run_workflow
 from fedctl.sim.env import SimEnv
 from fedctl.sim.pool import LocalPool, Pool, RayPool, SimCommunicator, available_cpus
 from fedctl.sim.worker import WorkerConfig
 from fedctl.tracking.display import Display
+from fedctl.tracking.run import Run, finish_run
 from fedctl.tracking.store import RunStore
-from fedctl.workflows.base import JobAborted, WorkflowContext
+from fedctl.workflows.base import WorkflowContext
 
 log = logging.getLogger("fedctl.sim")
 
@@ -181,15 +184,10 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
                 store=store,
                 listeners=[store.listener, display.listener],
             )
-            job.build_workflow().run(ctx, job.initial_params())
-            status = FINISHED
-        except JobAborted as exc:
-            status, reason = ABORTED, str(exc)
-        except KeyboardInterrupt:
+            status, reason = run_workflow(job, ctx)
+        except KeyboardInterrupt:  # while the pool starts
             status, reason = ABORTED, "interrupted by the user"
-        except RunFailed as exc:
-            status, reason = FAILED, str(exc)
-        except FedctlError as exc:
+        except FedctlError as exc:  # Ray or the pool could not start
             status, reason = FAILED, str(exc)
         except Exception as exc:
             status, reason = FAILED, f"internal error: {type(exc).__name__}: {exc}"

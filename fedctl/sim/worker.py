@@ -36,11 +36,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fedctl._imports import isolated_imports
 from fedctl.client import channel as client_channel
 from fedctl.client.channel import Channel, SiteInfo
 from fedctl.client.state import SiteState
 from fedctl.codec.model import FLModel, Task, TaskResult
-from fedctl.recipe.loader import isolated_imports
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "client.log"

@@ -8,19 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedctl.errors import RunFailed
+from fedctl.jobs import FINISHED
 
 if TYPE_CHECKING:
     import torch
 
-FINISHED, FAILED, ABORTED = "FINISHED", "FAILED", "ABORTED"
-
-
-def new_job_id(name: str) -> str:
-    """A readable, unique job id: name, UTC time, 4 random hex digits."""
-    import secrets
-    import time
-
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+    from fedctl.tracking.store import RunStore
 
 
 @dataclass
@@ -113,7 +106,7 @@ class Run:
 
 
 def finish_run(
-    store: Any,
+    store: RunStore,
     *,
     job_id: str,
     name: str,

@@ -1,0 +1,103 @@
+"""Running a user's Python file (a recipe, a hook, a client script) with its folder importable.
+
+The folder goes first on ``sys.path`` while the file runs, so ``from model import Net`` next to it
+works; modules of the same name loaded from elsewhere are hidden meanwhile, and the folder's own
+modules are dropped afterwards, so two recipes with a ``model.py`` each never see each other's.
+Imports nothing from fedctl but its errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from fedctl.errors import FedctlError, RecipeError
+
+
+def _top_level_names(folder: Path) -> set[str]:
+    names = set()
+    for p in folder.iterdir():
+        if p.suffix == ".py":
+            names.add(p.stem)
+        elif p.is_dir() and (p / "__init__.py").exists():
+            names.add(p.name)
+    return names
+
+
+def _module_in(module: ModuleType, folder: Path) -> bool:
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    try:
+        return folder in Path(path).resolve().parents
+    except OSError:
+        return False
+
+
+@contextmanager
+def isolated_imports(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Make ``folder``'s modules importable, shadowing same-named ones, for the duration."""
+    folder = Path(folder).resolve()
+    names = _top_level_names(folder)
+    hidden = {
+        n: m
+        for n, m in list(sys.modules.items())
+        if n.split(".")[0] in names and not _module_in(m, folder)
+    }
+    for n in hidden:
+        del sys.modules[n]
+    before = set(sys.modules)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        try:
+            sys.path.remove(str(folder))
+        except ValueError:
+            pass
+        for n, m in list(sys.modules.items()):
+            if n not in before and _module_in(m, folder):
+                del sys.modules[n]
+        for n, m in hidden.items():
+            sys.modules.setdefault(n, m)
+
+
+def where(exc: BaseException, path: Path) -> str:
+    """':<line>' of the deepest frame of ``exc`` inside ``path`` ('' if none)."""
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).resolve() == path:
+            line = frame.lineno
+    return f":{line}" if line else ""
+
+
+def exec_file(path: Path, module_name: str, what: str = "") -> dict[str, Any]:
+    """Run ``path`` as a module named ``module_name`` with its folder importable; its namespace.
+
+    Whatever goes wrong (unreadable, a syntax error, an exception while it runs) is one
+    RecipeError line naming the file and line, prefixed by ``what`` when given.
+    """
+    prefix = f"{what}: " if what else ""
+    try:
+        code = compile(path.read_text(), str(path), "exec")
+    except SyntaxError as exc:
+        raise RecipeError(f"{prefix}{path}:{exc.lineno}: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{prefix}{path}: cannot read: {exc}") from None
+    namespace: dict[str, Any] = {"__name__": module_name, "__file__": str(path)}
+    with isolated_imports(path.parent):
+        try:
+            exec(code, namespace)
+        except FedctlError as exc:
+            raise RecipeError(f"{prefix}{path}: {exc}") from None
+        except Exception as exc:
+            raise RecipeError(
+                f"{prefix}{path}{where(exc, path)}: {type(exc).__name__}: {exc}"
+            ) from None
+    return namespace

@@ -1,0 +1,42 @@
+"""What every layer says about a job: its status and its id.
+
+A job moves SUBMITTED → SCHEDULED → RUNNING → FINISHED / FAILED / ABORTED on a server; a run in
+the simulator ends FINISHED, FAILED or ABORTED. The statuses are strings on the wire and in files
+(``JobStatus`` is a ``StrEnum``, so ``JobStatus.FINISHED == "FINISHED"``). Imports nothing from
+fedctl.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    """A job's state; the last three are final."""
+
+    SUBMITTED = "SUBMITTED"
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    ABORTED = "ABORTED"
+
+    @property
+    def final(self) -> bool:
+        """True for FINISHED, FAILED and ABORTED."""
+        return self in TERMINAL
+
+
+SUBMITTED, SCHEDULED, RUNNING = JobStatus.SUBMITTED, JobStatus.SCHEDULED, JobStatus.RUNNING
+FINISHED, FAILED, ABORTED = JobStatus.FINISHED, JobStatus.FAILED, JobStatus.ABORTED
+#: the final statuses
+TERMINAL = frozenset({FINISHED, FAILED, ABORTED})
+#: process exit code of a job run by its final status (job processes, `fedctl simulate`)
+EXIT_CODES = {FINISHED: 0, FAILED: 1, ABORTED: 2}
+
+
+def new_job_id(name: str) -> str:
+    """A readable, unique job id: name, UTC time, 4 random hex digits."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
