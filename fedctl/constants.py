@@ -29,3 +29,21 @@ ENV_JOB_TOKEN = "FEDCTL_JOB_TOKEN"
 ENV_ADMIN_KIT = "FEDCTL_ADMIN_KIT"
 #: default POC workspace (`--poc-workspace`)
 ENV_POC_WORKSPACE = "FEDCTL_POC_WORKSPACE"
+
+# ------------------------------------------------------------------ JSON and messages
+
+#: nesting depth of any JSON value fedctl accepts (headers, meta, metrics, specs)
+MAX_JSON_DEPTH = 32
+#: size of any one JSON document fedctl parses (a model header, a job's meta, a state file)
+MAX_JSON_BYTES = 16 * MiB
+#: JSON integers must lie in [-MAX_INT, MAX_INT] (a 64-bit signed range: counts, sizes, seeds)
+MAX_INT = 2**63 - 1
+#: a JSON string fedctl accepts (names, ids, paths are shorter: see fedctl.codec.protocol)
+MAX_STRING = 1 * MiB
+
+# ------------------------------------------------------------------ results
+
+#: a site's result may be this many times the size of the model it was sent (optimizer state…)
+RESULT_FACTOR = 4
+#: ...and always at least this big (a result for a task that sent no model, say)
+MIN_RESULT_LIMIT = 64 * MiB

@@ -8,9 +8,11 @@ fedctl.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from enum import StrEnum
+from typing import Any
 
 
 class JobStatus(StrEnum):
@@ -40,3 +42,8 @@ EXIT_CODES = {FINISHED: 0, FAILED: 1, ABORTED: 2}
 def new_job_id(name: str) -> str:
     """A readable, unique job id: name, UTC time, 4 random hex digits."""
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that puts site-2 before site-10: the order that gives a job's sites their index."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -21,12 +21,13 @@ from conftest import free_port
 from ground_truth import reference as ground_truth
 
 from fedctl.cli.main import main
+from fedctl.codec import frames
 from fedctl.errors import FedctlError, PermissionDenied, UsageError
 from fedctl.provision import poc_project, provision
 from fedctl.recipe import PocEnv, SimEnv, load_recipe
 from fedctl.runtime import poc
 from fedctl.runtime.admin import AdminClient, ServerError
-from fedctl.transport import frames, rpc, tls
+from fedctl.transport import rpc, tls
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,7 +102,7 @@ def test_cli_submit_status_logs_download(poc_ws, toy_dir, tmp_path, capsys) -> N
         ]
     )
     out = json.loads(capsys.readouterr().out)
-    assert code == 0 and out["status"] == "FINISHED" and out["rounds_completed"] == 3
+    assert code == 0 and out["status"] == "FINISHED" and out["rounds_completed"] == 3, out
     job_id = out["job_id"]
     assert main(["job", "status", job_id, *base, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from fedctl.codec import frames, protocol
 from fedctl.errors import FedctlError, NotFound
 from fedctl.runtime import store as st
 from fedctl.runtime.bundle import BundleError, extract_bundle, make_bundle
-from fedctl.transport import frames, rpc
+from fedctl.transport import rpc
 
 
 def test_frame_round_trip_and_limits() -> None:
@@ -41,10 +42,10 @@ def test_malformed_frames_are_rejected(data: bytes, message: str) -> None:
 
 
 def test_field_checks_types() -> None:
-    h = {"t": "push", "size": True, "job": "j"}
-    assert frames.field(h, "job", str) == "j"
-    with pytest.raises(frames.FrameError, match="field 'size'"):
-        frames.field(h, "size", int)  # bool is not an int here
+    h = {"t": "push", "size": True, "job": "j", "task_id": "t"}
+    assert protocol.parse({**h, "size": 3}, protocol.Push).job == "j"
+    with pytest.raises(frames.FrameError, match="push.size"):
+        protocol.parse(h, protocol.Push)  # bool is not an int here
 
 
 def test_file_transfer_checks_size_and_hash(tmp_path: Path) -> None:
@@ -178,13 +179,13 @@ def test_reliable_link_resends_unacked_and_drops_duplicates() -> None:
         return out
 
     sender, receiver = ReliableLink(), ReliableLink()
-    sender.send({"t": "task", "n": 1})  # offline: kept for later
+    sender.send(protocol.CancelTask(job="j", task_id="1"))  # offline: kept for later
     first = queue.Queue()
     sender.attach(first)
     sender.resend()
-    sender.send({"t": "task", "n": 2})
+    sender.send(protocol.CancelTask(job="j", task_id="2"))
     sent = drain(first)
-    assert [(m["seq"], m["n"]) for m in sent] == [(1, 1), (2, 2)]
+    assert [(m["seq"], m["task_id"]) for m in sent] == [(1, "1"), (2, "2")]
     rq = queue.Queue()
     receiver.attach(rq)
     assert receiver.accept(1) and receiver.accept(2)

@@ -16,11 +16,22 @@ from typing import Any
 from fedctl._fs import safe_name
 from fedctl.client.channel import Channel, SiteInfo
 from fedctl.client.state import SiteState
+from fedctl.codec import protocol
+from fedctl.codec.frames import FrameSocket
 from fedctl.codec.model import FLModel, Task, join_model, split_model
+from fedctl.codec.protocol import (
+    NextTask,
+    ResultTaken,
+    ScriptEnd,
+    ScriptHello,
+    ScriptInfo,
+    ScriptRecords,
+    ScriptResult,
+    ScriptTask,
+)
 from fedctl.codec.tensors import load_file, save_file_hashed
 from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE
 from fedctl.errors import ClientAPIError
-from fedctl.transport.frames import FrameSocket
 
 STATE_FILE = "state.safetensors"
 
@@ -36,19 +47,18 @@ class AgentChannel(Channel):
         except OSError as exc:
             raise ClientAPIError(f"cannot reach the fedctl site agent at {path}: {exc}") from None
         self.conn = FrameSocket(sock)
-        self.conn.send({"t": "hello", "pid": os.getpid()})
-        got = self.conn.recv({"info"})
-        if got is None:
+        protocol.send(self.conn, ScriptHello(os.getpid()))
+        info = protocol.recv(self.conn, ScriptInfo)
+        if info is None:
             raise ClientAPIError("the fedctl site agent closed the connection")
-        info = got[0]
         self.info = SiteInfo(
-            site_name=str(info["site_name"]),
-            site_index=int(info["site_index"]),
-            num_sites=int(info["num_sites"]),
-            job_id=str(info["job_id"]),
-            mode=str(info["mode"]),
-            seed=int(info["seed"]),
-            workspace=str(info["workspace"]),
+            site_name=info.site_name,
+            site_index=info.site_index,
+            num_sites=info.num_sites,
+            job_id=info.job_id,
+            mode=info.mode,
+            seed=info.seed,
+            workspace=info.workspace,
         )
         self._state: SiteState | None = None
         self._result_dir: Path | None = None
@@ -56,18 +66,17 @@ class AgentChannel(Channel):
 
     def next_task(self) -> Task | None:
         self._flush_records()
-        self.conn.send({"t": "next"})
-        got = self.conn.recv({"task", "end"})
-        if got is None or got[0]["t"] == "end":
+        protocol.send(self.conn, NextTask())
+        msg = protocol.recv(self.conn, ScriptTask, ScriptEnd)
+        if not isinstance(msg, ScriptTask):
             self._save_state()  # the job is over for this site
             return None
-        h = got[0]
-        tensors = load_file(h["path"])[0] if h.get("path") else {}
-        if h.get("path"):
-            Path(h["path"]).unlink(missing_ok=True)
-        self._result_dir = Path(h["result_dir"])
-        model = join_model(h["header"], tensors)
-        return Task(str(h["name"]), model, task_id=str(h["task_id"]), job_id=self.info.job_id)
+        tensors = load_file(msg.path)[0] if msg.path else {}
+        if msg.path:
+            Path(msg.path).unlink(missing_ok=True)
+        self._result_dir = Path(msg.result_dir)
+        model = join_model(msg.header, tensors)
+        return Task(msg.name, model, task_id=msg.task_id, job_id=self.info.job_id)
 
     def submit(self, task: Task, model: FLModel) -> None:
         header, tensors = split_model(model)
@@ -78,17 +87,9 @@ class AgentChannel(Channel):
             # written now (later changes do not leak), hashed while written
             _, sha = save_file_hashed(tensors, path, durable=False)
         self._flush_records()
-        self.conn.send(
-            {
-                "t": "result",
-                "task_id": task.task_id,
-                "header": header,
-                "path": str(path) if path else None,
-                "sha256": sha,
-            }
-        )
-        got = self.conn.recv({"ok"})
-        if got is None:
+        result = ScriptResult(task.task_id, header, str(path) if path else None, sha)
+        protocol.send(self.conn, result)
+        if protocol.recv(self.conn, ResultTaken) is None:
             raise ClientAPIError("the fedctl site agent closed the connection")
         self._save_state()
 
@@ -105,7 +106,7 @@ class AgentChannel(Channel):
     def _flush_records(self) -> None:
         if self._records:
             records, self._records = self._records, []
-            self.conn.send({"t": "records", "records": records})
+            protocol.send(self.conn, ScriptRecords(records))
 
     @property
     def state(self) -> SiteState:

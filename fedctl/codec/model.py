@@ -8,12 +8,12 @@ of :mod:`fedctl.codec.tensors`; nothing in either is ever executed or unpickled.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from fedctl.codec.jsondata import check_json
 from fedctl.errors import CodecError
 
 if TYPE_CHECKING:
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 #: Meta key whose value weights a client's update in aggregation (FL practitioners' convention).
 NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"
-MAX_JSON_BYTES = 16 * 1024 * 1024
-MAX_JSON_DEPTH = 32
 
 TASK_TRAIN = "train"
 TASK_EVALUATE = "evaluate"
@@ -107,38 +105,6 @@ class TaskResult:
     @property
     def ok(self) -> bool:
         return self.error is None and self.model is not None
-
-
-# --------------------------------------------------------------------------- JSON validation
-
-
-def check_json(value: Any, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Return ``value`` if it is plain JSON data (str keys, finite depth, bounded size)."""
-
-    def walk(v: Any, depth: int, path: str) -> None:
-        if depth > MAX_JSON_DEPTH:
-            raise CodecError(f"{what}: nested deeper than {MAX_JSON_DEPTH} at {path}")
-        if v is None or isinstance(v, bool | int | str):
-            return
-        if isinstance(v, float):
-            return
-        if isinstance(v, dict):
-            for k, item in v.items():
-                if not isinstance(k, str):
-                    raise CodecError(f"{what}: key {k!r} at {path} is not a string")
-                walk(item, depth + 1, f"{path}.{k}")
-            return
-        if isinstance(v, list | tuple):
-            for i, item in enumerate(v):
-                walk(item, depth + 1, f"{path}[{i}]")
-            return
-        raise CodecError(f"{what}: {path} holds a {type(v).__name__}, which is not JSON data")
-
-    walk(value, 0, what)
-    size = len(json.dumps(value, separators=(",", ":")))
-    if size > max_bytes:
-        raise CodecError(f"{what}: {size} bytes of JSON exceeds the limit {max_bytes}")
-    return value
 
 
 def scalar_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:

@@ -14,9 +14,21 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from fedctl.codec import protocol
+from fedctl.codec.protocol import (
+    AdminRequest,
+    Download,
+    Follow,
+    JobEvent,
+    LogPiece,
+    Logs,
+    Reply,
+    StreamEnd,
+    Submit,
+)
 from fedctl.errors import FedctlError, NotFound, PermissionDenied, RecipeError, UsageError
 from fedctl.runtime.bundle import make_bundle
-from fedctl.transport import frames, rpc
+from fedctl.transport import rpc
 
 if TYPE_CHECKING:
     import grpc
@@ -70,15 +82,17 @@ class AdminClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(self, op: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+    def _call(
+        self, op: str, job: str | None = None, after: int = 0, timeout: float = 30.0
+    ) -> dict[str, Any]:
         import grpc
 
         try:
-            raw = self.stubs.Admin(frames.encode({"t": "admin", "op": op, **args}), timeout=timeout)
+            raw = self.stubs.Admin(protocol.encode(AdminRequest(op, job, after)), timeout=timeout)
         except grpc.RpcError as exc:
             _raise_for(exc, self.kit, self.address)
-        reply, _ = frames.decode(raw, {"reply"})
-        return reply
+        reply, _ = protocol.decode(raw, Reply)
+        return reply.data
 
     # ------------------------------------------------------------------ jobs
 
@@ -96,13 +110,13 @@ class AdminClient:
                 job_dir = load_recipe(job).recipe.export(Path(tmp) / "job")
             bundle = Path(tmp) / "bundle.zip"
             sha = make_bundle(job_dir, bundle)
-            first = {"t": "submit", "size": bundle.stat().st_size, "sha256": sha, "seed": seed}
+            first = Submit(bundle.stat().st_size, sha, seed)
             try:
                 raw = self.stubs.AdminUpload(rpc.file_frames(bundle, first), timeout=3600)
             except grpc.RpcError as exc:
                 _raise_for(exc, self.kit, self.address)
-        reply, _ = frames.decode(raw, {"reply"})
-        return reply["job"]
+        reply, _ = protocol.decode(raw, Reply)
+        return reply.data["job"]
 
     def submit_recipe(self, recipe: Any, seed: int = 0) -> dict[str, Any]:
         """Submit a Recipe object (exported to a temporary job folder)."""
@@ -129,13 +143,14 @@ class AdminClient:
         """Events of a job as they happen, until it ends (the last item has ``t == "end"``)."""
         import grpc
 
-        stream = self.stubs.AdminStream(
-            frames.encode({"t": "follow", "job": job_id, "after": after})
-        )
+        stream = self.stubs.AdminStream(protocol.encode(Follow(job_id, after)))
         try:
             for raw in stream:
-                header, _ = frames.decode(raw, {"event", "end"})
-                yield header
+                msg, _ = protocol.decode(raw, JobEvent, StreamEnd)
+                if isinstance(msg, StreamEnd):
+                    yield {"t": "end", "state": msg.state}
+                    return
+                yield {"t": "event", **msg.event}
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 _raise_for(exc, self.kit, self.address)
@@ -144,12 +159,11 @@ class AdminClient:
         """The job's log (or a site's script output) in pieces; with ``follow``, until it ends."""
         import grpc
 
-        request = {"t": "logs", "job": job_id, "site": site, "follow": follow}
-        stream = self.stubs.AdminStream(frames.encode(request))
+        stream = self.stubs.AdminStream(protocol.encode(Logs(job_id, site, follow)))
         try:
             for raw in stream:
-                header, payload = frames.decode(raw, {"log", "end"})
-                if header["t"] == "end":
+                msg, payload = protocol.decode(raw, LogPiece, StreamEnd)
+                if isinstance(msg, StreamEnd):
                     return
                 yield payload
         except grpc.RpcError as exc:
@@ -165,9 +179,9 @@ class AdminClient:
             raise UsageError(f"{out} already exists and is not empty")
         with tempfile.TemporaryDirectory(prefix="fedctl-download-") as tmp:
             zip_path = Path(tmp) / "result.zip"
-            stream = self.stubs.AdminStream(frames.encode({"t": "download", "job": job_id}))
+            stream = self.stubs.AdminStream(protocol.encode(Download(job_id)))
             try:
-                frames.decode(next(stream), {"download"})
+                protocol.decode(next(stream), Download)
                 rpc.receive_file(stream, zip_path, max_bytes=1 << 46)
             except grpc.RpcError as exc:
                 _raise_for(exc, self.kit, self.address)

@@ -8,19 +8,34 @@ control messages between this process and the server are small JSON frames on a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
-import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl.codec import protocol
+from fedctl.codec.frames import FrameSocket
 from fedctl.codec.model import Task, TaskResult, join_model, split_model
+from fedctl.codec.protocol import (
+    Dispatch,
+    FileInfo,
+    JobAbort,
+    JobCancel,
+    JobRecords,
+    JobResult,
+    JobTaskFailed,
+    Message,
+    SiteRestarted,
+    SitesChanged,
+)
 from fedctl.codec.tensors import LazyTensorFile, load_file, save_file_hashed
+from fedctl.constants import MIN_RESULT_LIMIT, RESULT_FACTOR
 from fedctl.errors import CodecError, RunFailed
-from fedctl.transport.frames import FrameSocket
+from fedctl.jobs import natural_key
 from fedctl.workflows.base import Communicator, ResultStream
 
 if TYPE_CHECKING:
@@ -32,13 +47,10 @@ log = logging.getLogger("fedctl.job")
 DEPLOY_GRACE = 30.0
 #: results bigger than this are read tensor by tensor as they are aggregated, never whole
 LAZY_BYTES = 256 * 1024 * 1024
-#: a site's result may be this much bigger than the model it was sent (optimizer state, …)
-RESULT_FACTOR = 4
 
 
-def natural_key(name: str) -> list[Any]:
-    """Sort key that puts site-2 before site-10 (the order that gives sites their index)."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+class ServerLost(RunFailed):
+    """The connection to the server process broke (it stopped or was killed)."""
 
 
 def _lazy_model(header: Any, path: Path, max_bytes: int) -> Any:
@@ -61,15 +73,17 @@ def _lazy_model(header: Any, path: Path, max_bytes: int) -> Any:
 class RuntimeStream(ResultStream):
     """Results of one task, relayed by the server process."""
 
-    def __init__(self, comm: RuntimeCommunicator, task_id: str, targets: Sequence[str]) -> None:
+    def __init__(self, comm: RuntimeCommunicator, dispatch: Dispatch) -> None:
         self.comm = comm
-        self.task_id = task_id
-        self.targets = tuple(targets)
-        self._pending = set(targets)
-        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.dispatch = dispatch
+        self.task_id = dispatch.task_id
+        self.targets = tuple(dispatch.targets)
+        self._pending = set(self.targets)
+        self.inbox: queue.Queue[JobResult | JobTaskFailed] = queue.Queue()
         self.cancelled = False
         self.max_bytes = 0
-        self.started = time.monotonic()
+        #: when the task was (last) sent to each site
+        self.sent_at = dict.fromkeys(self.targets, time.monotonic())
 
     @property
     def pending(self) -> set[str]:
@@ -79,7 +93,7 @@ class RuntimeStream(ResultStream):
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         while self._pending and not self.cancelled:
             for site in sorted(self._pending):
-                why = self.comm.lost(site, self.started)
+                why = self._check(site)
                 if why is not None:
                     self._pending.discard(site)
                     return TaskResult(site, self.task_id, error=why)
@@ -89,42 +103,49 @@ class RuntimeStream(ResultStream):
                 if time.monotonic() >= deadline:
                     return None
                 continue
-            site = msg["site"]
-            if site not in self._pending:
+            if msg.site not in self._pending:
                 continue  # a duplicate or a site that was dropped from this task
-            self._pending.discard(site)
+            self._pending.discard(msg.site)
             return self._result(msg)
         return None
 
-    def _result(self, msg: dict[str, Any]) -> TaskResult:
-        site = msg["site"]
-        if msg["t"] == "failed":
-            return TaskResult(
-                site, self.task_id, error=msg.get("error"), traceback=msg.get("traceback")
-            )
-        blob = msg.get("blob")
+    def _check(self, site: str) -> str | None:
+        """Why ``site``'s answer can no longer come (None if it can); a site that restarted
+        and is deployed again is sent the task once more."""
+        why, resend = self.comm.site_state(site, self.sent_at[site])
+        if resend:
+            log.info("sending task %s again to %s (it restarted)", self.task_id, site)
+            self.sent_at[site] = time.monotonic()
+            self.comm.send(dataclasses.replace(self.dispatch, targets=[site]))
+        return why
+
+    def _result(self, msg: JobResult | JobTaskFailed) -> TaskResult:
+        site = msg.site
+        if isinstance(msg, JobTaskFailed):
+            return TaskResult(site, self.task_id, error=msg.error, traceback=msg.traceback)
+        blob = msg.blob
         try:
             if blob and Path(blob).stat().st_size > LAZY_BYTES:
-                model = _lazy_model(msg["header"], Path(blob), self.max_bytes)
+                model = _lazy_model(msg.header, Path(blob), self.max_bytes)
                 blob = None  # deleted with the last reader of the lazy model
             else:
                 tensors: dict[str, torch.Tensor] = {}
                 if blob:
                     tensors, _ = load_file(blob, max_bytes=self.max_bytes)
-                model = join_model(msg["header"], tensors)
+                model = join_model(msg.header, tensors)
         except (CodecError, OSError) as exc:
             return TaskResult(site, self.task_id, error=f"invalid result: {exc}")
         finally:
             if blob:
                 Path(blob).unlink(missing_ok=True)  # the aggregate keeps what it needs
-        return TaskResult(site, self.task_id, model=model, duration=float(msg.get("duration", 0)))
+        return TaskResult(site, self.task_id, model=model)
 
     def cancel(self) -> None:
         if self.cancelled:
             return
         self.cancelled = True
         if self._pending:
-            self.comm.send({"t": "cancel", "task_id": self.task_id, "sites": sorted(self._pending)})
+            self.comm.send(JobCancel(self.task_id, sorted(self._pending)))
         self._pending.clear()
         self.comm.streams.pop(self.task_id, None)
 
@@ -139,10 +160,10 @@ class RuntimeCommunicator(Communicator):
         job_sites: Sequence[str],
         blob_dir: Path,
         abort: threading.Event,
-        on_records: Any = None,
+        on_records: Callable[[str, list[dict[str, Any]]], None] | None = None,
         *,
         offline_grace: float = 60.0,
-        on_late: Any = None,
+        on_late: Callable[[str], None] | None = None,
     ) -> None:
         self.ipc = ipc
         self.job_id = job_id
@@ -154,6 +175,8 @@ class RuntimeCommunicator(Communicator):
         self.on_late = on_late
         self.streams: dict[str, RuntimeStream] = {}
         self.ready: list[str] = []
+        #: since when each ready site has been ready (it restarted before that, or never)
+        self.ready_since: dict[str, float] = {}
         self.refused: dict[str, str] = {}
         self.offline: list[str] = []
         #: when a site that restarted (and so lost its tasks) did so, by site
@@ -165,75 +188,100 @@ class RuntimeCommunicator(Communicator):
         self._old_blobs: list[str] = []
         self._cond = threading.Condition()
         self.closed = False
+        #: the server process went away (as opposed to asking this job to stop)
+        self.server_lost = False
         self._reader = threading.Thread(target=self._read, name="job-ipc", daemon=True)
 
     def start(self) -> None:
         self._reader.start()
 
-    def send(self, msg: dict[str, Any]) -> None:
-        self.ipc.send(msg)
+    def send(self, msg: Message) -> None:
+        """A message to the server process; ServerLost if it is gone."""
+        try:
+            protocol.send(self.ipc, msg)
+        except OSError as exc:
+            self.server_lost = True
+            self.abort.set()
+            raise ServerLost(f"lost the connection to the server process: {exc}") from None
 
     def _read(self) -> None:
         try:
             while True:
-                got = self.ipc.recv()
-                if got is None:
+                msg = protocol.recv(
+                    self.ipc,
+                    SitesChanged,
+                    JobResult,
+                    JobTaskFailed,
+                    JobRecords,
+                    SiteRestarted,
+                    JobAbort,
+                )
+                if msg is None:
                     break
-                self._on_message(got[0])
+                self._on_message(msg)
         except Exception as exc:
             log.error("lost the connection to the server process: %s", exc)
         finally:
             with self._cond:
+                if not self.abort.is_set():
+                    self.server_lost = True
                 self.closed = True
                 self._cond.notify_all()
             self.abort.set()
 
-    def _on_message(self, h: dict[str, Any]) -> None:
-        kind = h["t"]
-        if kind == "sites":
+    def _on_message(self, msg: Message) -> None:
+        if isinstance(msg, SitesChanged):
             now = time.monotonic()
             with self._cond:
-                self.ready = [s for s in h.get("ready", []) if s in self.job_sites]
-                self.refused = dict(h.get("refused", {}))
-                self.offline = list(h.get("offline", []))
+                ready = [s for s in msg.ready if s in self.job_sites]
+                for site in ready:
+                    if site not in self.ready:
+                        self.ready_since[site] = now
+                self.ready = ready
+                self.refused = dict(msg.refused)
+                self.offline = list(msg.offline)
                 for site in self.offline:
                     self.offline_since.setdefault(site, now)
                 for site in [s for s in self.offline_since if s not in self.offline]:
                     del self.offline_since[site]
                 self._cond.notify_all()
-        elif kind in ("result", "failed"):
-            stream = self.streams.get(str(h.get("task_id")))
+        elif isinstance(msg, JobResult | JobTaskFailed):
+            stream = self.streams.get(msg.task_id)
             if stream is not None:
-                stream.inbox.put(h)
+                stream.inbox.put(msg)
             else:  # late: its round already closed; dropped, but said
-                if h.get("blob"):
-                    Path(h["blob"]).unlink(missing_ok=True)
+                if isinstance(msg, JobResult) and msg.blob:
+                    Path(msg.blob).unlink(missing_ok=True)
                 if self.on_late is not None:
                     self.on_late(
-                        f"late result from {h.get('site')} for task {h.get('task_id')} "
+                        f"late result from {msg.site} for task {msg.task_id} "
                         "dropped (its round had closed)"
                     )
-        elif kind == "records" and self.on_records is not None:
-            self.on_records(str(h.get("site")), h.get("records") or [])
-        elif kind == "site_restarted":
+        elif isinstance(msg, JobRecords):
+            if self.on_records is not None:
+                self.on_records(msg.site, msg.records)
+        elif isinstance(msg, SiteRestarted):
             with self._cond:
-                self.restarted[str(h.get("site"))] = time.monotonic()
+                self.restarted[msg.site] = time.monotonic()
                 self._cond.notify_all()
-        elif kind == "abort":
-            log.warning("abort requested: %s", h.get("reason"))
+        elif isinstance(msg, JobAbort):
+            log.warning("abort requested: %s", msg.reason)
             self.abort.set()
 
-    def lost(self, site: str, since: float) -> str | None:
-        """Why a task sent to ``site`` at ``since`` can no longer come back (None if it can)."""
+    def site_state(self, site: str, since: float) -> tuple[str | None, bool]:
+        """For a task sent to ``site`` at ``since``: (why it can no longer come back, or None;
+        whether to send it again because the site restarted and is deployed again)."""
         with self._cond:
             if site in self.refused:
-                return f"refused the job: {self.refused[site]}"
-            if self.restarted.get(site, -1.0) >= since:
-                return "the site restarted and lost its task"
+                return f"refused the job: {self.refused[site]}", False
             off = self.offline_since.get(site)
             if off is not None and time.monotonic() - off > self.offline_grace:
-                return f"offline for more than {self.offline_grace:.0f}s"
-        return None
+                return f"offline for more than {self.offline_grace:.0f}s", False
+            restarted = self.restarted.get(site, -1.0)
+            if restarted >= since:  # it lost the task; send it again once it is back
+                back = site in self.ready and self.ready_since.get(site, -1.0) > restarted
+                return None, back
+        return None, False
 
     def _deploying(self) -> list[str]:
         """Sites of the job that are online, not refused and not ready yet (caller holds lock)."""
@@ -297,20 +345,18 @@ class RuntimeCommunicator(Communicator):
         if tensors:
             blob = f"task.{task.task_id.replace(':', '_')}.safetensors"
             size, sha = save_file_hashed(tensors, self.blob_dir / blob, durable=False)
-            blob_info = {"size": size, "sha256": sha}
+            blob_info = FileInfo(size, sha)
             self._old_blobs.append(blob)
-        stream = RuntimeStream(self, task.task_id, targets)
-        stream.max_bytes = max(RESULT_FACTOR * nbytes, 64 * 1024 * 1024)
-        self.streams[task.task_id] = stream
-        self.send(
-            {
-                "t": "dispatch",
-                "task_id": task.task_id,
-                "name": task.name,
-                "header": header,
-                "blob": blob,
-                "blob_info": blob_info,
-                "targets": list(targets),
-            }
+        dispatch = Dispatch(
+            task_id=task.task_id,
+            name=task.name,
+            header=header,
+            targets=list(targets),
+            blob=blob,
+            blob_info=blob_info,
         )
+        stream = RuntimeStream(self, dispatch)
+        stream.max_bytes = max(RESULT_FACTOR * nbytes, MIN_RESULT_LIMIT)
+        self.streams[task.task_id] = stream
+        self.send(dispatch)
         return stream

@@ -6,12 +6,15 @@ It loads the job folder (validated, nothing executed from it but the declared wo
 connects back to the server over the unix socket (authenticated by a one-time token in its
 environment), runs the workflow with a :class:`RuntimeCommunicator`, writes the run folder
 (models, metrics, checkpoints after every round, result.json) and reports how it ended.
-Exit code: 0 finished, 1 failed, 2 aborted.
+
+Exit code: 0 finished, 1 failed, 2 aborted, 3 the server went away (the run is not finished:
+it resumes from its last checkpoint when the server comes back).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -21,15 +24,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedctl.codec import protocol
+from fedctl.codec.frames import FrameSocket
+from fedctl.codec.protocol import Finished, JobAbort, JobHello, JobRefused, JobStart, WorkflowEvent
 from fedctl.constants import ENV_JOB_TOKEN
 from fedctl.jobs import EXIT_CODES
 from fedctl.recipe.jobfolder import load_job
 from fedctl.recipe.runner import run_workflow
-from fedctl.runtime.communicator import RuntimeCommunicator
+from fedctl.runtime.communicator import RuntimeCommunicator, ServerLost
 from fedctl.tracking.run import finish_run
 from fedctl.tracking.store import RunStore, jsonable
-from fedctl.transport.frames import FrameSocket
 from fedctl.workflows.base import WorkflowContext
+
+#: exit code when the server process went away before the job ended
+SERVER_LOST = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.socket)
     ipc = FrameSocket(sock)
-    ipc.send({"t": "hello", "job": args.job_id, "token": token})
-    got = ipc.recv()
-    if got is None or got[0]["t"] != "start":
-        log.error("server refused the job process: %s", got[0] if got else "connection closed")
+    protocol.send(ipc, JobHello(args.job_id, token))
+    start = protocol.recv(ipc, JobStart, JobRefused, JobAbort)
+    if not isinstance(start, JobStart):
+        log.error("server refused the job process: %s", start or "connection closed")
         return 1
-    start = got[0]
     job = load_job(args.job_dir)
     store = RunStore(
         args.result_dir,
@@ -63,31 +70,39 @@ def main(argv: list[str] | None = None) -> int:
     comm = RuntimeCommunicator(
         ipc,
         args.job_id,
-        start["sites"],
+        start.sites,
         args.job_dir.parent / "blobs",
         abort,
         on_records=store.add_records,
-        offline_grace=float(start.get("offline_grace", 60.0)),
+        offline_grace=start.offline_grace,
         on_late=store.log,
     )
     comm.start()
 
     def forward(event: dict[str, Any]) -> None:
+        if comm.server_lost:
+            return
         if event.get("traceback"):  # keep control messages small: the tail says where
             event = {**event, "traceback": event["traceback"][-8000:]}
-        ipc.send({"t": "event", "event": jsonable(event)})
+        comm.send(WorkflowEvent(jsonable(event)))
 
     ctx = WorkflowContext(
         comm,
         job_id=args.job_id,
-        seed=int(start.get("seed", 0)),
+        seed=start.seed,
         store=store,
         listeners=[store.listener, forward],
         abort=abort,
     )
     started = time.monotonic()
-    store.log(f"job {args.job_id} ({job.name}) on sites {', '.join(start['sites'])}")
+    store.log(f"job {args.job_id} ({job.name}) on sites {', '.join(start.sites)}")
     status, reason = run_workflow(job, ctx)
+    if comm.server_lost:
+        # Not an outcome: the server was stopped or killed. Its next process queues the job
+        # again and this run resumes from its last checkpoint.
+        store.log("lost the server process; the job resumes from its last checkpoint")
+        store.close()
+        return SERVER_LOST
     finish_run(
         store,
         job_id=args.job_id,
@@ -97,12 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         reason=reason,
         num_rounds=job.num_rounds,
         duration=time.monotonic() - started,
-        extra={"sites": start["sites"], "seed": ctx.seed},
+        extra={"sites": start.sites, "seed": ctx.seed},
     )
-    try:
-        ipc.send({"t": "finished", "status": status, "reason": reason})
-    except OSError:
-        pass
+    with contextlib.suppress(ServerLost):
+        comm.send(Finished(status, reason))
     return EXIT_CODES[status]
 
 

@@ -17,10 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from fedctl.errors import FedctlError, NotFound
+from fedctl.jobs import (
+    ABORTED,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    SCHEDULED,
+    SUBMITTED,
+    TERMINAL,
+)
 
-SUBMITTED, SCHEDULED, RUNNING = "SUBMITTED", "SCHEDULED", "RUNNING"
-FINISHED, FAILED, ABORTED = "FINISHED", "FAILED", "ABORTED"
-TERMINAL = (FINISHED, FAILED, ABORTED)
 _NEXT = {
     SUBMITTED: {SCHEDULED, FAILED, ABORTED},
     SCHEDULED: {RUNNING, SUBMITTED, FAILED, ABORTED},

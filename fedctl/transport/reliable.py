@@ -15,11 +15,15 @@ numbered (:meth:`post`).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, TypeVar
 
-from fedctl.transport import frames
+from fedctl.codec import protocol
+from fedctl.codec.protocol import Ack, Message, Numbered
+
+N = TypeVar("N", bound=Numbered)
 
 
 class ReliableLink:
@@ -30,7 +34,7 @@ class ReliableLink:
         self.next_seq = 1
         #: last numbered message from the peer that was processed
         self.recv_seq = 0
-        self.outbox: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self.outbox: OrderedDict[int, Numbered] = OrderedDict()
         #: the live stream's outgoing queue of encoded frames (None while disconnected)
         self.queue: Any = None
 
@@ -57,21 +61,21 @@ class ReliableLink:
             if self.queue is not None:
                 self.queue.put(None)
 
-    def post(self, header: dict[str, Any]) -> None:
+    def post(self, msg: Message) -> None:
         """An unnumbered message (heartbeat, ack), dropped if there is no stream."""
         with self.lock:
             if self.queue is not None:
-                self.queue.put(frames.encode(header))
+                self.queue.put(protocol.encode(msg))
 
-    def send(self, header: dict[str, Any]) -> dict[str, Any]:
+    def send(self, msg: N) -> N:
         """A numbered message: delivered now or after the next reconnect."""
         with self.lock:
-            header = {**header, "seq": self.next_seq}
+            msg = dataclasses.replace(msg, seq=self.next_seq)
             self.next_seq += 1
-            self.outbox[header["seq"]] = header
+            self.outbox[msg.seq] = msg
             if self.queue is not None:
-                self.queue.put(frames.encode(header))
-            return header
+                self.queue.put(protocol.encode(msg))
+            return msg
 
     def acked(self, seq: int) -> None:
         """The peer has everything up to ``seq``."""
@@ -85,15 +89,15 @@ class ReliableLink:
             new = seq > self.recv_seq
             if new:
                 self.recv_seq = seq
-            self.post({"t": "ack", "seq": self.recv_seq})
+            self.post(Ack(self.recv_seq))
             return new
 
     def resend(self) -> None:
         """Send every unacknowledged message again, in order."""
         with self.lock:
             if self.queue is not None:
-                for header in self.outbox.values():
-                    self.queue.put(frames.encode(header))
+                for msg in self.outbox.values():
+                    self.queue.put(protocol.encode(msg))
 
     def reset(self, *, incoming: bool = False, outgoing: bool = False) -> None:
         """Forget the peer's numbering (it restarted) and/or our undelivered messages."""

@@ -1,7 +1,7 @@
 """The fedctl gRPC service: one service, raw-bytes methods carrying frames.
 
-No protobuf or generated code: every request and response is one :mod:`~fedctl.transport.frames`
-frame, passed through gRPC as bytes. Methods:
+No protobuf or generated code: every request and response is one :mod:`~fedctl.codec.frames`
+frame holding a :mod:`~fedctl.codec.protocol` message, passed through gRPC as bytes. Methods:
 
     Session      stream ↔ stream   a site's control channel (tasks, results, acks, heartbeats)
     Fetch        unary → stream    a site downloads a blob (job bundle, a task's model)
@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedctl.transport import frames
+from fedctl.codec import frames, protocol
+from fedctl.codec.protocol import Chunk, End, Message
 
 if TYPE_CHECKING:
     import grpc
@@ -84,7 +85,7 @@ class Stubs:
 
 def file_frames(
     path: str | os.PathLike[str],
-    first: dict[str, Any] | None = None,
+    first: Message | dict[str, Any] | None = None,
     sha256: str | None = None,
 ) -> Iterator[bytes]:
     """Frames for a file: an optional header frame, then ``chunk`` frames, then ``end``.
@@ -93,7 +94,9 @@ def file_frames(
     computed when the file was written), else computed while sending. The receiver always hashes
     what it gets and compares.
     """
-    if first is not None:
+    if isinstance(first, Message):
+        yield protocol.encode(first)
+    elif first is not None:  # a raw header (what a test of a misbehaving peer sends)
         yield frames.encode(first)
     h = hashlib.sha256() if sha256 is None else None
     size = 0
@@ -102,9 +105,10 @@ def file_frames(
             if h is not None:
                 h.update(block)
             size += len(block)
-            yield frames.encode({"t": "chunk"}, block)
+            yield protocol.encode(Chunk(), block)
     digest = h.hexdigest() if h is not None else sha256
-    yield frames.encode({"t": "end", "size": size, "sha256": digest})
+    assert digest is not None
+    yield protocol.encode(End(size, digest))
 
 
 def receive_file(
@@ -128,8 +132,8 @@ def receive_file(
     try:
         with os.fdopen(fd, "wb") as out:
             for raw in messages:
-                header, payload = frames.decode(raw, {"chunk", "end"})
-                if header["t"] == "chunk":
+                msg, payload = protocol.decode(raw, Chunk, End)
+                if isinstance(msg, Chunk):
                     size += len(payload)
                     if size > max_bytes:
                         raise frames.FrameError(f"transfer exceeds the limit of {max_bytes} bytes")
@@ -137,7 +141,7 @@ def receive_file(
                     out.write(payload)
                     continue
                 digest = h.hexdigest()
-                if header.get("size") != size or header.get("sha256") != digest:
+                if msg.size != size or msg.sha256 != digest:
                     raise frames.FrameError(
                         "transfer ended with a size or hash that does not match"
                     )

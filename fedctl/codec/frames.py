@@ -10,18 +10,13 @@ raises :class:`FrameError`; the receiver closes that stream and keeps serving ot
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
-import shutil
 import socket
 import struct
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
-from fedctl._fs import safe_name
+from fedctl.codec import jsondata
 from fedctl.errors import CodecError
 
 MAGIC = b"FC"
@@ -63,24 +58,14 @@ def decode(
     if hlen > MAX_HEADER or PREFIX.size + hlen > len(data):
         raise FrameError("frame header length is out of bounds")
     try:
-        header = json.loads(bytes(data[PREFIX.size : PREFIX.size + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FrameError(f"frame header is not JSON: {exc}") from None
+        header = jsondata.loads(bytes(data[PREFIX.size : PREFIX.size + hlen]), "frame header")
+    except CodecError as exc:
+        raise FrameError(str(exc)) from None
     if not isinstance(header, dict) or not isinstance(header.get("t"), str):
         raise FrameError("frame header must be an object with a string 't'")
     if expect is not None and header["t"] not in expect:
         raise FrameError(f"unexpected message type {header['t']!r}")
     return header, bytes(data[PREFIX.size + hlen :])
-
-
-def field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str = "") -> Any:
-    """A required header field of the given type, or FrameError naming it."""
-    value = header.get(name)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        where = what or header.get("t", "frame")
-        raise FrameError(f"{where}: field {name!r} missing or of the wrong type")
-    return value
 
 
 class FrameSocket:
@@ -132,31 +117,3 @@ class FrameSocket:
         except OSError:
             pass
         self.sock.close()
-
-
-_socket_dir: Path | None = None
-
-
-def socket_path(name: str) -> Path:
-    """A path for a unix socket in this process's private folder (mode 0700, removed at exit).
-
-    Unix socket paths are limited to 108 bytes, so sockets cannot live deep inside a workspace.
-    """
-    global _socket_dir
-    if _socket_dir is None:
-        _socket_dir = Path(tempfile.mkdtemp(prefix="fedctl-"))
-        atexit.register(shutil.rmtree, _socket_dir, True)
-    return _socket_dir / f"{safe_name(name)[-60:]}.sock"
-
-
-def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
-    """A listening unix socket at ``path`` that only this user can connect to (mode 0600)."""
-    path.unlink(missing_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    sock.listen(backlog)
-    return sock

@@ -1,0 +1,420 @@
+"""One job at a site: its folder, its client script process, its queue of tasks.
+
+The job's bundle is fetched, checked (hashes, size, safe paths) and unpacked; the site's own
+``local/authorization.yaml`` decides whether it runs jobs from the submitter; the client script
+runs as a subprocess in the job's ``work/`` folder and talks to this object over a private unix
+socket (the SCRIPT messages of :mod:`fedctl.codec.protocol`). A script never outlives its
+agent: it is started in its own process group with the kernel told to kill it when the agent
+dies (Linux), and a new agent stops any script an earlier one left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import queue
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedctl._fs import safe_name
+from fedctl.codec import protocol
+from fedctl.codec.frames import FrameError, FrameSocket
+from fedctl.codec.protocol import (
+    Deploy,
+    Deployed,
+    NextTask,
+    Refused,
+    ResultTaken,
+    ScriptEnd,
+    ScriptHello,
+    ScriptInfo,
+    ScriptRecords,
+    ScriptResult,
+    ScriptTask,
+    SiteLog,
+    SiteRecords,
+    SiteResult,
+    SiteTask,
+    TaskFailed,
+)
+from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE, MAX_BLOB_BYTES
+from fedctl.errors import FedctlError
+from fedctl.runtime.bundle import extract_bundle
+from fedctl.runtime.procs import terminate_group
+from fedctl.transport.local import listen_unix, socket_path
+
+if TYPE_CHECKING:
+    from fedctl.runtime.agent import SiteAgent
+
+log = logging.getLogger("fedctl.agent")
+
+LOG_BATCH = 200
+SCRIPT_CONNECT_TIMEOUT = 300.0
+#: the script's PID and start time, so a later agent can stop a script an earlier one left
+SCRIPT_PID_FILE = "script.pid"
+
+
+class SiteJob:
+    """One job at this site (see the module docstring)."""
+
+    def __init__(self, agent: SiteAgent, deploy: Deploy) -> None:
+        self.agent = agent
+        self.job_id = deploy.job
+        self.deploy_msg = deploy
+        self.root = agent.ws / "jobs" / deploy.job
+        self.tasks: queue.Queue[SiteTask | None] = queue.Queue()
+        self.cancelled: set[str] = set()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopped = threading.Event()
+        self.sock_path = socket_path(f"{agent.kit.name}-{secrets.token_hex(4)}")
+        self.server_sock: socket.socket | None = None
+        self.tail: deque[str] = deque(maxlen=200)
+        self.log_lines: list[str] = []
+        self.log_lock = threading.Lock()
+        self.script_conn: FrameSocket | None = None
+
+    # ------------------------------------------------------------------ deployment
+
+    def deploy(self) -> None:
+        """Fetch, check and unpack the bundle, then start serving tasks; refusals are reported."""
+        submitter = self.deploy_msg.submitter.name
+        try:
+            self._deploy()
+        except (FedctlError, OSError) as exc:
+            log.warning("job %s refused: %s", self.job_id, exc)
+            self.agent.audit.record("job_refused", submitter, job=self.job_id, reason=str(exc))
+            self.agent.send(Refused(job=self.job_id, reason=str(exc)))
+            self.stopped.set()
+            return
+        self.agent.audit.record(
+            "job_deployed",
+            submitter,
+            job=self.job_id,
+            bundle_sha256=self.deploy_msg.bundle.sha256,
+        )
+        self.agent.send(Deployed(job=self.job_id))
+        threading.Thread(target=self._serve_tasks, name=f"tasks-{self.job_id}", daemon=True).start()
+
+    def _deploy(self) -> None:
+        from fedctl.recipe.jobfolder import read_job_spec
+
+        job_dir = self.root / "job"
+        if not job_dir.exists():
+            bundle = self.root / "bundle.zip"
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.agent.fetch(self.job_id, self.deploy_msg.bundle, bundle, self.agent.max_bundle)
+            try:
+                extract_bundle(bundle, job_dir, max_bytes=self.agent.max_bundle, need_model=False)
+            finally:
+                bundle.unlink(missing_ok=True)
+        self.recipe = read_job_spec(job_dir, need_model=False)
+        self.check_policy()
+        (self.root / "work").mkdir(exist_ok=True)
+        (self.root / "blobs").mkdir(exist_ok=True)
+
+    def check_policy(self) -> None:
+        """Refuse the job unless this site's local/authorization.yaml lets its submitter's role
+        submit jobs that bring their own code (every job carries its client script)."""
+        from fedctl.provision.identity import Identity
+        from fedctl.provision.policy import default_authorization, load_authorization
+
+        path = self.agent.kit.local_dir / "authorization.yaml"
+        policy = load_authorization(path) if path.exists() else default_authorization()
+        sub = self.deploy_msg.submitter
+        actor = Identity(sub.name, sub.org, "admin", sub.role)
+        for right in ("submit", "byoc"):
+            if not policy.allows(right, actor):
+                raise FedctlError(
+                    f"{self.agent.kit.name} does not run jobs from {actor.name} "
+                    f"(role {actor.role}): '{right}' is not allowed by its local/authorization.yaml"
+                )
+
+    # ------------------------------------------------------------------ the script
+
+    def _start_script(self) -> None:
+        """Start the client script (it connects back on the job's socket)."""
+        if self.server_sock is None:
+            self.server_sock = listen_unix(self.sock_path, 1)
+            self.server_sock.settimeout(1.0)
+        d = self.deploy_msg
+        script = self.root / "job" / "code" / self.recipe.train_script
+        env = {
+            **os.environ,
+            ENV_MODE: d.mode,
+            # the rest (site, index, seed, …) the script learns over this socket
+            ENV_AGENT_SOCKET: str(self.sock_path),
+            "PYTHONUNBUFFERED": "1",
+        }
+        cmd = [sys.executable, str(script), *shlex.split(self.recipe.train_args)]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.root / "work",
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        _record_script(self.root, self.proc.pid)
+        threading.Thread(target=self._pump_output, args=(self.proc,), daemon=True).start()
+        self.agent.audit.record(
+            "script_started",
+            None,
+            job=self.job_id,
+            pid=self.proc.pid,
+            script=self.recipe.train_script,
+        )
+        self.script_conn = self._accept_script()
+        hello = protocol.recv(self.script_conn, ScriptHello)
+        if hello is None:
+            raise _ScriptDied(*self._exit_reason())
+        protocol.send(
+            self.script_conn,
+            ScriptInfo(
+                site_name=self.agent.kit.name,
+                site_index=d.site_index,
+                num_sites=d.num_sites,
+                job_id=self.job_id,
+                seed=d.seed,
+                mode=d.mode,
+                workspace=str(self.root / "work"),
+            ),
+        )
+
+    def _accept_script(self) -> FrameSocket:
+        assert self.server_sock is not None and self.proc is not None
+        deadline = time.monotonic() + SCRIPT_CONNECT_TIMEOUT
+        while True:
+            try:
+                conn, _ = self.server_sock.accept()
+            except TimeoutError:
+                if self.proc.poll() is not None:
+                    time.sleep(0.2)  # let the output pump catch the last lines
+                    raise _ScriptDied(*self._exit_reason()) from None
+                if time.monotonic() > deadline:
+                    terminate_group(self.proc)
+                    raise _ScriptDied(
+                        f"the script did not call fedctl.client.init() within "
+                        f"{SCRIPT_CONNECT_TIMEOUT:.0f}s",
+                        None,
+                    ) from None
+                continue
+            conn.settimeout(None)
+            return FrameSocket(conn)
+
+    def _pump_output(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        with open(self.root / "client.log", "ab") as logf:
+            for raw in proc.stdout:
+                logf.write(raw)
+                logf.flush()
+                line = raw.decode(errors="replace").rstrip("\n")
+                self.tail.append(line)
+                with self.log_lock:
+                    self.log_lines.append(line)
+                    flush = len(self.log_lines) >= LOG_BATCH
+                if flush:
+                    self._flush_log()
+        self._flush_log()
+
+    def _flush_log(self) -> None:
+        with self.log_lock:
+            lines, self.log_lines = self.log_lines, []
+        if lines:
+            self.agent.send(SiteLog(job=self.job_id, lines=lines))
+
+    def _exit_reason(self) -> tuple[str, str | None]:
+        code = self.proc.poll() if self.proc else None
+        lines = list(self.tail)
+        tb_start = max(
+            (i for i, line in enumerate(lines) if line.startswith("Traceback")), default=None
+        )
+        if tb_start is not None:
+            tb = "\n".join(lines[tb_start:])
+            last = next((line for line in reversed(lines) if line.strip()), "")
+            return last.strip() or f"script exited with code {code}", tb
+        return f"script exited with code {code}", None
+
+    # ------------------------------------------------------------------ tasks
+
+    def add_task(self, task: SiteTask) -> None:
+        self.tasks.put(task)
+
+    def cancel(self, task_id: str) -> None:
+        self.cancelled.add(task_id)
+
+    def _serve_tasks(self) -> None:
+        while not self.stopped.is_set():
+            task = self.tasks.get()
+            if task is None:
+                break
+            if task.task_id in self.cancelled:
+                continue
+            try:
+                self._run_task(task)
+            except Exception as exc:
+                error, tb = (str(exc), None)
+                if isinstance(exc, _ScriptDied):
+                    error, tb = exc.args[0], exc.args[1]
+                if not self.stopped.is_set():
+                    log.warning("job %s task %s failed: %s", self.job_id, task.task_id, error)
+                    self._flush_log()
+                    self.agent.send(
+                        TaskFailed(job=self.job_id, task_id=task.task_id, error=error, traceback=tb)
+                    )
+
+    def _run_task(self, task: SiteTask) -> None:
+        task_id = task.task_id
+        path = None
+        if task.blob is not None:
+            path = self.root / "blobs" / f"task.{safe_name(task_id)}.safetensors"
+            self.agent.fetch(self.job_id, task.blob, path, MAX_BLOB_BYTES)
+            self.agent.audit.record(
+                "model_received",
+                None,
+                job=self.job_id,
+                task=task_id,
+                round=task.header.get("current_round"),
+                sha256=task.blob.sha256,
+                size=task.blob.size,
+            )
+        if self.proc is None or self.proc.poll() is not None:
+            self.script_conn = None
+            self._start_script()
+        assert self.script_conn is not None
+        conn = self.script_conn
+        self._recv_script(conn, NextTask)  # the script asks for its next task: this one
+        protocol.send(
+            conn,
+            ScriptTask(
+                task_id=task_id,
+                name=task.name,
+                header=task.header,
+                result_dir=str(self.root / "blobs"),
+                path=str(path) if path else None,
+            ),
+        )
+        result = self._recv_script(conn, ScriptResult)
+        if path is not None:
+            path.unlink(missing_ok=True)
+        blob = None
+        if result.path:
+            result_path = Path(result.path)
+            if self.root / "blobs" not in result_path.resolve().parents:
+                raise FrameError("script wrote its result outside the job's folder")
+            blob = self.agent.push(self.job_id, task_id, result_path, result.sha256)
+            result_path.unlink(missing_ok=True)
+            self.agent.audit.record(
+                "model_sent",
+                None,
+                job=self.job_id,
+                task=task_id,
+                round=result.header.get("current_round"),
+                sha256=blob.sha256,
+                size=blob.size,
+            )
+        protocol.send(conn, ResultTaken())
+        self._flush_log()
+        if task_id in self.cancelled:
+            return
+        self.agent.send(
+            SiteResult(job=self.job_id, task_id=task_id, header=result.header, blob=blob)
+        )
+
+    def _recv_script(self, conn: FrameSocket, want: type[Any]) -> Any:
+        """The script's next message of kind ``want``, relaying its records meanwhile."""
+        while True:
+            try:
+                msg = protocol.recv(conn, want, ScriptRecords)
+            except (OSError, FrameError) as exc:
+                msg = None
+                log.warning("job %s: bad message from the script: %s", self.job_id, exc)
+            if msg is None:
+                if self.proc is not None:
+                    try:
+                        self.proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        terminate_group(self.proc)
+                time.sleep(0.2)  # let the output pump catch the last lines
+                raise _ScriptDied(*self._exit_reason())
+            if isinstance(msg, ScriptRecords):
+                if msg.records:
+                    self.agent.send(SiteRecords(job=self.job_id, records=msg.records))
+                continue
+            return msg
+
+    def stop(self, reason: str) -> None:
+        """End the job here: tell the script, then make sure its process group is gone."""
+        self.stopped.set()
+        self.tasks.put(None)
+        conn, proc = self.script_conn, self.proc
+        if conn is not None:
+            with contextlib.suppress(OSError, FrameError):
+                protocol.send(conn, ScriptEnd(reason))
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                terminate_group(proc)
+        if conn is not None:
+            conn.close()
+        if self.server_sock is not None:
+            self.server_sock.close()
+            self.sock_path.unlink(missing_ok=True)
+        (self.root / SCRIPT_PID_FILE).unlink(missing_ok=True)
+
+
+class _ScriptDied(Exception):
+    """The client script ended while a task was outstanding (args: error, traceback)."""
+
+
+# ---------------------------------------------------------------------- no orphaned scripts
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """In the script's process before it runs: the kernel sends it SIGKILL when the agent
+    (the thread that started it) dies, however the agent dies. Linux only; elsewhere the next
+    agent's :func:`stop_leftover_scripts` does it."""
+    if sys.platform.startswith("linux"):
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _record_script(job_root: Path, pid: int) -> None:
+    import psutil
+
+    with contextlib.suppress(psutil.Error, OSError):
+        started = psutil.Process(pid).create_time()
+        (job_root / SCRIPT_PID_FILE).write_text(json.dumps({"pid": pid, "started": started}))
+
+
+def stop_leftover_scripts(workspace: Path) -> list[int]:
+    """Stop client scripts an earlier agent process of this site left running (checked by PID
+    and start time, so an unrelated process that reused the PID is left alone)."""
+    import psutil
+
+    stopped = []
+    for pid_file in workspace.glob(f"jobs/*/{SCRIPT_PID_FILE}"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, psutil.Error):
+            info = json.loads(pid_file.read_text())
+            proc = psutil.Process(int(info["pid"]))
+            if abs(proc.create_time() - float(info["started"])) < 0.01:
+                terminate_group(proc.pid, 2.0)
+                stopped.append(proc.pid)
+        pid_file.unlink(missing_ok=True)
+    return stopped

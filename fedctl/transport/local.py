@@ -1,0 +1,41 @@
+"""Private unix sockets on this machine (a site agent and its script, a server and its jobs).
+
+Socket paths live in a per-process folder of mode 0700 (removed at exit), because unix socket
+paths are limited to 108 bytes and cannot live deep inside a workspace; each socket is created
+with mode 0600, so only this user can connect.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from fedctl._fs import safe_name
+
+_socket_dir: Path | None = None
+
+
+def socket_path(name: str) -> Path:
+    """A path for a unix socket in this process's private folder."""
+    global _socket_dir
+    if _socket_dir is None:
+        _socket_dir = Path(tempfile.mkdtemp(prefix="fedctl-"))
+        atexit.register(shutil.rmtree, _socket_dir, True)
+    return _socket_dir / f"{safe_name(name)[-60:]}.sock"
+
+
+def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
+    """A listening unix socket at ``path`` that only this user can connect to (mode 0600)."""
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    return sock
