@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedctl.cli.main import main
-from fedctl.errors import NotFound, UsageError
+from fedctl.errors import ConfigError, NotFound, UsageError
 from fedctl.provision import (
     Admin,
     KitError,
@@ -223,6 +223,20 @@ def test_authorization_validation(tmp_path: Path) -> None:
     f.write_text("version: 1\nroles:\n  owner: {}\n")
     with pytest.raises(Exception, match=r"roles\.owner: unknown role"):
         load_authorization(f)
+
+
+def test_policy_files_refuse_aliases_and_duplicate_keys(tmp_path: Path) -> None:
+    f = tmp_path / "authorization.yaml"
+    f.write_text("version: 1\nroles:\n  lead: &r {submit: true}\n  member: *r\n")
+    with pytest.raises(ConfigError) as info:
+        load_authorization(f)
+    assert str(info.value) == (
+        f"{f}:3: YAML anchors and aliases are not allowed (found anchor '&r')"
+    )
+    f.write_text("version: 1\nroles:\n  lead: {submit: false}\n  lead: {submit: true}\n")
+    with pytest.raises(ConfigError) as info:
+        load_authorization(f)
+    assert str(info.value) == f"{f}:4: roles.lead: duplicate key (first on line 3)"
 
 
 # --------------------------------------------------------------------------- certificates

@@ -5,7 +5,8 @@ A project is one server, any number of sites and admins, and a few CA settings. 
 key path and what is wrong, e.g.
 ``project.yml:14: participants[3].name: duplicate name 'site-2' (first used at participants[1])``.
 The same checks run whether the project comes from YAML (:func:`load_project`), from a dict
-(:meth:`Project.from_dict`) or is built from the dataclasses in code.
+(:meth:`Project.from_dict`) or is built from the dataclasses in code. YAML is read with
+:func:`fedctl._yaml.load_yaml`: anchors and aliases, deep nesting and duplicate keys are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedctl._yaml import YAMLInputError, dump_yaml, load_yaml
 from fedctl.provision.identity import ROLES, Identity
 from fedctl.provision.schema import (
     API_VERSION,
@@ -144,9 +146,8 @@ class Project:
         return d
 
     def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        """The project.yml text (no YAML anchors or aliases, so :func:`load_project` reads it)."""
+        return dump_yaml(self.to_dict())
 
     @property
     def sites(self) -> tuple[Site, ...]:
@@ -218,71 +219,20 @@ def load_project(path: str | Path) -> Project:
         raise ProjectError("is a folder, expected a project.yml file", source=source) from None
     except OSError as exc:
         raise ProjectError(f"cannot read: {exc.strerror}", source=source) from None
-    if len(raw) > MAX_PROJECT_FILE_BYTES:
-        raise ProjectError(f"too large ({len(raw)} bytes, limit 1 MiB)", source=source)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProjectError(f"not UTF-8 text (byte {exc.start})", source=source) from None
-    return parse_project(text, source=source)
+    return _parse(raw, source)
 
 
 def parse_project(text: str, *, source: str = "project.yml") -> Project:
     """Validate project YAML held in a string (see :func:`load_project`)."""
-    data, lines = _parse_yaml(text, source)
-    return _build(data, source=source, lines=lines)
+    return _parse(text, source)
 
 
-def _parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    import yaml
-
-    if not text.strip() or all(
-        not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()
-    ):
-        raise ProjectError(
-            "empty file (expected a project: see `fedctl provision --init`)", source=source
-        )
+def _parse(text: str | bytes, source: str) -> Project:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        col = f" (column {mark.column + 1})" if mark else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ProjectError(f"YAML syntax error: {problem}{col}", source=source, line=line) from None
-    except yaml.YAMLError as exc:
-        raise ProjectError(f"YAML syntax error: {exc}", source=source) from None
-    lines: dict[str, int] = {}
-    if node is not None:
-        _positions(node, "", lines, source)
-    return data, lines
-
-
-def _positions(node: Any, path: str, out: dict[str, int], source: str) -> None:
-    """Record the line of every key path; refuse duplicate keys (YAML would keep the last)."""
-    import yaml
-
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            child = f"{path}.{key}" if path else str(key)
-            line = key_node.start_mark.line + 1
-            if key is not None and key in seen:
-                raise ProjectError(
-                    f"duplicate key (first on line {seen[key]})",
-                    key=child,
-                    source=source,
-                    line=line,
-                )
-            seen[key] = line
-            out.setdefault(child, key_node.start_mark.line + 1)
-            _positions(value_node, child, out, source)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _positions(item, f"{path}[{i}]", out, source)
+        doc = load_yaml(text, source=source, max_bytes=MAX_PROJECT_FILE_BYTES)
+    except YAMLInputError as exc:
+        raise ProjectError(exc.problem, key=exc.key, source=source, line=exc.line) from None
+    return _build(doc.data, source=source, lines=doc.lines)
 
 
 def _build(
