@@ -3,7 +3,9 @@ kit completed at the site with its key.
 
 :func:`request_certificate` (at the site) writes a key and a CSR; :func:`sign_csr` (project
 admin) issues the certificate and builds the kit without a key; :func:`assemble_kit` (at the
-site) adds the key, verifies the kit and moves it into place.
+site) adds the key, verifies the kit and moves it into place. Signing refuses a CSR whose
+participant or key already has a live certificate in the workspace unless ``force``, so the
+same request is never silently signed twice.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fedctl.provision.kitspec import KEY_FILE, STARTUP, KitError, KitFile
 from fedctl.provision.project import Admin, Participant, Project, Server, Site, validate_participant
 from fedctl.provision.workspace import (
     CREATED,
+    State,
     build_issue,
     open_workspace,
     save_state,
@@ -112,7 +115,9 @@ def sign_csr(
 
     The CSR's subject names the participant. If it is already in the project, name, org, type
     and role must agree; if not, it is added. A participant whose kit (with key) was built in
-    this workspace is only switched to its own key with ``force``. The result is
+    this workspace is only switched to its own key with ``force``; a participant, or a key, that
+    already has a live (unexpired) certificate is only signed again with ``force``, so signing
+    the same CSR twice does not silently issue a second certificate. The result is
     ``kits/<name>/`` and ``kits/<name>.zip``; the site completes it with :func:`assemble_kit`.
     """
     from cryptography import x509
@@ -171,6 +176,8 @@ def sign_csr(
                 f"{ident.type} {ident.name!r} already has a kit with a key made in this workspace; "
                 "pass --force to issue a certificate for the site's own key instead"
             )
+        if not force:
+            _refuse_second_certificate(state, ident, request.public_key(), source)
         issue = build_issue(
             project, participant, ca_key, ca_cert, public_key=request.public_key(), status=CREATED
         )
@@ -186,6 +193,29 @@ def sign_csr(
         issue.record["not_after"],
         added,
     )
+
+
+def _refuse_second_certificate(
+    state: State, ident: Identity, public_key: object, source: str
+) -> None:
+    """Refuse to sign for a participant, or a key, that already has a live certificate."""
+    from fedctl.provision import certs
+
+    live = state.live_certificates(certs.utcnow())
+    for rec in reversed(live):
+        if rec["name"].casefold() == ident.name.casefold():
+            raise UsageError(
+                f"{ident.type} {ident.name!r} already has a live certificate (serial "
+                f"{rec['serial']}, valid until {rec['not_after'][:10]}); pass --force to issue "
+                "another"
+            )
+    key = certs.public_key_bytes(public_key)  # type: ignore[arg-type]
+    for rec in reversed(live):
+        if state.issued_public_key(rec["serial"]) == key:
+            raise UsageError(
+                f"{source}: its key already has a live certificate for {rec['type']} "
+                f"{rec['name']!r} (serial {rec['serial']}); pass --force to issue another"
+            )
 
 
 def assemble_kit(

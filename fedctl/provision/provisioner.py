@@ -248,7 +248,7 @@ def _reprovision(project: Project, state: State, *, force: bool) -> ProvisionRes
         zip_path = state.kits / f"{ident.name}.zip"
         if rec and rec.get("key") == "site":
             stale = _stale_reason(state, merged, p) if kit_dir.is_dir() else ""
-            note = "keeps its own key; re-sign its CSR with `fedctl cert sign` to change it"
+            note = "keeps its own key; sign a new CSR with `fedctl cert sign --force` to change it"
             if stale:
                 note = f"out of date ({stale}); " + note
             records.append(

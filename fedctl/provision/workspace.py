@@ -22,6 +22,7 @@ kit in memory and :func:`write_issues` / :func:`save_state` put them in place. U
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -134,6 +135,24 @@ class State:
             out[rec["name"].casefold()] = rec
         return out
 
+    def live_certificates(self, now: dt.datetime) -> list[dict[str, Any]]:
+        """Issued records whose certificate has not expired at ``now``, oldest first."""
+        return [
+            rec
+            for rec in self.issued()["certificates"]
+            if _parse_time(rec.get("not_after", "")) > now
+        ]
+
+    def issued_public_key(self, serial: str) -> bytes | None:
+        """The public key (DER) of issued certificate ``serial``; None if its copy is gone."""
+        from fedctl.provision import certs
+
+        try:
+            cert = certs.load_cert((self.dir / ISSUED_DIR / f"{serial}.pem").read_bytes())
+        except (OSError, ValueError):
+            return None
+        return certs.public_key_bytes(cert.public_key())  # type: ignore[arg-type]
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """One provisioning at a time per workspace (advisory lock on state/.lock; POSIX only)."""
@@ -163,6 +182,13 @@ def open_workspace(workspace: str | Path) -> State:
             raise NotFound(f"{state.root}: no such workspace (run `fedctl provision` first)")
         raise UsageError(f"{state.root}: not a fedctl workspace (no state/ca.pem)")
     return state
+
+
+def _parse_time(text: str) -> dt.datetime:
+    try:
+        return dt.datetime.strptime(text, TIME_FORMAT).replace(tzinfo=dt.timezone.utc)  # noqa: UP017
+    except (TypeError, ValueError):
+        return dt.datetime.min.replace(tzinfo=dt.timezone.utc)  # noqa: UP017
 
 
 def issued_record(identity: Identity, cert: x509.Certificate, key_origin: str) -> dict[str, Any]:
