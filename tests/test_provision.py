@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedctl.cli.main import main
-from fedctl.errors import NotFound, UsageError
+from fedctl.errors import ConfigError, NotFound, UsageError
 from fedctl.provision import (
     Admin,
     KitError,
@@ -223,6 +223,20 @@ def test_authorization_validation(tmp_path: Path) -> None:
     f.write_text("version: 1\nroles:\n  owner: {}\n")
     with pytest.raises(Exception, match=r"roles\.owner: unknown role"):
         load_authorization(f)
+
+
+def test_policy_files_refuse_aliases_and_duplicate_keys(tmp_path: Path) -> None:
+    f = tmp_path / "authorization.yaml"
+    f.write_text("version: 1\nroles:\n  lead: &r {submit: true}\n  member: *r\n")
+    with pytest.raises(ConfigError) as info:
+        load_authorization(f)
+    assert str(info.value) == (
+        f"{f}:3: YAML anchors and aliases are not allowed (found anchor '&r')"
+    )
+    f.write_text("version: 1\nroles:\n  lead: {submit: false}\n  lead: {submit: true}\n")
+    with pytest.raises(ConfigError) as info:
+        load_authorization(f)
+    assert str(info.value) == f"{f}:4: roles.lead: duplicate key (first on line 3)"
 
 
 # --------------------------------------------------------------------------- certificates
@@ -642,6 +656,56 @@ def test_csr_for_an_admin_in_the_project(tmp_path: Path) -> None:
         sign_csr(root, wrong.csr_path)
 
 
+def test_signing_the_same_csr_twice_needs_force(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    provision(poc_project(1), root)
+    req = request_certificate("site-9", org="poc", out_dir=tmp_path / "s")
+    first = sign_csr(root, req.csr_path)
+    issued = root / "state" / "issued.json"
+    before = issued.read_bytes()
+    with pytest.raises(UsageError) as info:
+        sign_csr(root, req.csr_path)
+    assert str(info.value) == (
+        f"site 'site-9' already has a live certificate (serial {first.serial}, valid until "
+        f"{first.not_after[:10]}); pass --force to issue another"
+    )
+    assert issued.read_bytes() == before
+    again = sign_csr(root, req.csr_path, force=True)
+    assert again.serial != first.serial and not again.added
+    records = json.loads(issued.read_text())["certificates"]
+    assert [r["serial"] for r in records if r["name"] == "site-9"] == [first.serial, again.serial]
+    assert (root / "state" / "issued" / f"{again.serial}.pem").is_file()
+    assemble_kit(again.zip_path, key=req.key_path, out_dir=tmp_path / "kit")
+
+
+def test_a_key_with_a_live_certificate_is_not_signed_for_another_name(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from fedctl.provision import certs
+
+    root = tmp_path / "ws"
+    provision(poc_project(1), root)
+    req = request_certificate("site-9", org="poc", out_dir=tmp_path / "s")
+    sign_csr(root, req.csr_path)
+    key = certs.load_key(req.key_path.read_bytes())
+    other = certs.create_csr(Identity("site-8", "poc", "site"), key)
+    with pytest.raises(UsageError, match=r"^CSR: its key already has a live certificate for site"):
+        sign_csr(root, other.public_bytes(serialization.Encoding.PEM))
+    assert sign_csr(root, other.public_bytes(serialization.Encoding.PEM), force=True).added
+
+
+def test_an_expired_certificate_is_renewed_without_force(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    provision(poc_project(1), root)
+    req = request_certificate("site-9", org="poc", out_dir=tmp_path / "s")
+    sign_csr(root, req.csr_path)
+    issued = root / "state" / "issued.json"
+    data = json.loads(issued.read_text())
+    data["certificates"][-1]["not_after"] = "2001-01-01T00:00:00Z"
+    issued.write_text(json.dumps(data))
+    assert sign_csr(root, req.csr_path).identity.name == "site-9"
+
+
 def test_assemble_refuses_wrong_key_and_bad_zips(tmp_path: Path) -> None:
     root = tmp_path / "ws"
     provision(poc_project(1), root)
@@ -725,3 +789,16 @@ def test_cli_cert_and_kit_commands(tmp_path: Path, capsys: pytest.CaptureFixture
         "(SHA-256 differs from MANIFEST.json)\n"
     )
     assert main(["cert", "sign", str(tmp_path / "missing.csr"), "-w", str(ws)]) == 4
+    capsys.readouterr()
+    # The same CSR again: refused in one line, nothing issued; --force re-issues.
+    issued = (ws / "state" / "issued.json").read_bytes()
+    assert main(["cert", "sign", str(site / "hospital-x.csr"), "-w", str(ws)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: site 'hospital-x' already has a live certificate (serial ")
+    assert err.endswith("pass --force to issue another\n") and err.count("\n") == 1
+    assert (ws / "state" / "issued.json").read_bytes() == issued
+    assert main(["cert", "sign", str(site / "hospital-x.csr"), "-w", str(ws), "--force"]) == 0
+    names = [
+        c["name"] for c in json.loads((ws / "state" / "issued.json").read_text())["certificates"]
+    ]
+    assert names.count("hospital-x") == 2

@@ -295,3 +295,93 @@ def test_init_writes_example_and_refuses_to_overwrite(
     assert main(["provision", "--init", str(target)]) == 2
     assert "already exists; not overwriting" in capsys.readouterr().err
     assert main(["provision", "--init", str(target), "--force"]) == 0
+
+
+# --------------------------------------------------------------------------- hostile YAML
+
+#: 9 levels of 9 aliases under a valid-looking project: ~387 million strings if expanded
+ALIAS_BOMB = (
+    "name: demo\nserver: {name: fl.example.org}\n"
+    'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+    "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+    "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+    "e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
+    "f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n"
+    "g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\n"
+    "h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]\n"
+    "i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]\n"
+)
+
+HOSTILE = [
+    ("alias-bomb", ALIAS_BOMB, "3: YAML anchors and aliases are not allowed (found anchor '&a')"),
+    (
+        "recursive-alias",
+        "name: demo\nserver: {name: fl.example.org}\na: &a [*a]\n",
+        "3: YAML anchors and aliases are not allowed (found anchor '&a')",
+    ),
+    (
+        "alias-to-a-participant",
+        "name: demo\nserver: {name: fl.example.org}\nparticipants:\n"
+        "  - &s {type: site, name: s1, org: a}\n  - *s\n",
+        "4: YAML anchors and aliases are not allowed (found anchor '&s')",
+    ),
+    (
+        "deep-nesting",
+        "name: demo\nserver: {name: fl.example.org}\ndescription: " + "[" * 5000 + "\n",
+        "3: nested more than 64 levels deep",
+    ),
+    (
+        "bad-date",
+        "name: demo\nserver: {name: fl.example.org}\ndescription: 2024-13-45\n",
+        "3: invalid value: month must be in 1..12",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE]
+)
+def test_hostile_yaml_is_refused_fast_in_one_line_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    import time
+
+    yml = tmp_path / "project.yml"
+    yml.write_text(text)
+    ws = tmp_path / "ws"
+    start = time.monotonic()
+    rc = main(["provision", str(yml), "-o", str(ws)])
+    assert time.monotonic() - start < 5  # catches a hang; not a speed requirement
+    assert rc == 2
+    assert capsys.readouterr().err == f"error: {yml}:{expected}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project.yml"]
+
+
+def test_alias_bomb_is_a_few_hundred_bytes() -> None:
+    assert len(ALIAS_BOMB.encode()) < 400
+
+
+def test_too_large_project_file(tmp_path: Path) -> None:
+    yml = tmp_path / "project.yml"
+    yml.write_text("name: demo\n" + "#" * (1 << 20))
+    with pytest.raises(
+        ProjectError, match=r"project\.yml: too large \(1048587 bytes, limit 1 MiB\)$"
+    ):
+        load_project(yml)
+
+
+def test_shared_objects_are_written_without_aliases() -> None:
+    """to_yaml never writes anchors: what fedctl writes (state/project.yml) it can read back."""
+    gpus = [0, 1]
+    project = Project(
+        name="demo",
+        server=Server(name="localhost"),
+        participants=(
+            Site("s1", "a", resources={"gpus": gpus}),
+            Site("s2", "a", resources={"gpus": gpus}),
+        ),
+    )
+    text = project.to_yaml()
+    assert "&" not in text and "*" not in text
+    assert parse_project(text) == project

@@ -168,11 +168,17 @@ def cert_sign(
         Path("workspace"), "-w", "--workspace", help="Workspace folder."
     ),
     force: bool = typer.Option(
-        False, "--force", help="Replace a kit whose key was made in the workspace."
+        False,
+        "--force",
+        help="Sign even if the participant or its key already has a live certificate, or its "
+        "key was made in the workspace (renewal, re-keying).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Sign a CSR with the project CA and build that participant's kit without its key."""
+    """Sign a CSR with the project CA and build that participant's kit without its key.
+
+    Signing again for a participant or key with a live certificate needs --force.
+    """
     from fedctl import provision as prov
 
     res = prov.sign_csr(workspace, csr, force=force)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedctl._yaml import YAMLInputError, load_yaml
 from fedctl.errors import ConfigError
 from fedctl.provision.identity import ROLES, Identity
 
@@ -98,19 +99,30 @@ def default_authorization() -> AuthorizationPolicy:
 
 
 def load_authorization(path: str | Path) -> AuthorizationPolicy:
-    """Read and validate a local/authorization.yaml; errors name the file and key path."""
-    import yaml
+    """Read and validate a local/authorization.yaml; errors name the file and key path.
 
+    Read with :func:`fedctl._yaml.load_yaml`: anchors and aliases, deep nesting, duplicate keys
+    and files over 1 MiB are refused.
+    """
+    return parse_authorization(read_policy_yaml(path), source=str(path))
+
+
+def read_policy_yaml(path: str | Path) -> Any:
+    """The data of one of a kit's ``local/*.yaml`` policy files, read safely (see
+    :func:`fedctl._yaml.load_yaml`); :class:`ConfigError` naming the file and line if not."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise ConfigError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
-    return parse_authorization(data, source=str(p))
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a folder, expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
+    try:
+        return load_yaml(raw, source=str(p)).data
+    except YAMLInputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def parse_authorization(data: Any, *, source: str = "authorization.yaml") -> AuthorizationPolicy:
