@@ -33,6 +33,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check fedctl tests bench recipes
 	$(BIN)/ruff format --check fedctl tests bench recipes
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_sim.py

@@ -55,7 +55,7 @@ def main() -> int:
 
     import torch
 
-    from fedctl.codec.tensors import save_file
+    from fedctl.codec.tensorfiles import save_file
     from fedctl.recipe import FedAvgRecipe
     from fedctl.runtime import poc
     from fedctl.runtime.admin import AdminClient

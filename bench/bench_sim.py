@@ -88,7 +88,7 @@ def child_reference(case: dict[str, Any], out: Path) -> dict[str, Any]:
     import torch
 
     from fedctl.client.channel import derive_seed, seed_everything
-    from fedctl.codec.tensors import save_file
+    from fedctl.codec.tensorfiles import save_file
     from fedctl.workflows.fedavg import resolve_precision
 
     t0 = time.perf_counter()
@@ -249,7 +249,7 @@ def run_child(impl: str, case_name: str, case: dict[str, Any], interval: float) 
 
 def max_diff(a_path: str, b_path: str) -> tuple[float, float]:
     """(max |a-b|, max |a|) over all parameters."""
-    from fedctl.codec.tensors import load_file
+    from fedctl.codec.tensorfiles import load_file
 
     a, _ = load_file(a_path)
     b, _ = load_file(b_path)

@@ -36,6 +36,8 @@ ENV_POC_WORKSPACE = "FEDCTL_POC_WORKSPACE"
 MAX_JSON_DEPTH = 32
 #: size of any one JSON document fedctl parses (a model header, a job's meta, a state file)
 MAX_JSON_BYTES = 16 * MiB
+#: values in one JSON document (numbers, strings, lists, objects)
+MAX_JSON_NODES = 1_000_000
 #: JSON integers must lie in [-MAX_INT, MAX_INT] (a 64-bit signed range: counts, sizes, seeds)
 MAX_INT = 2**63 - 1
 #: a JSON string fedctl accepts (names, ids, paths are shorter: see fedctl.codec.protocol)

@@ -13,7 +13,7 @@ import torch
 
 from fedctl.cli.main import main
 from fedctl.client.state import SiteState
-from fedctl.codec.tensors import load_file
+from fedctl.codec.tensorfiles import load_file
 from fedctl.datasets import make_shard
 from fedctl.recipe import (
     FedAvgRecipe,

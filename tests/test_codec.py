@@ -9,6 +9,7 @@ import struct
 import pytest
 import torch
 
+from fedctl.codec import tensorfiles as tf
 from fedctl.codec import tensors as tc
 from fedctl.codec.model import FLModel, ParamsType, join_model, split_model
 from fedctl.errors import CodecError
@@ -93,10 +94,10 @@ def test_interop_with_safetensors_library(tmp_path) -> None:
 
     src = _sample()
     src.pop("empty")  # both sides handle empties, but keep the comparison simple
-    tc.save_file(src, tmp_path / "ours.safetensors", {"k": "v"})
+    tf.save_file(src, tmp_path / "ours.safetensors", {"k": "v"})
     _assert_same(src, load_file(tmp_path / "ours.safetensors"))
     save_file(src, tmp_path / "theirs.safetensors", {"k": "v"})
-    theirs, meta = tc.load_file(tmp_path / "theirs.safetensors")
+    theirs, meta = tf.load_file(tmp_path / "theirs.safetensors")
     _assert_same(src, theirs)
     assert meta == {"k": "v"}
 
@@ -173,16 +174,16 @@ def test_encode_refuses_non_tensors_and_reserved_names() -> None:
 
 def test_file_write_is_atomic(tmp_path, monkeypatch) -> None:
     path = tmp_path / "m.safetensors"
-    tc.save_file({"w": torch.ones(3)}, path)
+    tf.save_file({"w": torch.ones(3)}, path)
 
     def broken(*a, **k):
         yield b"partial"
         raise OSError("disk full")
 
-    monkeypatch.setattr(tc, "iter_encode", broken)
+    monkeypatch.setattr(tf, "iter_encode", broken)
     with pytest.raises(OSError, match="disk full"):
-        tc.save_file({"w": torch.zeros(3)}, path)
-    out, _ = tc.load_file(path)
+        tf.save_file({"w": torch.zeros(3)}, path)
+    out, _ = tf.load_file(path)
     assert torch.equal(out["w"], torch.ones(3))  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp left
 
@@ -229,8 +230,8 @@ def test_lazy_tensor_file_reads_on_access_and_can_delete_itself(tmp_path) -> Non
         "p:b": torch.ones(2, dtype=torch.int64),
         "o:m": torch.zeros(1),
     }
-    tc.save_file(src, path)
-    lazy = tc.LazyTensorFile(path, delete=True)
+    tf.save_file(src, path)
+    lazy = tf.LazyTensorFile(path, delete=True)
     assert len(lazy) == 3 and set(lazy) == set(src)
     first, second = lazy["p:a"], lazy["p:a"]
     assert torch.equal(first, src["p:a"]) and first.data_ptr() != second.data_ptr()  # not kept
@@ -246,11 +247,11 @@ def test_lazy_tensor_file_reads_on_access_and_can_delete_itself(tmp_path) -> Non
 
 def test_lazy_tensor_file_checks_its_header_against_the_file(tmp_path) -> None:
     path = tmp_path / "m.safetensors"
-    tc.save_file({"w": torch.ones(100)}, path)
+    tf.save_file({"w": torch.ones(100)}, path)
     data = path.read_bytes()
     path.write_bytes(data[:-4])
     with pytest.raises(CodecError, match="header describes"):
-        tc.LazyTensorFile(path)
+        tf.LazyTensorFile(path)
     path.write_bytes(data)
     with pytest.raises(CodecError, match="exceeds the limit"):
-        tc.LazyTensorFile(path, max_bytes=100)
+        tf.LazyTensorFile(path, max_bytes=100)

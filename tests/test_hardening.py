@@ -17,7 +17,7 @@ import yaml
 from conftest import free_port
 
 from fedctl.cli.main import main
-from fedctl.codec.tensors import load_file
+from fedctl.codec.tensorfiles import load_file
 from fedctl.errors import PermissionDenied
 from fedctl.recipe import SimEnv, load_recipe
 from fedctl.runtime import poc

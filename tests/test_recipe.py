@@ -98,7 +98,7 @@ def test_job_spec_arguments_are_validated_by_the_recipe(toy_recipe, tmp_path: Pa
 
 
 def test_model_from_weight_files(toy_dir: Path) -> None:
-    from fedctl.codec.tensors import save_file
+    from fedctl.codec.tensorfiles import save_file
 
     weights = {"fc.weight": torch.ones(1, 4), "fc.bias": torch.zeros(1)}
     save_file(weights, toy_dir / "w.safetensors")

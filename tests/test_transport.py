@@ -31,7 +31,7 @@ def test_frame_round_trip_and_limits() -> None:
         (b"XX\x01\x00\x02\x00\x00\x00{}", "bad magic"),
         (b"FC\x09\x00\x02\x00\x00\x00{}", "unsupported frame version"),
         (b"FC\x01\x00\xff\xff\xff\x00{}", "out of bounds"),
-        (b"FC\x01\x00\x03\x00\x00\x00{x}", "not JSON"),
+        (b"FC\x01\x00\x03\x00\x00\x00{x}", "not valid JSON"),
         (b"FC\x01\x00\x02\x00\x00\x00[]", "object with a string 't'"),
         (b'FC\x01\x00\x0a\x00\x00\x00{"t": 123}', "object with a string 't'"),
     ],

@@ -1,5 +1,6 @@
 """Aggregation of model updates: weighted mean, robust aggregators, server optimizers."""
 
+from fedctl.aggregators.base import Aggregator
 from fedctl.aggregators.buffered import BufferedAggregator, TooFewResults
 from fedctl.aggregators.bulyan import BulyanAggregator
 from fedctl.aggregators.krum import KrumAggregator, MultiKrumAggregator
@@ -15,6 +16,7 @@ from fedctl.aggregators.weighted import (
 )
 
 __all__ = [
+    "Aggregator",
     "BufferedAggregator",
     "BulyanAggregator",
     "KrumAggregator",

@@ -25,6 +25,8 @@ from fedctl.aggregators.weighted import WeightedAggregator
 if TYPE_CHECKING:
     import torch
 
+    from fedctl.aggregators.base import Aggregator
+
 MEAN = "mean"
 ROBUST: dict[str, type[BufferedAggregator]] = {
     cls.name: cls
@@ -87,7 +89,7 @@ def is_incremental(spec: Any) -> bool:
 
 def make_aggregator(
     spec: Any, global_params: Mapping[str, torch.Tensor], precision: str = "float64"
-) -> WeightedAggregator | BufferedAggregator:
+) -> Aggregator:
     """A fresh aggregator for one round."""
     name, params = parse_aggregator(spec)
     if name == MEAN:

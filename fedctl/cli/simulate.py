@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -44,7 +45,7 @@ def register(app: typer.Typer) -> None:
         if rounds is not None:
             r = r.with_overrides(num_rounds=rounds)
         env = loaded.env if isinstance(loaded.env, SimEnv) else SimEnv(num_clients=r.min_clients)
-        changes: dict[str, object] = {}
+        changes: dict[str, Any] = {}
         for key, value in (
             ("num_clients", clients),
             ("workers", workers),

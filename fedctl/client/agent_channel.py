@@ -29,7 +29,7 @@ from fedctl.codec.protocol import (
     ScriptResult,
     ScriptTask,
 )
-from fedctl.codec.tensors import load_file, save_file_hashed
+from fedctl.codec.tensorfiles import load_file, save_file_hashed
 from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE
 from fedctl.errors import ClientAPIError
 

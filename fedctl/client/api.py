@@ -97,12 +97,13 @@ def _set_aside_algorithm_state(model: FLModel) -> None:
     params = model.params
     if not params:
         return
-    aside = [k for k in params if k.startswith(RESERVED_PREFIXES)]
+    aside = {k for k in params if k.startswith(RESERVED_PREFIXES)}
     if aside:
-        extra = dict(model.optimizer_params or {})
-        for k in aside:
-            extra[k] = params.pop(k)
-        model.optimizer_params = extra
+        model.optimizer_params = {
+            **(model.optimizer_params or {}),
+            **{k: params[k] for k in aside},
+        }
+        model.params = {k: v for k, v in params.items() if k not in aside}
 
 
 def is_running() -> bool:

@@ -23,6 +23,7 @@ calls do nothing, so one script serves every recipe.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from fedctl.codec.keys import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX, SCAFFOLD_KEY
@@ -57,8 +58,8 @@ class Scaffold:
         for source in (received.optimizer_params or {}, params):
             for k in [k for k in source if k.startswith(SCAFFOLD_C_PREFIX)]:
                 c[k[len(SCAFFOLD_C_PREFIX) :]] = source[k]
-                if source is params:
-                    del params[k]
+                if source is params and isinstance(params, MutableMapping):
+                    del params[k]  # so load_state_dict(received.params) works
         self.active = bool((received.meta or {}).get(SCAFFOLD_KEY))
         self.steps = 0
         if not self.active:

@@ -55,7 +55,7 @@ class SiteState(MutableMapping[str, Any]):
         """Write the state atomically (tensors in the safe framing, values as JSON metadata)."""
         import torch
 
-        from fedctl.codec.tensors import save_file
+        from fedctl.codec.tensorfiles import save_file
 
         target = Path(path) if path is not None else self.path
         if target is None:
@@ -66,7 +66,7 @@ class SiteState(MutableMapping[str, Any]):
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Replace the contents with what :meth:`save` wrote."""
-        from fedctl.codec.tensors import load_file
+        from fedctl.codec.tensorfiles import load_file
 
         tensors, meta = load_file(path)
         values = json.loads(meta.get(_VALUES_KEY, "{}"))

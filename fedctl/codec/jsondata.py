@@ -15,7 +15,7 @@ import json
 import math
 from typing import Any
 
-from fedctl.constants import MAX_INT, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_STRING
+from fedctl.constants import MAX_INT, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_JSON_NODES, MAX_STRING
 from fedctl.errors import CodecError
 
 #: the longest integer literal that can be within MAX_INT (sign and 19 digits)
@@ -47,7 +47,7 @@ def loads(
     except RecursionError:
         raise CodecError(f"{what}: JSON nested deeper than {max_depth}") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise CodecError(f"{what}: not JSON ({_short(exc)})") from None
+        raise CodecError(f"{what} is not valid JSON ({_short(exc)})") from None
     return check_json(value, what, max_bytes=None, max_depth=max_depth)
 
 
@@ -67,9 +67,15 @@ def check_json(
 
     ``max_bytes`` also bounds its encoded size (None: not measured, e.g. just parsed).
     """
+    # A node count bound: a structure that shares itself (``a = [a0] * 8`` nested 25 times is
+    # 8**25 nodes in a few bytes of Python) is refused in bounded time instead of hanging.
+    nodes = 0
     stack: list[tuple[Any, int, str]] = [(value, 0, what)]
     while stack:
         v, depth, path = stack.pop()
+        nodes += 1
+        if nodes > MAX_JSON_NODES:
+            raise CodecError(f"{what}: more than {MAX_JSON_NODES} JSON values")
         if v is None or isinstance(v, bool):
             continue
         if isinstance(v, int):

@@ -9,6 +9,7 @@ of :mod:`fedctl.codec.tensors`; nothing in either is ever executed or unpickled.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -48,13 +49,14 @@ def _params_type(value: Any) -> ParamsType | None:
 class FLModel:
     """A model (or update) with its metrics and metadata, as a client receives and sends it.
 
-    ``params`` is a state_dict-like mapping of names to torch tensors; ``meta`` carries
+    ``params`` is a state_dict-like mapping of names to torch tensors (on the server, a large
+    result's params load tensor by tensor as they are read); ``meta`` carries
     JSON-able extras, e.g. ``meta["NUM_STEPS_CURRENT_ROUND"]`` (the aggregation weight).
     """
 
     params_type: ParamsType | None = None
-    params: dict[str, Any] | None = None
-    optimizer_params: dict[str, Any] | None = None
+    params: Mapping[str, Any] | None = None
+    optimizer_params: Mapping[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     start_round: int | None = 0
     current_round: int | None = None

@@ -11,23 +11,21 @@ Everything read is validated *before* memory is allocated for it: header size, J
 names from a fixed table, offsets inside the payload, no overlaps or holes, element counts that
 match the byte spans, and a caller-supplied cap on the total size. Decoding is zero-copy when the
 caller hands over a writable buffer. ``iter_encode`` and ``StreamDecoder`` move tensors in bounded
-chunks so a model of any size crosses a transport without a second full copy.
+chunks so a model of any size crosses a transport without a second full copy. Files in this
+layout are :mod:`fedctl.codec.tensorfiles`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl.codec import jsondata
 from fedctl.errors import CodecError
 
 if TYPE_CHECKING:
@@ -39,6 +37,8 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_BYTES = 64 * 1024**3
 MAX_NAME_LEN = 1024
 MAX_DIMS = 16
+#: elements in one tensor (counting a zero dimension as one): 2**48, far above any real tensor
+MAX_ELEMENTS = 2**48
 METADATA_KEY = "__metadata__"
 
 # dtype name -> (torch attribute name, item size in bytes)
@@ -130,7 +130,7 @@ def _as_bytes_view(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     flat = t.reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    return memoryview(flat.numpy()).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
 
 
 def build_header(
@@ -203,7 +203,9 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     return bytes(buf)
 
 
-def parse_header(prefix: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Header:
+def parse_header(
+    prefix: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Header:
     """Validate the header at the start of ``prefix`` (which must hold at least all of it).
 
     Raises CodecError naming the first problem. ``max_bytes`` caps the whole payload and is
@@ -216,10 +218,8 @@ def parse_header(prefix: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES)
         raise CodecError(f"tensor header of {hlen} bytes exceeds the limit")
     if len(prefix) < 8 + hlen:
         raise CodecError(f"tensor payload truncated inside its {hlen}-byte header")
-    try:
-        doc = json.loads(bytes(prefix[8 : 8 + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodecError(f"tensor header is not valid JSON: {exc}") from None
+    # bounded depth, 64-bit integers, no NaN: a hostile header is a CodecError, never a crash
+    doc = jsondata.loads(bytes(prefix[8 : 8 + hlen]), "tensor header", max_bytes=MAX_HEADER_BYTES)
     if not isinstance(doc, dict):
         raise CodecError("tensor header must be a JSON object")
     metadata: dict[str, str] = {}
@@ -267,6 +267,10 @@ def _parse_entry(name: str, spec: Any) -> TensorEntry:
         or offsets[1] < offsets[0]
     ):
         raise CodecError(f"tensor {name!r}: data_offsets must be [begin, end] with begin ≤ end")
+    # Python integers, before anything is allocated: a zero dimension beside huge ones makes an
+    # empty tensor whose element count still overflows torch, so bound the non-zero product too
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise CodecError(f"tensor {name!r}: shape {shape} has more than {MAX_ELEMENTS} elements")
     expected = math.prod(shape) * size
     if offsets[1] - offsets[0] != expected:
         raise CodecError(
@@ -276,7 +280,7 @@ def _parse_entry(name: str, spec: Any) -> TensorEntry:
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def _tensor_from(
+def tensor_from_bytes(
     buf: bytearray | memoryview | bytes, entry: TensorEntry, offset: int, copy: bool
 ) -> torch.Tensor:
     import torch
@@ -314,7 +318,7 @@ def decode(
     if copy is None:
         copy = isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly)
     base = 8 + header.header_len
-    tensors = {e.name: _tensor_from(buf, e, base, copy) for e in header.entries}
+    tensors = {e.name: tensor_from_bytes(buf, e, base, copy) for e in header.entries}
     return tensors, header.metadata
 
 
@@ -359,15 +363,19 @@ class StreamDecoder:
         if self._received > self._max:
             raise CodecError(f"tensor stream exceeds the limit of {self._max} bytes")
         while self.header is None and len(view):
-            need = 8 if len(self._head) < 8 else 8 + self._hlen
-            take = min(len(view), need - len(self._head))
-            self._head += view[:take]
-            view = view[take:]
-            if len(self._head) == 8 and need == 8:
+            if len(self._head) < 8:  # the header's length first
+                take = min(len(view), 8 - len(self._head))
+                self._head += view[:take]
+                view = view[take:]
+                if len(self._head) < 8:
+                    break
                 (self._hlen,) = struct.unpack("<Q", self._head)
                 if self._hlen > MAX_HEADER_BYTES or self._hlen > self._max:
                     raise CodecError(f"tensor header of {self._hlen} bytes exceeds the limit")
-            elif len(self._head) == need:
+            take = min(len(view), 8 + self._hlen - len(self._head))
+            self._head += view[:take]
+            view = view[take:]
+            if len(self._head) == 8 + self._hlen:  # also when the header is (wrongly) empty
                 self.header = parse_header(self._head, self._max)
                 self._head = bytearray()
                 self._start_next()
@@ -397,7 +405,7 @@ class StreamDecoder:
     def _deliver(self, data: bytearray) -> None:
         assert self.header is not None
         entry = self.header.entries[self._idx]
-        tensor = _tensor_from(data, entry, -entry.begin, copy=False)
+        tensor = tensor_from_bytes(data, entry, -entry.begin, copy=False)
         self._idx += 1
         self._on_tensor(entry.name, tensor)
 
@@ -405,144 +413,3 @@ class StreamDecoder:
         """Assert the payload is complete; a truncated stream is a CodecError."""
         if not self.done:
             raise CodecError("tensor stream ended before its payload was complete")
-
-
-def save_file(
-    tensors: Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    metadata: Mapping[str, str] | None = None,
-    *,
-    durable: bool = True,
-) -> Path:
-    """Write tensors to ``path`` atomically (temp file + rename: never a half-written file).
-
-    ``durable`` also flushes the file to disk before the rename (models and checkpoints);
-    files that only carry a model from one process to another skip that.
-    """
-    save_file_hashed(tensors, path, metadata, durable=durable)
-    return Path(path)
-
-
-def save_file_hashed(
-    tensors: Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    metadata: Mapping[str, str] | None = None,
-    *,
-    durable: bool = True,
-) -> tuple[int, str]:
-    """:func:`save_file` that also returns the file's size and SHA-256 (computed while writing)."""
-    import hashlib
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    h = hashlib.sha256()
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for piece in iter_encode(tensors, metadata):
-                h.update(piece)
-                size += len(piece)
-                fh.write(piece)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size, h.hexdigest()
-
-
-def load_file(
-    path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a tensor file written by :func:`save_file` or the safetensors library."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CodecError(f"{path}: no such tensor file") from None
-    if size > max_bytes:
-        raise CodecError(f"{path}: {size} bytes exceeds the limit {max_bytes}")
-    buf = bytearray(size)
-    with open(path, "rb") as fh:
-        fh.readinto(buf)
-    try:
-        return decode(buf, max_bytes, copy=False)
-    except CodecError as exc:
-        raise CodecError(f"{path}: {exc}") from None
-
-
-class LazyTensorFile(Mapping[str, "torch.Tensor"]):
-    """A tensor file as a read-only mapping that reads each tensor when it is accessed.
-
-    Nothing is kept: iterating twice reads twice. This lets a consumer that handles one tensor at
-    a time (validation, a running sum) take in a model of any size with the memory of its largest
-    tensor. The header is validated (against the file's real size) when the object is created.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        names: Mapping[str, str] | None = None,
-        *,
-        delete: bool = False,
-    ) -> None:
-        self.path = Path(path)
-        # with ``delete``, the file goes when the last mapping (or view) onto it is gone
-        self._keeper = _FileKeeper(self.path) if delete else None
-        size = self.path.stat().st_size
-        if size > max_bytes:
-            raise CodecError(f"{self.path}: {size} bytes exceeds the limit {max_bytes}")
-        with open(self.path, "rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise CodecError(f"{self.path}: shorter than its 8-byte header length")
-            (hlen,) = struct.unpack("<Q", prefix)
-            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-                raise CodecError(f"{self.path}: tensor header length is out of bounds")
-            header = parse_header(prefix + fh.read(hlen), max_bytes)
-        if header.total_len != size:
-            raise CodecError(
-                f"{self.path}: {size} bytes but its header describes {header.total_len}"
-            )
-        self.header = header
-        self._base = 8 + header.header_len
-        self._entries = {e.name: e for e in header.entries}
-        #: exposed name → stored name (a view onto part of the file, e.g. without a prefix)
-        self._names = dict(names) if names is not None else {n: n for n in self._entries}
-
-    def view(self, names: Mapping[str, str]) -> LazyTensorFile:
-        """A mapping over some of the stored tensors under other names (same file)."""
-        out = object.__new__(LazyTensorFile)
-        out.__dict__.update(self.__dict__)
-        out._names = dict(names)
-        return out
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        entry = self._entries[self._names[name]]
-        data = bytearray(entry.nbytes)
-        with open(self.path, "rb") as fh:
-            fh.seek(self._base + entry.begin)
-            if fh.readinto(data) != entry.nbytes:
-                raise CodecError(f"{self.path}: truncated inside tensor {entry.name!r}")
-        return _tensor_from(data, entry, -entry.begin, copy=False)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    @property
-    def stored_names(self) -> list[str]:
-        return list(self._entries)
-
-
-class _FileKeeper:
-    """Deletes a file when garbage-collected (shared by a LazyTensorFile and its views)."""
-
-    def __init__(self, path: Path) -> None:
-        weakref.finalize(self, path.unlink, missing_ok=True)

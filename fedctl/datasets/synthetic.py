@@ -20,7 +20,7 @@ shard takes milliseconds, so per-round scripts can regenerate it every round.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -42,14 +42,14 @@ class Shard:
         return len(self.y_train)
 
 
-def _centres(task_seed: int, classes: int, features: int, modes: int, spread: float):
+def _centres(task_seed: int, classes: int, features: int, modes: int, spread: float) -> Any:
     import numpy as np
 
     rng = np.random.default_rng([task_seed, 0x7A5C])
     return rng.normal(0.0, spread, size=(classes, modes, features))
 
 
-def _draw(rng, centres, labels, noise: float):
+def _draw(rng: Any, centres: Any, labels: Any, noise: float) -> Any:
     import numpy as np
 
     modes = centres.shape[1]
@@ -95,7 +95,7 @@ def make_shard(
     scale = 1.0 + feature_skew * rng.normal(size=features)
     shift = feature_skew * rng.normal(size=features)
 
-    def draw(count: int):
+    def draw(count: int) -> tuple[Any, Any]:
         y = rng.choice(classes, size=count, p=q)
         x = _draw(rng, centres, y, noise) * scale.astype(np.float32) + shift.astype(np.float32)
         return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))

@@ -139,7 +139,7 @@ def _read(root: Path, rel: str) -> bytes:
 
 
 def verify_kit(
-    kit_dir: str | Path,
+    kit_dir: str | os.PathLike[str],
     *,
     ca_cert: str | Path | bytes | x509.Certificate | None = None,
     require_key: bool = True,
@@ -158,7 +158,7 @@ def verify_kit(
 
 
 def load_kit(
-    kit_dir: str | Path,
+    kit_dir: str | os.PathLike[str],
     *,
     verify: bool = True,
     ca_cert: str | Path | bytes | x509.Certificate | None = None,

@@ -180,10 +180,12 @@ def _stale_reason(state: State, project: Project, p: Participant | Server) -> st
     """Why an existing kit no longer matches the project ('' if it does)."""
     from fedctl.provision import certs
 
+    labels: Mapping[str, str] = {}
     if isinstance(p, Server):
-        identity, labels = project.server_identity, {}
+        identity = project.server_identity
     else:
-        identity, labels = p.identity, (p.labels if isinstance(p, Site) else {})
+        identity = p.identity
+        labels = p.labels if isinstance(p, Site) else {}
     kit_dir = state.kits / identity.name
     try:
         have = json.loads((kit_dir / STARTUP / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -218,9 +220,9 @@ def _reprovision(project: Project, state: State, *, force: bool) -> ProvisionRes
     warnings: list[str] = []
     # Participants provisioned earlier but missing from this project.yml stay in the project.
     kept = [p for p in stored.participants if project.participant(p.name) is None]
-    for p in kept:
+    for old in kept:
         warnings.append(
-            f"{p.type} {p.name!r} is in the workspace but not in the project file; its kit is "
+            f"{old.type} {old.name!r} is in the workspace but not in the project file; its kit is "
             "kept (certificates cannot be revoked yet)"
         )
     merged = Project(
@@ -241,7 +243,8 @@ def _reprovision(project: Project, state: State, *, force: bool) -> ProvisionRes
     current = state.current()
     issues: list[Issue] = []
     records: list[KitRecord] = []
-    for p in (merged.server, *merged.participants):
+    everyone: list[Server | Site | Admin] = [merged.server, *merged.participants]
+    for p in everyone:
         ident = merged.server_identity if isinstance(p, Server) else p.identity
         rec = current.get(ident.name.casefold())
         kit_dir = state.kits / ident.name

@@ -9,7 +9,7 @@ imports Ray or gRPC.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedctl.recipe.base import ExecEnv, Recipe
 from fedctl.recipe.fedavg import FedAvgRecipe
@@ -23,11 +23,8 @@ from fedctl.recipe.personalization import FedBNRecipe, PartialSharingRecipe
 from fedctl.recipe.scaffold import ScaffoldRecipe
 from fedctl.tracking.run import Run
 
-if TYPE_CHECKING:
-    from fedctl.runtime.envs import PocEnv, ProdEnv
-    from fedctl.sim.env import SimEnv
-
-#: environments re-exported for users, by the module that defines them (imported on first use)
+#: environments re-exported for users, by the module that defines them (imported on first use;
+#: a static import would make recipes depend on their executors, see docs/architecture.md)
 _ENVIRONMENTS = {
     "SimEnv": "fedctl.sim.env",
     "PocEnv": "fedctl.runtime.envs",

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedctl._fs import sha256_file
+from fedctl._yaml import YAMLInputError, dump_yaml, load_yaml
+from fedctl.codec.jsondata import check_json
 from fedctl.errors import CodecError, RecipeError
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 JOB_SPEC = "fedctl-job.yaml"
 JOB_FORMAT = 1
 MODEL_FILE = "model/initial.safetensors"
+#: a job spec (arguments and file hashes) larger than this is refused
+MAX_SPEC_BYTES = 4 * 1024 * 1024
 
 #: kind → recipe class (filled by ``Recipe.__init_subclass__``); job folders name a kind
 REGISTRY: dict[str, type[Recipe]] = {}
@@ -38,9 +42,7 @@ REGISTRY: dict[str, type[Recipe]] = {}
 
 def write_job(recipe: Recipe, job_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write ``recipe`` as a job folder; atomic (a failure leaves nothing behind)."""
-    import yaml
-
-    from fedctl.codec.tensors import save_file_hashed
+    from fedctl.codec.tensorfiles import save_file_hashed
 
     job_dir = Path(job_dir).resolve()
     if job_dir.exists() and any(job_dir.iterdir()) and not overwrite:
@@ -65,7 +67,7 @@ def write_job(recipe: Recipe, job_dir: str | os.PathLike[str], *, overwrite: boo
             "code": "code",
             "files": files,
         }
-        (tmp / JOB_SPEC).write_text(yaml.safe_dump(spec, sort_keys=False))
+        (tmp / JOB_SPEC).write_text(dump_yaml(spec))
         if job_dir.exists():
             shutil.rmtree(job_dir)
         os.replace(tmp, job_dir)
@@ -80,7 +82,7 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     (a user's own file on their own machine; job folders always carry safetensors)."""
     import torch
 
-    from fedctl.codec.tensors import load_file
+    from fedctl.codec.tensorfiles import load_file
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -130,16 +132,16 @@ def read_job_spec(
     accepts a folder without the initial model (what sites receive: each task carries the
     current model, so they never need the initial one).
     """
-    import yaml
-
     job_dir = Path(job_dir).resolve()
     spec_path = job_dir / JOB_SPEC
     if not spec_path.is_file():
         raise RecipeError(f"{job_dir}: not a job folder (no {JOB_SPEC})")
     try:
-        spec = yaml.safe_load(spec_path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{spec_path}: invalid YAML: {exc}") from None
+        # no anchors or aliases, bounded size and depth: a job spec cannot be a YAML bomb
+        spec = load_yaml(spec_path.read_bytes(), source=str(spec_path), max_bytes=MAX_SPEC_BYTES)
+        spec = check_json(spec.data, str(spec_path))  # plain data, 64-bit ints, no NaN
+    except (YAMLInputError, CodecError) as exc:
+        raise RecipeError(str(exc)) from None
     expected = {"fedctl_job", "kind", "name", "args", "model", "code", "files"}
     if not isinstance(spec, dict) or set(spec) != expected:
         raise RecipeError(f"{spec_path}: expected exactly the keys {sorted(expected)}")

@@ -189,18 +189,18 @@ class SiteAgent:
             self.jobs[msg.job] = job
             threading.Thread(target=job.deploy, name=f"deploy-{msg.job}", daemon=True).start()
             return
-        job = self.jobs.get(msg.job)
-        if job is None:
+        running = self.jobs.get(msg.job)
+        if running is None:
             if isinstance(msg, SiteTask):
                 error = "the job is not deployed at this site"
                 self.send(TaskFailed(job=msg.job, task_id=msg.task_id, error=error))
             return
         if isinstance(msg, SiteTask):
-            job.add_task(msg)
+            running.add_task(msg)
         elif isinstance(msg, CancelTask):
-            job.cancel(msg.task_id)
+            running.cancel(msg.task_id)
         elif isinstance(msg, EndJob):
-            job.stop(f"job {msg.status}")
+            running.stop(f"job {msg.status}")
             self.jobs.pop(msg.job, None)
 
     # ------------------------------------------------------------------ blobs

@@ -32,7 +32,7 @@ from fedctl.codec.protocol import (
     SiteRestarted,
     SitesChanged,
 )
-from fedctl.codec.tensors import LazyTensorFile, load_file, save_file_hashed
+from fedctl.codec.tensorfiles import LazyTensorFile, load_file, save_file_hashed
 from fedctl.constants import MIN_RESULT_LIMIT, RESULT_FACTOR
 from fedctl.errors import CodecError, RunFailed
 from fedctl.jobs import natural_key
@@ -116,7 +116,7 @@ class RuntimeStream(ResultStream):
         if resend:
             log.info("sending task %s again to %s (it restarted)", self.task_id, site)
             self.sent_at[site] = time.monotonic()
-            self.comm.send(dataclasses.replace(self.dispatch, targets=[site]))
+            self.comm.post(dataclasses.replace(self.dispatch, targets=[site]))
         return why
 
     def _result(self, msg: JobResult | JobTaskFailed) -> TaskResult:
@@ -145,7 +145,7 @@ class RuntimeStream(ResultStream):
             return
         self.cancelled = True
         if self._pending:
-            self.comm.send(JobCancel(self.task_id, sorted(self._pending)))
+            self.comm.post(JobCancel(self.task_id, sorted(self._pending)))
         self._pending.clear()
         self.comm.streams.pop(self.task_id, None)
 
@@ -195,7 +195,7 @@ class RuntimeCommunicator(Communicator):
     def start(self) -> None:
         self._reader.start()
 
-    def send(self, msg: Message) -> None:
+    def post(self, msg: Message) -> None:
         """A message to the server process; ServerLost if it is gone."""
         try:
             protocol.send(self.ipc, msg)
@@ -358,5 +358,5 @@ class RuntimeCommunicator(Communicator):
         stream = RuntimeStream(self, dispatch)
         stream.max_bytes = max(RESULT_FACTOR * nbytes, MIN_RESULT_LIMIT)
         self.streams[task.task_id] = stream
-        self.send(dispatch)
+        self.post(dispatch)
         return stream

@@ -19,6 +19,7 @@ from fedctl._fs import sha256_file
 from fedctl.codec import protocol
 from fedctl.codec.frames import FrameError, FrameSocket
 from fedctl.codec.protocol import (
+    BlobInfo,
     CancelTask,
     Dispatch,
     Finished,
@@ -100,9 +101,7 @@ class JobLink:
             if rt is not None:
                 fs.close()
 
-    def _on_message(
-        self, rt: JobRuntime, msg: Dispatch | JobCancel | WorkflowEvent | Finished
-    ) -> None:
+    def _on_message(self, rt: JobRuntime, msg: Message) -> None:
         if isinstance(msg, Dispatch):
             self._dispatch(rt, msg)
         elif isinstance(msg, JobCancel):
@@ -120,7 +119,7 @@ class JobLink:
                 self.state.store.update(rt.rec.id, round=event.get("round"))
             elif kind == "round_completed":
                 self.state.store.update(rt.rec.id, metrics=event.get("metrics") or {})
-        else:
+        elif isinstance(msg, Finished):
             if msg.status not in TERMINAL:
                 raise FrameError(f"bad final status {msg.status!r}")
             status, reason = msg.status, msg.reason
@@ -134,13 +133,9 @@ class JobLink:
         if msg.blob is not None:
             path = rt.blob_path(msg.blob)
             size = path.stat().st_size
-            blob_info = {
-                "id": path.name,
-                "size": size,
-                # the job process hashed the file while writing it; hash here otherwise
-                "sha256": msg.blob_info.sha256 if msg.blob_info else sha256_file(path),
-            }
-            rt.task_blobs[path.name] = blob_info
+            # the job process hashed the file while writing it; hash here otherwise
+            sha = msg.blob_info.sha256 if msg.blob_info else sha256_file(path)
+            blob_info = rt.task_blobs[path.name] = BlobInfo(path.name, size, sha)
         with self.state.lock:  # a task may be sent again to a site that restarted
             owed = rt.outstanding.setdefault(msg.task_id, set())
             owed.update(set(msg.targets) & set(rt.rec.sites))
@@ -153,8 +148,8 @@ class JobLink:
             task_name=msg.name,
             round=msg.header.get("current_round"),
             sites=msg.targets,
-            sha256=blob_info["sha256"] if blob_info else None,
-            size=blob_info["size"] if blob_info else None,
+            sha256=blob_info.sha256 if blob_info else None,
+            size=blob_info.size if blob_info else None,
         )
         for name in msg.targets:
             conn = self.state.site(name)
@@ -167,7 +162,7 @@ class JobLink:
                     task_id=msg.task_id,
                     name=msg.name,
                     header=msg.header,
-                    blob=protocol.BlobInfo(**blob_info) if blob_info else None,
+                    blob=blob_info,
                 )
             )
 

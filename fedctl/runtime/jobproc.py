@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         if event.get("traceback"):  # keep control messages small: the tail says where
             event = {**event, "traceback": event["traceback"][-8000:]}
-        comm.send(WorkflowEvent(jsonable(event)))
+        comm.post(WorkflowEvent(jsonable(event)))
 
     ctx = WorkflowContext(
         comm,
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         extra={"sites": start.sites, "seed": ctx.seed},
     )
     with contextlib.suppress(ServerLost):
-        comm.send(Finished(status, reason))
+        comm.post(Finished(status, reason))
     return EXIT_CODES[status]
 
 

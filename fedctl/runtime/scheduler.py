@@ -204,7 +204,7 @@ class Scheduler:
             sha = sha256_file(site_bundle)
         else:
             sha = make_bundle(rec.job_dir, site_bundle, with_model=False)
-        rt.site_bundle = {"id": "bundle", "size": site_bundle.stat().st_size, "sha256": sha}
+        rt.site_bundle = BlobInfo("bundle", site_bundle.stat().st_size, sha)
         with self.state.lock:
             self.state.jobs[rec.id] = rt
         self.state.event(rt, "scheduled", {"sites": sites})
@@ -235,11 +235,12 @@ class Scheduler:
     def deploy_to(self, rt: JobRuntime, conn: SiteConn) -> None:
         """Tell a site to deploy the job (again, after it restarted)."""
         sites = rt.rec.sites
+        assert rt.site_bundle is not None  # set when the job was launched
         conn.link.send(
             Deploy(
                 job=rt.rec.id,
                 name=rt.rec.name,
-                bundle=BlobInfo(**rt.site_bundle),
+                bundle=rt.site_bundle,
                 site_index=sites.index(conn.name),
                 num_sites=len(sites),
                 seed=rt.rec.seed,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedctl.codec.frames import FrameError, FrameSocket
-from fedctl.codec.protocol import Numbered
+from fedctl.codec.protocol import BlobInfo, Numbered
 from fedctl.constants import MAX_BUNDLE_BYTES
 from fedctl.runtime import store as st
 from fedctl.runtime.audit import AuditLog
@@ -77,9 +77,10 @@ class JobRuntime:
     refused: dict[str, str] = field(default_factory=dict)
     finished: bool = False
     abort_reason: str | None = None
-    #: task models sites may fetch: blob id → {id, size, sha256}
-    task_blobs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    site_bundle: dict[str, Any] = field(default_factory=dict)
+    #: task models sites may fetch, by blob id
+    task_blobs: dict[str, BlobInfo] = field(default_factory=dict)
+    #: the job's bundle as sites fetch it (without the initial model)
+    site_bundle: BlobInfo | None = None
     #: task id → sites that owe a result for it (only they may upload one)
     outstanding: dict[str, set[str]] = field(default_factory=dict)
     #: task id → the largest result a site may upload for it

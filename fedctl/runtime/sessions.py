@@ -232,15 +232,13 @@ class SiteSessions:
         with as_status(context):
             req, _ = protocol.decode(request, Fetch)
             rt = self._site_job(ident, req.job)
-            if req.blob == "bundle":
-                path, known = rt.folder / "site-bundle.zip", rt.site_bundle
-            elif req.blob in rt.task_blobs:
-                path, known = rt.blob_path(req.blob), rt.task_blobs[req.blob]
-            else:
+            known = rt.site_bundle if req.blob == "bundle" else rt.task_blobs.get(req.blob)
+            if known is None:
                 raise PermissionDenied(f"blob {req.blob!r} is not for sites to fetch")
+            path = rt.folder / "site-bundle.zip" if req.blob == "bundle" else rt.blob_path(req.blob)
         if not path.is_file():
             abort(context, "NOT_FOUND", f"blob {req.blob!r} of job {rt.rec.id} is gone")
-        yield from rpc.file_frames(path, sha256=known.get("sha256"))
+        yield from rpc.file_frames(path, sha256=known.sha256)
 
     def Push(self, request_iterator: Any, context: Any) -> bytes:
         ident = who(context, "site", self.state.audit)

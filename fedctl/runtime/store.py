@@ -8,6 +8,7 @@ following client can read them incrementally.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -160,7 +161,8 @@ class JobStore:
     ) -> JobRecord:
         """Move a job to ``state`` (refusing illegal moves); sets the matching timestamp."""
         now = time.time()
-        stamp = {SCHEDULED: "scheduled_at", RUNNING: "started_at"}.get(state)
+        stamps: dict[str, str] = {SCHEDULED: "scheduled_at", RUNNING: "started_at"}
+        stamp = stamps.get(state)
         if state in TERMINAL:
             stamp = "finished_at"
         with self._lock:
@@ -202,7 +204,9 @@ class JobStore:
             )
             return int(cur.lastrowid or 0)
 
-    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    def events(
+        self, job_id: str, after: int = 0, limit: int = 1000
+    ) -> builtins.list[dict[str, Any]]:
         """Events of a job with sequence numbers greater than ``after``."""
         with self._lock:
             rows = self._db.execute(

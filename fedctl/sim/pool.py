@@ -326,7 +326,7 @@ class SimCommunicator(Communicator):
         handle = None
         if params is not None:
             handle = self.pool.transport.share(params)
-            if isinstance(self.pool.transport, RayTransport):
+            if isinstance(self.pool.transport, RayTransport) and isinstance(params, dict):
                 # Keep one copy of the global model, not two: the caller's dict now refers to
                 # the shared-memory copy (same values, read-only: workflows never modify broadcast
                 # params in place, see WorkerCore._global).

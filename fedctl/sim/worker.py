@@ -158,7 +158,7 @@ class SimChannel(Channel):
         """Persist the site's state (at each send and when the job ends for the site), in the
         script's own thread so nothing it does meanwhile can race the write."""
         st = self._state
-        if st is not None and (len(st) or st.path.exists()):
+        if st is not None and st.path is not None and (len(st) or st.path.exists()):
             st.save()
 
     def record(self, record: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ class Run:
 
     def load_final(self) -> dict[str, torch.Tensor]:
         """The final global model as a state_dict."""
-        from fedctl.codec.tensors import load_file
+        from fedctl.codec.tensorfiles import load_file
 
         if self.final_model is None:
             raise RunFailed(f"run {self.job_id} has no final model ({self.status}: {self.reason})")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedctl._fs import write_json_atomic
-from fedctl.codec.tensors import load_file, save_file
+from fedctl.codec.tensorfiles import load_file, save_file
 
 if TYPE_CHECKING:
     import torch

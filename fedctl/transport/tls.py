@@ -357,9 +357,9 @@ def describe_rpc_error(exc: Exception, kit: KitLike, address: str | None = None)
 
     k = _kit(kit)
     addr = address or k.server_address
-    if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+    if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
         check = diagnose_connection(k, addr)
         if not check.ok:
             return check.message
-    details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)  # type: ignore[attr-defined]
+    details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
     return f"{addr}: {details}"

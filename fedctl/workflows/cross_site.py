@@ -77,7 +77,7 @@ def cross_site_evaluate(
     total_rounds: int | None = None,
 ) -> dict[str, Any]:
     """Run both phases (see the module docstring); returns the matrix that was saved."""
-    from fedctl.codec.tensors import load_file
+    from fedctl.codec.tensorfiles import load_file
 
     meta = dict(meta or {})
     store = ctx.store

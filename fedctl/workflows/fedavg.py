@@ -66,6 +66,8 @@ from fedctl.workflows.sampling import check_sample_spec, sample_sites
 if TYPE_CHECKING:
     import torch
 
+    from fedctl.aggregators.base import Aggregator
+
 log = logging.getLogger("fedctl.workflow")
 
 AUTO_FLOAT64_MAX_ELEMENTS = 32 * 1024 * 1024
@@ -164,7 +166,7 @@ class FedAvg(Workflow):
         )
         return 1.0
 
-    def new_aggregator(self, global_params: dict[str, torch.Tensor]) -> Any:
+    def new_aggregator(self, global_params: dict[str, torch.Tensor]) -> Aggregator:
         """The round's aggregator: the weighted mean, or the robust one ``aggregator`` names."""
         precision = resolve_precision(self.precision, global_params)
         return make_aggregator(self.aggregator, global_params, precision)
@@ -172,7 +174,7 @@ class FedAvg(Workflow):
     def add_result(
         self,
         ctx: WorkflowContext,
-        agg: Any,
+        agg: Aggregator,
         global_params: dict[str, torch.Tensor],
         result: TaskResult,
         weight: float,
@@ -338,8 +340,12 @@ class FedAvg(Workflow):
         """Weight of an evaluation result: its ``meta["NUM_SAMPLES"]``, else 1 (warned once)."""
         assert result.model is not None
         value = (result.model.meta or {}).get(NUM_SAMPLES_KEY)
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and math.isfinite(value) and value >= 0:
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        ):
             return float(value)
         self.warn_once(
             ctx,

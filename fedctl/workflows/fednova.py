@@ -38,6 +38,8 @@ from fedctl.workflows.fedavg import FedAvg
 if TYPE_CHECKING:
     import torch
 
+    from fedctl.aggregators.base import Aggregator
+
 
 def norm_factor(steps: float, momentum: float = 0.0) -> float:
     """FedNova's ``a_i`` for ``steps`` local SGD steps with momentum ρ (``steps`` when ρ = 0)."""
@@ -74,14 +76,14 @@ class FedNova(FedAvg):
         p = _number(result.model.meta or {}, NUM_SAMPLES_KEY)
         return p if p is not None and p >= 0 else 1.0
 
-    def new_aggregator(self, global_params: dict[str, torch.Tensor]) -> Any:
+    def new_aggregator(self, global_params: dict[str, torch.Tensor]) -> Aggregator:
         self._p = self._pa = self._p_over_a = 0.0
         return super().new_aggregator(global_params)
 
     def add_result(
         self,
         ctx: WorkflowContext,
-        agg: Any,
+        agg: Aggregator,
         global_params: dict[str, torch.Tensor],
         result: TaskResult,
         weight: float,

@@ -37,6 +37,8 @@ from fedctl.workflows.fedavg import FedAvg
 if TYPE_CHECKING:
     import torch
 
+    from fedctl.aggregators.base import Aggregator
+
 
 class Personalized(FedAvg):
     """FedAvg over the shared parameters only; see the module docstring."""
@@ -82,7 +84,7 @@ class Personalized(FedAvg):
     def add_result(
         self,
         ctx: WorkflowContext,
-        agg: Any,
+        agg: Aggregator,
         global_params: dict[str, torch.Tensor],
         result: TaskResult,
         weight: float,

@@ -40,6 +40,8 @@ from fedctl.workflows.fedavg import FedAvg
 if TYPE_CHECKING:
     import torch
 
+    from fedctl.aggregators.base import Aggregator
+
 
 class Scaffold(FedAvg):
     """SCAFFOLD's server side; see the module docstring."""
@@ -61,14 +63,14 @@ class Scaffold(FedAvg):
     ) -> dict[str, torch.Tensor]:
         return {**model, **{SCAFFOLD_C_PREFIX + k: v for k, v in self.c.items()}}
 
-    def new_aggregator(self, global_params: dict[str, torch.Tensor]) -> Any:
+    def new_aggregator(self, global_params: dict[str, torch.Tensor]) -> Aggregator:
         self._dc_sum = {}
         return super().new_aggregator(global_params)
 
     def add_result(
         self,
         ctx: WorkflowContext,
-        agg: Any,
+        agg: Aggregator,
         global_params: dict[str, torch.Tensor],
         result: TaskResult,
         weight: float,

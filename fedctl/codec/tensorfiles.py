@@ -1,0 +1,191 @@
+"""Tensor files: the safe framing of :mod:`fedctl.codec.tensors` on disk.
+
+Writes are atomic (a temporary file and a rename, optionally fsynced) and can hash while they
+write; reads map the file copy-on-write (zero-copy, pages read on first use) or, for models too
+large to hold, read tensor by tensor (:class:`LazyTensorFile`). Files interoperate with the
+safetensors library both ways (``tests/test_codec.py`` checks it), which fedctl does not need
+at run time: ``bench/bench_codec.py`` measured this implementation level with the library for
+what fedctl does (docs/architecture.md gives the figures).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedctl.codec.tensors import (
+    DEFAULT_MAX_BYTES,
+    MAX_HEADER_BYTES,
+    decode,
+    iter_encode,
+    parse_header,
+    tensor_from_bytes,
+)
+from fedctl.errors import CodecError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    durable: bool = True,
+) -> Path:
+    """Write tensors to ``path`` atomically (temp file + rename: never a half-written file).
+
+    ``durable`` also flushes the file to disk before the rename (models and checkpoints);
+    files that only carry a model from one process to another skip that.
+    """
+    _write(tensors, Path(path), metadata, durable, None)
+    return Path(path)
+
+
+def save_file_hashed(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    durable: bool = True,
+) -> tuple[int, str]:
+    """:func:`save_file` that also returns the file's size and SHA-256 (computed while writing)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    return _write(tensors, Path(path), metadata, durable, h), h.hexdigest()
+
+
+def _write(
+    tensors: Mapping[str, torch.Tensor],
+    path: Path,
+    metadata: Mapping[str, str] | None,
+    durable: bool,
+    hasher: Any,
+) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for piece in iter_encode(tensors, metadata):
+                if hasher is not None:
+                    hasher.update(piece)
+                size += len(piece)
+                fh.write(piece)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return size
+
+
+def load_file(
+    path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a tensor file written by :func:`save_file` or the safetensors library.
+
+    The file is mapped copy-on-write, not read: the tensors are views of the page cache, their
+    pages are read when first used (and can be dropped again under memory pressure), writing to
+    them changes this process's copy only, and unlinking the file afterwards is safe. Files
+    fedctl maps are never rewritten in place (every write is a new file and a rename).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CodecError(f"{path}: no such tensor file") from None
+    if size > max_bytes:
+        raise CodecError(f"{path}: {size} bytes exceeds the limit {max_bytes}")
+    if size < 8:
+        raise CodecError(f"{path}: {size} bytes is too short for a tensor file")
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        return decode(memoryview(mapped), max_bytes, copy=False)
+    except CodecError as exc:
+        raise CodecError(f"{path}: {exc}") from None
+
+
+class LazyTensorFile(Mapping[str, "torch.Tensor"]):
+    """A tensor file as a read-only mapping that reads each tensor when it is accessed.
+
+    Nothing is kept: iterating twice reads twice. This lets a consumer that handles one tensor at
+    a time (validation, a running sum) take in a model of any size with the memory of its largest
+    tensor. The header is validated (against the file's real size) when the object is created.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        names: Mapping[str, str] | None = None,
+        *,
+        delete: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        # with ``delete``, the file goes when the last mapping (or view) onto it is gone
+        self._keeper = _FileKeeper(self.path) if delete else None
+        size = self.path.stat().st_size
+        if size > max_bytes:
+            raise CodecError(f"{self.path}: {size} bytes exceeds the limit {max_bytes}")
+        with open(self.path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CodecError(f"{self.path}: shorter than its 8-byte header length")
+            (hlen,) = struct.unpack("<Q", prefix)
+            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+                raise CodecError(f"{self.path}: tensor header length is out of bounds")
+            header = parse_header(prefix + fh.read(hlen), max_bytes)
+        if header.total_len != size:
+            raise CodecError(
+                f"{self.path}: {size} bytes but its header describes {header.total_len}"
+            )
+        self.header = header
+        self._base = 8 + header.header_len
+        self._entries = {e.name: e for e in header.entries}
+        #: exposed name → stored name (a view onto part of the file, e.g. without a prefix)
+        self._names = dict(names) if names is not None else {n: n for n in self._entries}
+
+    def view(self, names: Mapping[str, str]) -> LazyTensorFile:
+        """A mapping over some of the stored tensors under other names (same file)."""
+        out = object.__new__(LazyTensorFile)
+        out.__dict__.update(self.__dict__)
+        out._names = dict(names)
+        return out
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entries[self._names[name]]
+        data = bytearray(entry.nbytes)
+        with open(self.path, "rb") as fh:
+            fh.seek(self._base + entry.begin)
+            if fh.readinto(data) != entry.nbytes:
+                raise CodecError(f"{self.path}: truncated inside tensor {entry.name!r}")
+        return tensor_from_bytes(data, entry, -entry.begin, copy=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @property
+    def stored_names(self) -> list[str]:
+        return list(self._entries)
+
+
+class _FileKeeper:
+    """Deletes a file when garbage-collected (shared by a LazyTensorFile and its views)."""
+
+    def __init__(self, path: Path) -> None:
+        weakref.finalize(self, path.unlink, missing_ok=True)
