@@ -45,6 +45,10 @@ MAX_STRING = 1 * MiB
 
 # ------------------------------------------------------------------ results
 
+#: the largest aggregation weight a site may send (NUM_STEPS_CURRENT_ROUND, NUM_SAMPLES): far
+#: above any real step or sample count, far below what could overflow a running sum
+MAX_WEIGHT = 1e12
+
 #: a site's result may be this many times the size of the model it was sent (optimizer state…)
 RESULT_FACTOR = 4
 #: ...and always at least this big (a result for a task that sent no model, say)

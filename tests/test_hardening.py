@@ -234,6 +234,9 @@ def test_server_killed_and_restarted_mid_job_gives_the_same_model(ws, toy_dir, t
         out = admin.download(job_id, tmp_path / "dl")
         events = [e["event"] for e in admin.events(job_id)]
     assert "server_restarted" in events and "resumed" in events
+    run_log = (out / "run.log").read_text()
+    assert "FAILED" not in run_log  # losing the server is not an outcome (issue 11)
+    assert "lost the server process; the job resumes from its last checkpoint" in run_log
     got = load_file(out / "models" / "final.safetensors")[0]
     ref = recipe.run(
         SimEnv(num_clients=3, backend="local", seed=3, display="none", workspace=tmp_path / "sim")

@@ -229,6 +229,86 @@ def test_malformed_frame_closes_only_that_stream(poc_ws, admin) -> None:
     assert online == ["site-1", "site-2"]  # the others were served throughout
 
 
+def test_hostile_results_fail_only_their_site(poc_ws, admin, toy_dir) -> None:
+    """A site with a valid kit sends, round after round, a tensor header nested 50,000 deep,
+    one holding an integer of 5,000 digits, one whose shape overflows beside a zero dimension,
+    and a weight that overflows the sum: each is that site's failure, named with its reason in
+    the round and the audit trail, and the job goes on with the honest site (issue 11)."""
+    evil = "--evil-sites site-2 --evil deep,bigint,overflow,weight:1.7e308"
+    job = admin.submit_recipe(_toy(toy_dir, num_rounds=4, min_clients=1, train_args=evil))
+    done = _wait_state(admin, job["id"], ("FINISHED", "FAILED", "ABORTED"))
+    assert done["state"] == "FINISHED", done["reason"]
+    result_dir = Path(done["result_dir"])
+    rounds = [json.loads(x) for x in (result_dir / "metrics/global.jsonl").read_text().splitlines()]
+    assert [(r["accepted"], r["failed"]) for r in rounds] == [(1, ["site-2"])] * 4
+    log = (result_dir / "run.log").read_text()
+    for reason in (
+        "JSON nested deeper than 32",
+        "integer of 5000 digits is out of range",
+        "has more than 281474976710656 elements",
+        "aggregation weight must be a finite number ≤ 1e+12",
+    ):
+        assert reason in log, reason
+    server_audit = Path(poc.load_info(poc_ws)["server"]) / "workspace" / "audit.jsonl"
+    failed = [
+        r
+        for r in map(json.loads, server_audit.read_text().splitlines())
+        if r["event"] == "result_failed" and r.get("job") == job["id"]
+    ]
+    assert [r["actor"] for r in failed] == ["site-2"] * 4
+
+
+def test_nan_metrics_finish_in_poc_as_in_simulation(poc_ws, admin, toy_dir) -> None:
+    job = admin.submit_recipe(_toy(toy_dir, num_rounds=2, train_args="--nan-loss"))
+    done = _wait_state(admin, job["id"], ("FINISHED", "FAILED", "ABORTED"))
+    assert done["state"] == "FINISHED", done["reason"]
+    sites = Path(done["result_dir"]) / "metrics" / "sites.jsonl"
+    assert all(json.loads(x)["metrics"]["loss"] is None for x in sites.read_text().splitlines())
+
+
+def test_hostile_admin_frames_are_invalid_arguments(poc_ws, admin) -> None:
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    for header, expected in (
+        ({"t": "admin", "op": "status", "job": "x", "after": 10**40}, "out of range"),
+        ({"t": "admin", "op": "list", "job": None, "after": deep}, "nested deeper than 32"),
+        ({"t": "admin", "op": "frobnicate"}, "unknown admin operation 'frobnicate'"),
+        ({"t": "admin", "op": "status"}, "needs a job id"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            admin.stubs.Admin(frames.encode(header), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, header
+        assert expected in err.value.details()
+
+
+def test_a_site_may_only_upload_results_it_owes(poc_ws, admin, toy_dir) -> None:
+    from fedctl.codec import protocol
+
+    job = admin.submit_recipe(_toy(toy_dir, num_rounds=50, train_args="--sleep 0.2"))
+    _wait_state(admin, job["id"], ("RUNNING",))
+    blob = Path(poc_ws) / "junk.bin"
+    blob.write_bytes(b"x" * 1000)
+    site1 = poc.load_info(poc_ws)["sites"]["site-1"]
+    try:
+        with tls.secure_channel(site1, options=rpc.CHANNEL_OPTIONS) as channel:
+            first = protocol.Push(job["id"], "not-a-task-of-mine", 1000)
+            with pytest.raises(grpc.RpcError) as err:
+                rpc.Stubs(channel).Push(rpc.file_frames(blob, first), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "owes no result for task 'not-a-task-of-mine'" in err.value.details()
+    finally:
+        admin.abort(job["id"])
+
+
+def test_finished_job_processes_are_reaped(poc_ws, admin) -> None:
+    server = psutil.Process(poc.status(poc_ws)["processes"]["server"]["pid"])
+    deadline = time.monotonic() + 10
+    while any(c.status() == psutil.STATUS_ZOMBIE for c in server.children()):
+        assert time.monotonic() < deadline, "a finished job's process is left a zombie"
+        time.sleep(0.2)
+
+
 def test_reconnect_neither_loses_nor_duplicates(toy_dir, tmp_path) -> None:
     """In-process server and agents, so the test can cut a site's stream in the middle."""
     from fedctl.runtime.agent import SiteAgent

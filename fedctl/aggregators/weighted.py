@@ -19,34 +19,56 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedctl.codec.model import ParamsType
-from fedctl.errors import FedctlError
+from fedctl.constants import MAX_WEIGHT
+from fedctl.errors import FedctlError, RunFailed
 
 if TYPE_CHECKING:
     import torch
 
 
 class UpdateRejected(FedctlError):
-    """A site's update cannot be aggregated (unknown key, wrong shape, NaN, bad weight)."""
+    """A site's update cannot be aggregated (unknown key, wrong shape or type, NaN, out of
+    range, a bad weight): that site's result is refused, the round goes on."""
+
+
+class AggregateUnusable(RunFailed):
+    """The round's aggregate cannot be trusted (an update failed half-way into it)."""
 
 
 PRECISIONS = ("float64", "float32")
+
+
+def check_weight(weight: Any, what: str = "aggregation weight") -> float:
+    """``weight`` as a float if it is finite and within [0, MAX_WEIGHT], else UpdateRejected.
+
+    Bounded so that no honest-looking weight can overflow a running sum (1.7e308 would)."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise UpdateRejected(f"{what} must be a finite number, got {weight!r}")
+    if weight < 0:
+        raise UpdateRejected(f"{what} must be ≥ 0, got {weight}")
+    if not math.isfinite(weight) or weight > MAX_WEIGHT:
+        raise UpdateRejected(f"{what} must be a finite number ≤ {MAX_WEIGHT:.0e}, got {weight}")
+    return float(weight)
 
 
 def check_update(
     global_params: Mapping[str, torch.Tensor],
     params: Mapping[str, torch.Tensor],
     weight: float,
+    params_type: ParamsType | None = ParamsType.FULL,
 ) -> None:
-    """Raise UpdateRejected unless ``params`` can be aggregated into ``global_params``."""
+    """Raise UpdateRejected unless ``params`` can be aggregated into ``global_params``.
 
-    if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight):
-        raise UpdateRejected(f"aggregation weight must be a finite number, got {weight!r}")
-    if weight < 0:
-        raise UpdateRejected(f"aggregation weight must be ≥ 0, got {weight}")
-    batch: list[tuple[str, torch.Tensor]] = []
+    Checks the weight, each name, shape and kind of dtype, that values are finite, and that
+    each contribution (the weights, or the global value plus the difference for DIFF) fits the
+    global parameter's dtype, so that no update can turn the aggregate into inf.
+    """
+    check_weight(weight)
+    diff = params_type == ParamsType.DIFF
+    batch: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     batch_bytes = 0
     for name, t in params.items():
         g = global_params.get(name)
@@ -56,31 +78,55 @@ def check_update(
             raise UpdateRejected(
                 f"parameter {name!r} has shape {tuple(t.shape)}, expected {tuple(g.shape)}"
             )
+        if t.is_floating_point() != g.is_floating_point() or (
+            not g.is_floating_point() and t.dtype != g.dtype
+        ):
+            raise UpdateRejected(f"parameter {name!r} is {t.dtype}, expected {g.dtype}")
         if t.is_floating_point() and t.numel():
-            batch.append((name, t))
+            batch.append((name, t, g))
             batch_bytes += t.numel() * t.element_size()
             if batch_bytes >= _CHECK_BATCH_BYTES:  # bounded memory when params load lazily
-                _check_finite(batch)
+                _check_values(batch, diff)
                 batch, batch_bytes = [], 0
-    _check_finite(batch)
+    _check_values(batch, diff)
 
 
 #: finiteness is checked in fused passes over at most this many bytes of tensors
 _CHECK_BATCH_BYTES = 64 * 1024 * 1024
 
 
-def _check_finite(batch: list[tuple[str, torch.Tensor]]) -> None:
+def _check_values(batch: list[tuple[str, torch.Tensor, torch.Tensor]], diff: bool) -> None:
+    """Finite, and within the global dtype's range (one fused norm pass in the common case)."""
     import torch
 
     if not batch:
         return
-    norms = torch._foreach_norm([t for _, t in batch])
-    if all(math.isfinite(float(n)) for n in norms):
-        return
-    # The fused pass found something; name it (a norm can also overflow on huge values).
-    for name, t in batch:
+    norms = torch._foreach_norm([t for _, t, _ in batch])
+    g_norms = torch._foreach_norm([g for _, _, g in batch]) if diff else None
+    for i, (name, t, g) in enumerate(batch):
+        limit = torch.finfo(g.dtype).max
+        bound = float(norms[i]) + (float(g_norms[i]) if g_norms is not None else 0.0)
+        if math.isfinite(bound) and bound <= limit:
+            continue  # |each value| ≤ its L2 norm: nothing can be out of range
         if not bool(torch.isfinite(t).all()):
             raise UpdateRejected(f"parameter {name!r} contains NaN or infinite values")
+        value = t.double() + g.double() if diff else t.double()
+        if float(value.abs().max()) > limit:
+            raise UpdateRejected(f"parameter {name!r} has values beyond the range of {g.dtype}")
+
+
+def check_finite(params: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise AggregateUnusable naming the first parameter of ``params`` that is not finite
+    (what becomes the global model is checked before it does)."""
+    import torch
+
+    floats = [(k, t) for k, t in params.items() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return
+    norms = torch._foreach_norm([t for _, t in floats])
+    for (name, t), n in zip(floats, norms, strict=True):
+        if not math.isfinite(float(n)) and not bool(torch.isfinite(t).all()):
+            raise AggregateUnusable(f"{what} has NaN or infinite values in {name!r}")
 
 
 class WeightedAggregator:
@@ -98,6 +144,10 @@ class WeightedAggregator:
         self._w_diff: dict[str, float] = {}
         self.count = 0
         self.total_weight = 0.0
+        #: per parameter, a bound on the largest |value| of its accumulator (where it matters)
+        self._bounds: dict[str, float] = {}
+        #: why the accumulator cannot be trusted any more (an update failed half-way)
+        self._broken: str | None = None
 
     def _acc_dtype(self, t: torch.Tensor) -> torch.dtype:
         import torch
@@ -116,28 +166,71 @@ class WeightedAggregator:
     ) -> None:
         """Fold one site's update in; rejects the whole update (adding none of it) if invalid."""
         if validate:
-            check_update(self.global_params, params, weight)
+            check_update(self.global_params, params, weight, params_type)
+        if self._broken is not None:
+            raise UpdateRejected(f"this round's aggregate is unusable: {self._broken}")
+        if weight == 0:
+            self.count += 1
+            return
+        bounds = self._check_overflow(params, weight)
+        diff = params_type == ParamsType.DIFF
+        try:
+            for name, t in params.items():
+                acc = self._acc.get(name)
+                if acc is None:
+                    # copy=True: never scale the sender's tensor in place (maybe shared memory)
+                    acc = self._acc[name] = t.to(self._acc_dtype(t), copy=True).mul_(weight)
+                else:
+                    acc.add_(t, alpha=weight)
+                self._w[name] = self._w.get(name, 0.0) + weight
+                if diff:
+                    self._w_diff[name] = self._w_diff.get(name, 0.0) + weight
+        except Exception as exc:  # e.g. a large result's file failed to read half-way
+            self._broken = f"an update failed half-way through: {exc}"
+            raise UpdateRejected(self._broken) from None
+        self._bounds.update(bounds)
         self.count += 1
         self.total_weight += weight
-        if weight == 0:
-            return
-        diff = params_type == ParamsType.DIFF
+
+    def _check_overflow(
+        self, params: Mapping[str, torch.Tensor], weight: float
+    ) -> dict[str, float]:
+        """Refuse an update that would overflow an accumulator, before adding any of it.
+
+        With float64 accumulators for parameters of at most 32 bits, overflow is impossible:
+        every value fits its parameter's dtype and weights are at most MAX_WEIGHT. Float32
+        accumulators and float64 parameters keep a bound on each accumulator's largest value
+        and check exactly only when the bound says it could overflow.
+        """
+        import torch
+
+        bounds: dict[str, float] = {}
         for name, t in params.items():
-            acc = self._acc.get(name)
-            if acc is None:
-                # copy=True: never scale the sender's tensor in place (it may be shared memory)
-                acc = self._acc[name] = t.to(self._acc_dtype(t), copy=True).mul_(weight)
-            else:
-                acc.add_(t, alpha=weight)
-            self._w[name] = self._w.get(name, 0.0) + weight
-            if diff:
-                self._w_diff[name] = self._w_diff.get(name, 0.0) + weight
+            acc_dtype = self._acc_dtype(t)
+            if not t.is_floating_point() or (
+                acc_dtype == torch.float64 and t.dtype != torch.float64
+            ):
+                continue
+            limit = torch.finfo(acc_dtype).max
+            bound = self._bounds.get(name, 0.0) + weight * float(t.abs().max())
+            if bound > limit:
+                acc = self._acc.get(name)
+                trial = t.to(acc_dtype) * weight if acc is None else acc + t.to(acc_dtype) * weight
+                if not bool(torch.isfinite(trial).all()):
+                    raise UpdateRejected(
+                        f"parameter {name!r}: adding this update overflows the {acc_dtype} sum"
+                    )
+                bound = float(trial.abs().max())
+            bounds[name] = bound
+        return bounds
 
     def result(self) -> dict[str, torch.Tensor]:
         """The new global parameters (same names, shapes and dtypes as the global model).
 
         Consumes the accumulator: call once per round.
         """
+        if self._broken is not None:
+            raise AggregateUnusable(f"the round's aggregate is unusable: {self._broken}")
         out: dict[str, torch.Tensor] = {}
         for name, g in self.global_params.items():
             w = self._w.get(name, 0.0)

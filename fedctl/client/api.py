@@ -12,6 +12,7 @@ The contract, in the order a script uses it::
 from __future__ import annotations
 
 import copy
+import math
 import os
 import platform
 import sys
@@ -148,7 +149,7 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
                 if model.optimizer_params is None
                 else as_tensor_dict(model.optimizer_params, "FLModel.optimizer_params")
             ),
-            metrics=plain_metrics(model.metrics),
+            metrics=None if model.metrics is None else _finite(ch, plain_metrics(model.metrics)),
             meta=copy.deepcopy(check_json(model.meta or {}, "FLModel.meta")),
         )
         check_json(model.metrics or {}, "FLModel.metrics")
@@ -250,11 +251,12 @@ def log(
     if not isinstance(key, str) or not key:
         raise ClientAPIError("log(): key must be a non-empty string")
     if kind in ("SCALAR", "METRIC"):
-        value = _number(value, key)
+        value = _finite(ch, {key: _number(value, key)})[key]
     elif kind in ("SCALARS", "METRICS"):
         if not isinstance(value, dict):
             raise ClientAPIError(f"log(): {key}: {kind} needs a dict of numbers")
-        value = {str(k): _number(v, f"{key}/{k}") for k, v in value.items()}
+        numbers = {f"{key}/{k}": _number(v, f"{key}/{k}") for k, v in value.items()}
+        value = {name.split("/", 1)[1]: v for name, v in _finite(ch, numbers).items()}
     else:
         value = str(value)
     ch.record(
@@ -275,4 +277,22 @@ def _number(value: Any, key: str) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ClientAPIError(f"log(): {key}: expected a number, got {type(value).__name__}")
-    return float(value)  # NaN and inf are kept: a diverging loss is worth seeing
+    return float(value)
+
+
+def _finite(ch: _ch.Channel, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The one NaN policy, in every mode: a NaN or infinite metric is sent as null (JSON has
+    neither), with one warning per site and name on the script's stderr; a diverging loss then
+    shows as a gap in the curves instead of failing the job on a real site."""
+    out = dict(metrics)
+    for name, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[name] = None
+            if f"nan:{name}" not in ch.warned:
+                ch.warned.add(f"nan:{name}")
+                print(
+                    f"fedctl: metric {name!r} is {value}; it is recorded as null "
+                    "(warned once per metric)",
+                    file=sys.stderr,
+                )
+    return out

@@ -38,6 +38,7 @@ def loads(
     *,
     max_bytes: int = MAX_JSON_BYTES,
     max_depth: int = MAX_JSON_DEPTH,
+    max_nodes: int = MAX_JSON_NODES,
 ) -> Any:
     """Parse ``data`` as JSON within the limits, or raise one CodecError line naming ``what``."""
     if len(data) > max_bytes:
@@ -48,7 +49,7 @@ def loads(
         raise CodecError(f"{what}: JSON nested deeper than {max_depth}") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise CodecError(f"{what} is not valid JSON ({_short(exc)})") from None
-    return check_json(value, what, max_bytes=None, max_depth=max_depth)
+    return check_json(value, what, None, max_depth=max_depth, max_nodes=max_nodes)
 
 
 def dumps(value: Any) -> str:
@@ -62,6 +63,7 @@ def check_json(
     max_bytes: int | None = MAX_JSON_BYTES,
     *,
     max_depth: int = MAX_JSON_DEPTH,
+    max_nodes: int = MAX_JSON_NODES,
 ) -> Any:
     """Return ``value`` if it is plain JSON data within the limits (tuples count as lists).
 
@@ -74,8 +76,8 @@ def check_json(
     while stack:
         v, depth, path = stack.pop()
         nodes += 1
-        if nodes > MAX_JSON_NODES:
-            raise CodecError(f"{what}: more than {MAX_JSON_NODES} JSON values")
+        if nodes > max_nodes:
+            raise CodecError(f"{what}: more than {max_nodes} JSON values")
         if v is None or isinstance(v, bool):
             continue
         if isinstance(v, int):

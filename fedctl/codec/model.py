@@ -152,7 +152,7 @@ def split_model(model: FLModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     and optimizer_params an ``o:`` prefix."""
     header = {
         "params_type": model.params_type.value if model.params_type else None,
-        "metrics": plain_metrics(model.metrics),
+        "metrics": None if model.metrics is None else plain_metrics(model.metrics),
         "start_round": model.start_round,
         "current_round": model.current_round,
         "total_rounds": model.total_rounds,
@@ -215,10 +215,8 @@ def join_model(header: Any, tensors: dict[str, torch.Tensor]) -> FLModel:
     )
 
 
-def plain_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+def plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``metrics`` with one-value tensors (and numpy scalars) as Python numbers."""
-    if metrics is None:
-        return None
     out: dict[str, Any] = {}
     for k, v in metrics.items():
         if hasattr(v, "item") and callable(v.item):

@@ -219,7 +219,12 @@ def parse_header(
     if len(prefix) < 8 + hlen:
         raise CodecError(f"tensor payload truncated inside its {hlen}-byte header")
     # bounded depth, 64-bit integers, no NaN: a hostile header is a CodecError, never a crash
-    doc = jsondata.loads(bytes(prefix[8 : 8 + hlen]), "tensor header", max_bytes=MAX_HEADER_BYTES)
+    doc = jsondata.loads(
+        bytes(prefix[8 : 8 + hlen]),
+        "tensor header",
+        max_bytes=MAX_HEADER_BYTES,
+        max_nodes=MAX_HEADER_BYTES // 4,  # a header's values are at least 4 bytes apart
+    )
     if not isinstance(doc, dict):
         raise CodecError("tensor header must be a JSON object")
     metadata: dict[str, str] = {}

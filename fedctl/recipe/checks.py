@@ -3,6 +3,7 @@ RecipeError line naming the argument and what it must be."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fedctl.errors import RecipeError
@@ -41,7 +42,7 @@ def check_number(
     le: float | None = None,
 ) -> float:
     """``value`` as a float if it is a number within the bounds, else a RecipeError."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (ge is None or value >= ge) and (gt is None or value > gt)
     ok = ok and (lt is None or value < lt) and (le is None or value <= le)
     if not ok:
@@ -62,7 +63,12 @@ def check_str(what: str, value: Any) -> str:
 def check_opt_pos(what: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise RecipeError(f"{what} must be a positive number of seconds or None, got {value!r}")
     return float(value)
 
@@ -70,6 +76,11 @@ def check_opt_pos(what: str, value: Any) -> float | None:
 def check_opt_nonneg(what: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise RecipeError(f"{what} must be a number of seconds ≥ 0 or None, got {value!r}")
     return float(value)

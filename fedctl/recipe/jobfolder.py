@@ -186,7 +186,17 @@ def load_job(job_dir: str | os.PathLike[str], *, verify: bool = True) -> Recipe:
     The spec is validated strictly (see :func:`read_job_spec`), then the arguments once more by
     the recipe's own constructor; nothing in the folder is executed.
     """
+    from fedctl.codec.tensorfiles import LazyTensorFile
+
     js = read_job_spec(job_dir, verify=verify)
+    try:
+        # the model's header, checked now (sizes, dtypes, shapes, offsets): a hostile model is
+        # refused where the job is loaded (a server refuses it at submit), not rounds later
+        LazyTensorFile(js.model)
+    except (CodecError, OSError) as exc:
+        raise RecipeError(
+            f"{js.root}: model {js.spec['model']!r} is not a valid tensor file: {exc}"
+        ) from None
     try:
         return js.cls(**js.spec["args"], model=js.model, base_dir=js.code)
     except TypeError as exc:

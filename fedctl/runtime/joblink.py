@@ -115,6 +115,15 @@ class JobLink:
             self.state.store.add_event(
                 rt.rec.id, kind, {k: v for k, v in event.items() if k != "event"}
             )
+            if kind == "result" and event.get("ok") is False:
+                # a site's result refused or failed: named, with the reason, in the audit trail
+                self.state.audit.record(
+                    "result_failed",
+                    str(event.get("site")),
+                    job=rt.rec.id,
+                    round=event.get("round"),
+                    reason=str(event.get("error"))[:2000],
+                )
             if kind == "round_started":
                 self.state.store.update(rt.rec.id, round=event.get("round"))
             elif kind == "round_completed":

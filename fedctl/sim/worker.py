@@ -100,9 +100,15 @@ _streams: tuple[_RoutedStream, _RoutedStream] | None = None
 
 
 def _routed_streams() -> tuple[_RoutedStream, _RoutedStream]:
+    """sys.stdout/sys.stderr, routed per script thread (installed again if something else,
+    e.g. a test runner or a notebook, replaced them since)."""
     global _streams
-    if _streams is None:
+    if _streams is None or sys.stdout is not _streams[0] or sys.stderr is not _streams[1]:
+        old = _streams
         _streams = (_RoutedStream(sys.stdout), _RoutedStream(sys.stderr))
+        if old is not None:  # scripts still running keep their routes
+            _streams[0].routes.update(old[0].routes)
+            _streams[1].routes.update(old[1].routes)
         sys.stdout, sys.stderr = _streams
     return _streams
 
@@ -117,6 +123,7 @@ class SimChannel(Channel):
         # resident scripts block on a queue.Queue; per-round ones read a plain list
         self.inbox = inbox
         self._state: SiteState | None = None
+        self.warned = host.warned  # warn once per site, also when its script runs per round
 
     def next_task(self) -> Task | None:
         if self.host.resident:
@@ -194,6 +201,8 @@ class ScriptHost:
         self.unsettled = False
         self.sent: tuple[Any, ...] | None = None
         self.records: list[dict[str, Any]] = []
+        # warnings already given to this site (kept by the worker: per-round hosts are new)
+        self.warned: set[str] = worker.warned.setdefault(site, set())
         self.channel: SimChannel | None = None
         self.thread: threading.Thread | None = None
 
@@ -350,6 +359,7 @@ class WorkerCore:
         self._model_id: str | None = None
         self._model: dict[str, Any] | None = None
         self._active: ScriptHost | None = None  # the host that ran last
+        self.warned: dict[str, set[str]] = {}
 
     def make_site_dir(self, path: Path) -> None:
         """Create a site's folder once per worker (not once per task)."""

@@ -223,7 +223,7 @@ class WorkflowContext:
         if error is None:
             try:
                 on_result(result)
-            except FedctlError as exc:
+            except (FedctlError, OSError) as exc:  # OSError: a large result's file went bad
                 error = f"update rejected: {exc}"
         if self.store is not None and result.records:
             self.store.add_records(result.site, result.records)

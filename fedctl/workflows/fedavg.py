@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedctl.aggregators.buffered import TooFewResults
 from fedctl.aggregators.select import aggregator_label, make_aggregator, min_results
-from fedctl.aggregators.weighted import MetricsMean, check_update
+from fedctl.aggregators.weighted import MetricsMean, check_finite, check_update
 from fedctl.codec.keys import EVAL_KIND_KEY, NUM_SAMPLES_KEY
 from fedctl.codec.model import (
     NUM_STEPS_KEY,
@@ -53,6 +53,7 @@ from fedctl.codec.model import (
     TaskResult,
     scalar_metrics,
 )
+from fedctl.constants import MAX_WEIGHT
 from fedctl.errors import RunFailed
 from fedctl.workflows.base import (
     GatherOutcome,
@@ -181,7 +182,7 @@ class FedAvg(Workflow):
     ) -> None:
         """Fold one accepted result into the aggregator (raise UpdateRejected to refuse it)."""
         assert result.model is not None and result.model.params is not None
-        check_update(global_params, result.model.params, weight)
+        check_update(global_params, result.model.params, weight, result.model.params_type)
         agg.add(result.model.params, weight, result.model.params_type, validate=False)
 
     def server_update(
@@ -284,6 +285,7 @@ class FedAvg(Workflow):
         except TooFewResults as exc:
             raise NotEnoughResults(f"round {rnd + 1}: {exc}") from None
         new_model = self.server_update(ctx, model, aggregate, rnd)
+        check_finite(new_model, f"round {rnd + 1}: the new global model")
         return new_model, metrics.result(), outcome
 
     # ------------------------------------------------------------------ evaluation
@@ -344,7 +346,7 @@ class FedAvg(Workflow):
             isinstance(value, int | float)
             and not isinstance(value, bool)
             and math.isfinite(value)
-            and value >= 0
+            and 0 <= value <= MAX_WEIGHT
         ):
             return float(value)
         self.warn_once(

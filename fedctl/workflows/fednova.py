@@ -96,7 +96,7 @@ class FedNova(FedAvg):
                 f"got {(result.model.meta or {}).get(NUM_STEPS_KEY)!r}"
             )
         a = norm_factor(steps, self.local_momentum)
-        check_update(global_params, result.model.params, weight)
+        check_update(global_params, result.model.params, weight, result.model.params_type)
         # The weighted mean with weights p/a gives Σ (p/a)·Δ / Σ (p/a); server_update rescales.
         agg.add(result.model.params, weight / a, result.model.params_type, validate=False)
         self._p += weight

@@ -86,7 +86,7 @@ class Scaffold(FedAvg):
             lambda k: k.startswith(SCAFFOLD_DC_PREFIX),
             rename=lambda k: k[len(SCAFFOLD_DC_PREFIX) :],
         )
-        check_update(global_params, params, weight)
+        check_update(global_params, params, weight, result.model.params_type)
         check_update(global_params, dc, 1.0)
         for k, v in dc.items():
             if not v.is_floating_point():

@@ -16,6 +16,9 @@ parser.add_argument("--use-state", action="store_true")
 parser.add_argument("--lr", type=float, default=0.1)
 parser.add_argument("--hang-sites", default="")
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds of 'work' per task")
+parser.add_argument("--evil-sites", default="", help="sites that send what --evil says")
+parser.add_argument("--evil", default="", help="per round: weight:VALUE or a hostile file mode")
+parser.add_argument("--nan-loss", action="store_true", help="report a NaN loss")
 args = parser.parse_args()
 fail_sites = {s for s in args.fail_sites.split(",") if s}
 fail_rounds = {int(r) for r in args.fail_rounds.split(",") if r}
@@ -51,7 +54,7 @@ while flare.is_running():
         loss = ((model(x[batch]).squeeze(1) - y[batch]) ** 2).mean()
         loss.backward()
         opt.step()
-    metrics = {"loss": loss.item(), "site_index": idx}
+    metrics = {"loss": float("nan") if args.nan_loss else loss.item(), "site_index": idx}
     if args.use_state:
         state = flare.get_state()
         state["count"] = state.get("count", 0) + 1
@@ -61,6 +64,16 @@ while flare.is_running():
     if args.diff:
         params = {k: v - received.params[k] for k, v in params.items()}
     meta = {} if args.no_steps else {"NUM_STEPS_CURRENT_ROUND": steps}
+    if site in args.evil_sites.split(",") and args.evil:
+        modes = args.evil.split(",")  # one per round, in turn
+        mode = modes[rnd % len(modes)]
+        if mode.startswith("weight:"):
+            meta["NUM_STEPS_CURRENT_ROUND"] = float(mode.split(":", 1)[1])
+        else:
+            from hostile import send_hostile_file
+
+            send_hostile_file(mode, rnd)
+            continue
     flare.send(
         flare.FLModel(
             params_type="DIFF" if args.diff else "FULL",
