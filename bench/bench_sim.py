@@ -258,6 +258,25 @@ def max_diff(a_path: str, b_path: str) -> tuple[float, float]:
     return diff, scale
 
 
+def snapshot_cost(size: str) -> dict[str, float]:
+    """What freezing a result at send() costs (issue 9): the copy a per-round script's result
+    now always gets in the local backend and for Ray results small enough to travel inline.
+    (Large Ray results were copied into the object store before too: no extra cost there.)"""
+    from fedctl.sim.transport import LocalTransport
+
+    make_model, _, _ = _workload_imports()
+    params = make_model(size).state_dict()
+    nbytes = sum(t.numel() * t.element_size() for t in params.values())
+    transport = LocalTransport()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        copy = transport.snapshot(params)
+        best = min(best, time.perf_counter() - t0)
+        del copy
+    return {"seconds": best, "bytes": nbytes, "gib_per_s": nbytes / best / 2**30}
+
+
 def help_time() -> float:
     exe = Path(sys.executable).with_name("fedctl")
     best = float("inf")
@@ -404,6 +423,14 @@ def main() -> int:
         verdict("c.wall", t_ratio <= 1.3, f"wall-time ratio = {t_ratio:.2f} (target ≤ 1.3)")
         verdict("c.mem", m_ratio <= 1.5, f"peak-memory ratio = {m_ratio:.2f} (target ≤ 1.5)")
         report["c"] = {"reference": ref, "fedctl": fed, "time_ratio": t_ratio, "mem_ratio": m_ratio}
+        snap = snapshot_cost(cases["c"]["size"])
+        line(
+            "send() snapshot of one result (issue 9)",
+            f"{snap['seconds'] * 1000:.0f} ms ({snap['gib_per_s']:.1f} GiB/s) per result, "
+            f"{snap['seconds'] * cases['c']['clients']:.2f} s per round of "
+            f"{cases['c']['clients']} sites",
+        )
+        report["c"]["snapshot"] = snap
         if args.variants:
             for label, extra in (
                 ("workers=1", {"workers": 1}),
