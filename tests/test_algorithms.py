@@ -28,6 +28,7 @@ from fedctl.codec.model import (
     Task,
     TaskResult,
 )
+from fedctl.sampling import sample_count, sample_sites
 from fedctl.tracking.store import RunStore
 from fedctl.workflows.base import NotEnoughResults, WorkflowContext
 from fedctl.workflows.fedavg import FedAvg
@@ -36,7 +37,6 @@ from fedctl.workflows.fednova import FedNova
 from fedctl.workflows.fedopt import FedAdam
 from fedctl.workflows.fedprox import FedProx
 from fedctl.workflows.personalized import Personalized
-from fedctl.workflows.sampling import sample_count, sample_sites
 from fedctl.workflows.scaffold import Scaffold
 
 SITES = [f"site-{i}" for i in range(1, 6)]

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "fedctl"
 DOC = ROOT.parent / "docs" / "architecture.md"
 
 #: modules directly under fedctl/: helpers every layer may use; they import only each other
-BASE = {"errors", "constants", "jobs", "_fs", "_imports", "_yaml", "__main__"}
+BASE = {"errors", "constants", "jobs", "sampling", "_fs", "_imports", "_yaml", "__main__"}
 
 #: package → the packages it may import (besides the base modules). Keep in step with the
 #: picture in docs/architecture.md.
@@ -27,13 +27,14 @@ ALLOWED: dict[str, set[str]] = {
     "provision": set(),
     "datasets": set(),
     "aggregators": {"codec"},
+    "privacy": {"codec"},
     "tracking": {"codec"},
     "transport": {"codec", "provision"},
-    "workflows": {"aggregators", "codec"},
+    "workflows": {"aggregators", "privacy", "codec"},
     "client": {"codec"},
-    "recipe": {"workflows", "aggregators", "tracking", "codec"},
-    "sim": {"recipe", "workflows", "tracking", "client", "codec"},
-    "runtime": {"recipe", "workflows", "tracking", "transport", "provision", "codec"},
+    "recipe": {"workflows", "aggregators", "privacy", "tracking", "codec"},
+    "sim": {"recipe", "workflows", "privacy", "tracking", "client", "codec"},
+    "runtime": {"recipe", "workflows", "privacy", "tracking", "transport", "provision", "codec"},
     "cli": {
         "sim",
         "runtime",
@@ -44,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
         "codec",
         "workflows",
         "aggregators",
+        "privacy",
     },
 }
 

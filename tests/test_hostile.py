@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hostile_results import hostile_bytes
 
 from fedctl.cli.main import main
 from fedctl.codec import tensors as tc
@@ -110,13 +111,6 @@ def test_a_job_carrying_a_pickle_is_refused_and_never_unpickled(
 
 @pytest.mark.parametrize("mode", ["deep", "bigint", "overflow"])
 def test_a_job_whose_model_is_hostile_is_refused_when_loaded(toy_dir, tmp_path, mode) -> None:
-    import sys
-
-    sys.path.insert(0, str(toy_dir))
-    try:
-        from hostile import hostile_bytes
-    finally:
-        sys.path.remove(str(toy_dir))
     job = _job(load_recipe(toy_dir).recipe, tmp_path)
     model = job / "model" / "initial.safetensors"
     model.write_bytes(hostile_bytes(mode))
@@ -131,13 +125,6 @@ def test_a_job_whose_model_is_hostile_is_refused_when_loaded(toy_dir, tmp_path, 
 
 @pytest.mark.parametrize("mode", ["deep", "bigint", "overflow"])
 def test_hostile_tensor_headers_are_codec_errors(toy_dir, mode) -> None:
-    import sys
-
-    sys.path.insert(0, str(toy_dir))
-    try:
-        from hostile import hostile_bytes
-    finally:
-        sys.path.remove(str(toy_dir))
     data = hostile_bytes(mode)
     with pytest.raises(CodecError):
         tc.decode(data)

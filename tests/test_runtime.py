@@ -7,6 +7,7 @@ its kit can play a misbehaving peer) and stops it, by PID, in the last test.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -29,7 +30,8 @@ from fedctl.runtime import poc
 from fedctl.runtime.admin import AdminClient, ServerError
 from fedctl.transport import rpc, tls
 
-REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +237,7 @@ def test_hostile_results_fail_only_their_site(poc_ws, admin, toy_dir) -> None:
     and a weight that overflows the sum: each is that site's failure, named with its reason in
     the round and the audit trail, and the job goes on with the honest site (issue 11)."""
     evil = "--evil-sites site-2 --evil deep,bigint,overflow,weight:1.7e308"
+    shutil.copyfile(TESTS / "hostile_results.py", toy_dir / "hostile.py")
     job = admin.submit_recipe(_toy(toy_dir, num_rounds=4, min_clients=1, train_args=evil))
     done = _wait_state(admin, job["id"], ("FINISHED", "FAILED", "ABORTED"))
     assert done["state"] == "FINISHED", done["reason"]

@@ -9,7 +9,7 @@ of :mod:`fedctl.codec.tensors`; nothing in either is ever executed or unpickled.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -181,6 +181,44 @@ _HEADER_KEYS = {
     "has_params",
     "has_optimizer_params",
 }
+
+
+class LazyMap(Mapping[str, Any]):
+    """A mapping whose values are computed from their key when read (nothing is kept): how
+    filters and large results stay at one tensor in memory."""
+
+    def __init__(self, keys: list[str], compute: Callable[[str], Any]) -> None:
+        self._keys = keys
+        self._set = set(keys)
+        self._compute = compute
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._set:
+            raise KeyError(key)
+        return self._compute(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+
+def model_tensors(model: FLModel) -> Mapping[str, torch.Tensor]:
+    """The tensors of :func:`split_model` (``p:``/``o:`` names), read from the model's own
+    mappings when asked for: a lazy or filtered model is written one tensor at a time."""
+    params = model.params or {}
+    opt = model.optimizer_params or {}
+    names = [f"p:{k}" for k in params] + [f"o:{k}" for k in opt]
+
+    def get(name: str) -> Any:
+        t = params[name[2:]] if name.startswith("p:") else opt[name[2:]]
+        return as_tensor_dict({name: t}, "params")[name]
+
+    return LazyMap(names, get)
 
 
 def join_model(header: Any, tensors: dict[str, torch.Tensor]) -> FLModel:

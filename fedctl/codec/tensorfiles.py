@@ -32,6 +32,8 @@ from fedctl.errors import CodecError
 if TYPE_CHECKING:
     import torch
 
+    from fedctl.codec.model import FLModel
+
 
 def save_file(
     tensors: Mapping[str, torch.Tensor],
@@ -189,3 +191,29 @@ class _FileKeeper:
 
     def __init__(self, path: Path) -> None:
         weakref.finalize(self, path.unlink, missing_ok=True)
+
+
+def lazy_model(
+    header: Any,
+    path: str | os.PathLike[str],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    *,
+    delete: bool = False,
+) -> FLModel:
+    """An FLModel (its JSON header, its tensors in ``path``) whose tensors are read one at a
+    time when used; with ``delete``, the file goes when the last view of it is gone."""
+    from fedctl.codec.model import join_model
+
+    lazy = LazyTensorFile(path, max_bytes, delete=delete)
+    groups: dict[str, dict[str, str]] = {"p": {}, "o": {}}
+    for name in lazy.stored_names:
+        prefix, _, key = name.partition(":")
+        if prefix not in groups or not key:
+            raise CodecError(f"model payload has an unexpected tensor {name!r}")
+        groups[prefix][key] = name
+    model = join_model(header, {})
+    if model.params is not None:
+        model.params = lazy.view(groups["p"])
+    if model.optimizer_params is not None:
+        model.optimizer_params = lazy.view(groups["o"])
+    return model

@@ -205,23 +205,29 @@ def authorization_yaml(participant: str, project: str) -> str:
 
 
 def privacy_yaml(participant: str) -> str:
-    """The commented local/privacy.yaml template (no filters: the site opts in)."""
+    """The commented local/privacy.yaml template (no filters, no requirements: the site opts
+    in). Read by the site agent (fedctl.privacy.policy); tests check that it and its examples,
+    uncommented, are a valid policy."""
     return (
-        f"# Privacy policy of site {participant}: filters every result passes through before\n"
-        "# it leaves this site, and the filters applied to what arrives. Applied in order, on\n"
-        "# top of whatever a job asks for; a job cannot switch them off.\n"
+        f"# Privacy policy of site {participant} (docs/privacy.md). Read when the site starts:\n"
+        "# an unknown filter or setting stops it with one line saying where.\n"
         "# This file is yours: local/ is not covered by the kit's signature.\n"
-        "#\n"
-        "# Example (filter names are those of fedctl.privacy):\n"
-        "# outgoing:\n"
-        "#   - type: exclude_params        # never send these parameters\n"
-        '#     names: ["classifier.*"]\n'
-        "#   - type: gaussian_dp           # clip each update and add Gaussian noise\n"
-        "#     max_norm: 1.0\n"
-        "#     noise_multiplier: 1.0\n"
         "version: 1\n"
-        "outgoing: []\n"
-        "incoming: []\n"
+        "# Filters that run on this site, after the job's own, on everything it sends\n"
+        "# (at: result_out, the default) or receives (at: task_in); a job cannot remove them.\n"
+        "filters: []\n"
+        "#  - name: exclude_vars          # these parameters never leave this site\n"
+        '#    patterns: ["classifier.*"]\n'
+        "#  - name: clip_update           # the update's L2 norm is at most max_norm\n"
+        "#    max_norm: 1.0\n"
+        "#  - name: gaussian_noise        # N(0, sigma^2) on every value sent\n"
+        "#    sigma: 0.001\n"
+        "# What a job must do for this site to take part; it refuses other jobs, with the reason.\n"
+        "require: {}\n"
+        "#  central_dp: true              # the job runs with central differential privacy\n"
+        "#  max_epsilon: 8                # whose budget (target_epsilon) is at most 8\n"
+        "#  min_clients: 3                # no aggregate of fewer than 3 sites\n"
+        '#  exclude_vars: ["classifier.*"] # the job keeps these parameters on the sites\n'
     )
 
 

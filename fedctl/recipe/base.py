@@ -31,7 +31,7 @@ from fedctl.recipe.checks import (
     size_text,
 )
 from fedctl.recipe.jobfolder import JOB_SPEC, REGISTRY, load_weights, write_job
-from fedctl.workflows.sampling import check_sample_spec
+from fedctl.sampling import check_sample_spec
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,13 @@ class Recipe:
         "evaluation with (params, current_round) -> metrics",
         "cross_site_eval": "after the last round, evaluate every site's model and the global "
         "model on every site",
+        "privacy": "privacy filters: [{'name': 'clip_update', 'max_norm': 1.0, 'at': "
+        "'result_out'}, ...] (docs/privacy.md)",
+        "central_dp": "DP-FedAvg: {'noise_multiplier': z, 'clip': C, 'target_epsilon': ..., "
+        "'delta': ..., 'adaptive': ...} (docs/privacy.md)",
     }
+    #: whether the kind's workflow can run with central_dp (its aggregation is a plain mean)
+    supports_central_dp: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -128,6 +134,8 @@ class Recipe:
         eval_every: int = 1,
         server_eval: str | None = None,
         cross_site_eval: bool = False,
+        privacy: list[Any] | None = None,
+        central_dp: dict[str, Any] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else _caller_dir()
@@ -163,6 +171,8 @@ class Recipe:
         self.eval_every = check_int("eval_every", eval_every, 1)
         self.server_eval = self._check_function("server_eval", server_eval)
         self.cross_site_eval = check_bool("cross_site_eval", cross_site_eval)
+        self.privacy = self._check_privacy(privacy)
+        self.central_dp = self._check_central_dp(central_dp)
 
     # ------------------------------------------------------------------ validation
 
@@ -215,6 +225,36 @@ class Recipe:
                 f"round, but min_clients is {self.min_clients}"
             )
         return spec
+
+    def _check_privacy(self, specs: Any) -> list[Any] | None:
+        """The job's privacy filters, validated (names from the registry, arguments, points)."""
+        from fedctl.privacy.filters import FilterChain, FilterError
+
+        if specs is None:
+            return None
+        try:
+            chain = FilterChain.from_specs(specs)
+        except FilterError as exc:
+            raise RecipeError(str(exc)) from None
+        return chain.specs()
+
+    def _check_central_dp(self, spec: Any) -> dict[str, Any] | None:
+        from fedctl.privacy.dp import CentralDP, DPError
+
+        try:
+            dp = CentralDP.from_spec(spec)
+        except DPError as exc:
+            raise RecipeError(str(exc)) from None
+        if dp is None:
+            return None
+        if not self.supports_central_dp:
+            raise RecipeError(
+                f"{self.kind} does not support central_dp (its aggregation is not a plain mean); "
+                "use fedavg, fedprox, fedavgm or a fedopt recipe"
+            )
+        if min_results(self.aggregator) != 1:
+            raise RecipeError("central_dp sums clipped updates: it takes no robust aggregator")
+        return dp.spec()
 
     def _check_function(self, what: str, ref: Any) -> str | None:
         """A ``file.py:function`` reference to a file inside the recipe folder (or None)."""
@@ -325,6 +365,7 @@ class Recipe:
             "eval_every": self.eval_every,
             "server_eval": server_eval,
             "cross_site_eval": self.cross_site_eval,
+            **({"central_dp": self.central_dp} if self.central_dp is not None else {}),
         }
 
     # ------------------------------------------------------------------ running

@@ -21,6 +21,7 @@ class FedNovaRecipe(FedAvgRecipe):
     """
 
     kind = "fednova"
+    supports_central_dp = False
     summary = "Normalised averaging: corrects for sites doing different numbers of local steps."
     paper = (
         "Wang, Liu, Liang, Joshi, Poor, Tackling the Objective Inconsistency Problem in "

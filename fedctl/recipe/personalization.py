@@ -29,6 +29,7 @@ class FedBNRecipe(FedAvgRecipe):
     """
 
     kind = "fedbn"
+    supports_central_dp = False
     summary = "Batch-norm layers stay local: for feature skew (scanners, sensors, populations)."
     paper = (
         "Li, Jiang, Zhang, Kamp, Dou, FedBN: Federated Learning on Non-IID Features via Local "
@@ -95,6 +96,7 @@ class PartialSharingRecipe(FedBNRecipe):
     """
 
     kind = "fedper"
+    supports_central_dp = False
     summary = "Partial sharing (FedPer): a key pattern decides which parameters are federated."
     paper = (
         "Arivazhagan, Aggarwal, Singh, Choudhary, Federated Learning with Personalization "

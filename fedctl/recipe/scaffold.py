@@ -20,6 +20,7 @@ class ScaffoldRecipe(FedAvgRecipe):
     """
 
     kind = "scaffold"
+    supports_central_dp = False
     summary = "Control variates correct client drift: strong on label-skewed (non-IID) data."
     paper = (
         "Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, SCAFFOLD: Stochastic Controlled "

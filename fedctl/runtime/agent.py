@@ -46,6 +46,7 @@ from fedctl.codec.protocol import (
 )
 from fedctl.constants import MAX_BUNDLE_BYTES
 from fedctl.errors import FedctlError
+from fedctl.privacy.policy import load_policy
 from fedctl.runtime.audit import AuditLog
 from fedctl.runtime.bundle import BundleError
 from fedctl.runtime.sitejob import SiteJob, stop_leftover_scripts
@@ -88,6 +89,8 @@ class SiteAgent:
         self.stopping = threading.Event()
         self.connected = threading.Event()
         self.stubs: rpc.Stubs | None = None
+        #: the site's own privacy policy (local/privacy.yaml): refused now if it is not valid
+        self.privacy = load_policy(kit.local_dir / "privacy.yaml")
         # scripts of an earlier agent process of this site that is gone (killed, crashed)
         stop_leftover_scripts(self.ws)
 

@@ -32,7 +32,7 @@ from fedctl.codec.protocol import (
     SiteRestarted,
     SitesChanged,
 )
-from fedctl.codec.tensorfiles import LazyTensorFile, load_file, save_file_hashed
+from fedctl.codec.tensorfiles import lazy_model, load_file, save_file_hashed
 from fedctl.constants import MIN_RESULT_LIMIT, RESULT_FACTOR
 from fedctl.errors import CodecError, RunFailed
 from fedctl.jobs import natural_key
@@ -51,23 +51,6 @@ LAZY_BYTES = 256 * 1024 * 1024
 
 class ServerLost(RunFailed):
     """The connection to the server process broke (it stopped or was killed)."""
-
-
-def _lazy_model(header: Any, path: Path, max_bytes: int) -> Any:
-    """An FLModel whose tensors are read from ``path`` one at a time when used."""
-    lazy = LazyTensorFile(path, max_bytes, delete=True)
-    groups: dict[str, dict[str, str]] = {"p": {}, "o": {}}
-    for name in lazy.stored_names:
-        prefix, _, key = name.partition(":")
-        if prefix not in groups or not key:
-            raise CodecError(f"model payload has an unexpected tensor {name!r}")
-        groups[prefix][key] = name
-    model = join_model(header, {})
-    if model.params is not None:
-        model.params = lazy.view(groups["p"])
-    if model.optimizer_params is not None:
-        model.optimizer_params = lazy.view(groups["o"])
-    return model
 
 
 class RuntimeStream(ResultStream):
@@ -126,7 +109,7 @@ class RuntimeStream(ResultStream):
         blob = msg.blob
         try:
             if blob and Path(blob).stat().st_size > LAZY_BYTES:
-                model = _lazy_model(msg.header, Path(blob), self.max_bytes)
+                model = lazy_model(msg.header, Path(blob), self.max_bytes, delete=True)
                 blob = None  # deleted with the last reader of the lazy model
             else:
                 tensors: dict[str, torch.Tensor] = {}

@@ -29,6 +29,7 @@ from fedctl.codec.frames import FrameSocket
 from fedctl.codec.protocol import Finished, JobAbort, JobHello, JobRefused, JobStart, WorkflowEvent
 from fedctl.constants import ENV_JOB_TOKEN
 from fedctl.jobs import EXIT_CODES
+from fedctl.privacy.filters import FilterChain
 from fedctl.recipe.jobfolder import load_job
 from fedctl.recipe.runner import run_workflow
 from fedctl.runtime.communicator import RuntimeCommunicator, ServerLost
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         store=store,
         listeners=[store.listener, forward],
         abort=abort,
+        filters=FilterChain.from_specs(job.privacy),
+        secret_randomness=True,  # a real server's noise must not be predictable from the seed
     )
     started = time.monotonic()
     store.log(f"job {args.job_id} ({job.name}) on sites {', '.join(start.sites)}")

@@ -19,6 +19,7 @@ import os
 import queue
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +52,10 @@ from fedctl.codec.protocol import (
     SiteTask,
     TaskFailed,
 )
+from fedctl.codec.tensorfiles import lazy_model, save_file_hashed
 from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE, MAX_BLOB_BYTES
 from fedctl.errors import FedctlError
+from fedctl.privacy.filters import FilterChain, FilterContext
 from fedctl.runtime.bundle import extract_bundle
 from fedctl.runtime.procs import terminate_group
 from fedctl.transport.local import listen_unix, socket_path
@@ -122,6 +126,13 @@ class SiteJob:
                 bundle.unlink(missing_ok=True)
         self.recipe = read_job_spec(job_dir, need_model=False)
         self.check_policy()
+        why = self.agent.privacy.check_job(self.recipe.spec["args"], self.deploy_msg.num_sites)
+        if why is not None:
+            raise FedctlError(f"{self.agent.kit.name} refuses the job: {why}")
+        # the job's filters, then the site's own: they run last, a job cannot undo them
+        self.filters = FilterChain.from_specs(self.recipe.spec["args"].get("privacy")).then(
+            self.agent.privacy.filters
+        )
         (self.root / "work").mkdir(exist_ok=True)
         (self.root / "blobs").mkdir(exist_ok=True)
 
@@ -278,7 +289,8 @@ class SiteJob:
 
     def _run_task(self, task: SiteTask) -> None:
         task_id = task.task_id
-        path = None
+        path = base_file = None
+        task_header = task.header
         if task.blob is not None:
             path = self.root / "blobs" / f"task.{safe_name(task_id)}.safetensors"
             self.agent.fetch(self.job_id, task.blob, path, MAX_BLOB_BYTES)
@@ -291,6 +303,13 @@ class SiteJob:
                 sha256=task.blob.sha256,
                 size=task.blob.size,
             )
+            if self.filters.at("task_in"):
+                task_header = self._filter_file(path, task.header, "task_in", task, None)[0]
+            if self.filters.at("result_out"):
+                # the model the script starts from, kept for its update (the script removes
+                # its own link to the file once it has read it)
+                base_file = path.with_suffix(".base")
+                _link_or_copy(path, base_file)
         if self.proc is None or self.proc.poll() is not None:
             self.script_conn = None
             self._start_script()
@@ -302,7 +321,7 @@ class SiteJob:
             ScriptTask(
                 task_id=task_id,
                 name=task.name,
-                header=task.header,
+                header=task_header,
                 result_dir=str(self.root / "blobs"),
                 path=str(path) if path else None,
             ),
@@ -311,11 +330,21 @@ class SiteJob:
         if path is not None:
             path.unlink(missing_ok=True)
         blob = None
+        header, filtered = result.header, list[str]()
         if result.path:
             result_path = Path(result.path)
             if self.root / "blobs" not in result_path.resolve().parents:
                 raise FrameError("script wrote its result outside the job's folder")
-            blob = self.agent.push(self.job_id, task_id, result_path, result.sha256)
+            sha = result.sha256
+            if self.filters.at("result_out"):
+                try:
+                    header, sha, filtered = self._filter_file(
+                        result_path, result.header, "result_out", task, base_file
+                    )
+                finally:
+                    if base_file is not None:
+                        base_file.unlink(missing_ok=True)
+            blob = self.agent.push(self.job_id, task_id, result_path, sha)
             result_path.unlink(missing_ok=True)
             self.agent.audit.record(
                 "model_sent",
@@ -325,14 +354,42 @@ class SiteJob:
                 round=result.header.get("current_round"),
                 sha256=blob.sha256,
                 size=blob.size,
+                filters=filtered or None,
             )
         protocol.send(conn, ResultTaken())
         self._flush_log()
         if task_id in self.cancelled:
             return
-        self.agent.send(
-            SiteResult(job=self.job_id, task_id=task_id, header=result.header, blob=blob)
+        self.agent.send(SiteResult(job=self.job_id, task_id=task_id, header=header, blob=blob))
+
+    def _filter_file(
+        self, path: Path, header: dict[str, Any], point: str, task: SiteTask, base: Path | None
+    ) -> tuple[dict[str, Any], str, list[str]]:
+        """Run ``point``'s filters on the model file ``path`` (rewritten in place, one tensor
+        at a time); returns the new header, the file's SHA-256 and the filters' names."""
+        from fedctl.codec.model import model_tensors, split_model
+
+        model = lazy_model(header, path, MAX_BLOB_BYTES)
+        base_params = lazy_model(task.header, base, MAX_BLOB_BYTES).params if base else None
+        ctx = FilterContext(
+            point,
+            site=self.agent.kit.name,
+            round=task.header.get("current_round"),
+            base=base_params,
+            seed=None,  # secret randomness on a real site
         )
+        out = self.filters.apply(point, model, ctx)
+        new_header = split_model(replace(out, params=None, optimizer_params=None))[0]
+        new_header["has_params"] = out.params is not None
+        new_header["has_optimizer_params"] = out.optimizer_params is not None
+        tmp = path.with_name(path.name + ".filtered")
+        _, sha = save_file_hashed(model_tensors(out), tmp, durable=False)
+        os.replace(tmp, path)
+        names = self.filters.names(point)
+        log.info(
+            "job %s task %s: %s filters %s %s", self.job_id, task.task_id, point, names, ctx.notes
+        )
+        return new_header, sha, names
 
     def _recv_script(self, conn: FrameSocket, want: type[Any]) -> Any:
         """The script's next message of kind ``want``, relaying its records meanwhile."""
@@ -393,6 +450,15 @@ def _die_with_parent() -> None:
     agent's :func:`stop_leftover_scripts` does it."""
     if sys.platform.startswith("linux"):
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (a copy where links are not possible)."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _record_script(job_root: Path, pid: int) -> None:

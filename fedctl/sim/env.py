@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from fedctl.errors import UsageError
 
 if TYPE_CHECKING:
+    from fedctl.privacy.policy import PrivacyPolicy
     from fedctl.tracking.run import Run
 
 
@@ -22,7 +23,9 @@ class SimEnv:
     by default it is on when there are no more sites than workers (see docs/simulation.md).
     ``ray_address`` joins an existing Ray cluster instead of starting one on 127.0.0.1.
     ``backend="local"`` runs everything in this process (one worker), for debugging.
-    ``gpus`` is the number of GPUs shared by the pool's workers.
+    ``gpus`` is the number of GPUs shared by the pool's workers. ``site_privacy`` gives sites
+    their own privacy policy, as ``local/privacy.yaml`` does on a real site: a mapping of site
+    name to the policy (a mapping, or the path of a YAML file); see docs/privacy.md.
     """
 
     num_clients: int = 2
@@ -36,6 +39,7 @@ class SimEnv:
     display: str = "auto"
     checkpoint: bool = False
     sites: list[str] | None = None
+    site_privacy: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.sites is not None:
@@ -58,6 +62,22 @@ class SimEnv:
             raise UsageError("display must be auto, rich, plain or none")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise UsageError(f"seed must be an integer, got {self.seed!r}")
+        self.policies()  # validated now: a bad policy is a one-line error before anything runs
+
+    def policies(self) -> dict[str, PrivacyPolicy]:
+        """Each site's privacy policy (sites not named have none)."""
+        from fedctl.privacy.policy import PrivacyPolicy, load_policy
+
+        out: dict[str, PrivacyPolicy] = {}
+        names = set(self.site_names())
+        for site, policy in (self.site_privacy or {}).items():
+            if site not in names:
+                raise UsageError(f"site_privacy names {site!r}, which is not a site of this run")
+            if isinstance(policy, str | os.PathLike):
+                out[site] = load_policy(policy)
+            else:
+                out[site] = PrivacyPolicy.from_data(policy, f"site_privacy[{site!r}]")
+        return out
 
     def site_names(self) -> list[str]:
         """The virtual sites' names."""

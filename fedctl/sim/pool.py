@@ -306,10 +306,17 @@ class SimStream(ResultStream):
 class SimCommunicator(Communicator):
     """Communicator over a worker pool; sites are virtual, named ``site-1`` … ``site-N``."""
 
-    def __init__(self, pool: Pool, sites: Sequence[str], resident: bool) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        sites: Sequence[str],
+        resident: bool,
+        all_sites: Sequence[str] | None = None,
+    ) -> None:
         self.pool = pool
         self._sites = list(sites)
-        self.index = {s: i for i, s in enumerate(self._sites)}
+        # a site's index is its place among all the run's sites, also when some refused the job
+        self.index = {s: i for i, s in enumerate(all_sites if all_sites is not None else sites)}
         self.resident = resident
         self.streams: list[SimStream] = []
         self.busy: dict[int, _Batch] = {}

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedctl.errors import FedctlError, RecipeError, RunFailed, UsageError
 from fedctl.jobs import ABORTED, FAILED, new_job_id
+from fedctl.privacy.filters import FilterChain
 from fedctl.recipe.base import Recipe
 from fedctl.recipe.jobfolder import load_job
 from fedctl.recipe.runner import run_workflow
@@ -129,7 +130,14 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     except SyntaxError as exc:
         raise RecipeError(f"{recipe.train_script}:{exc.lineno}: {exc.msg}") from None
 
-    sites = env.site_names()
+    all_sites = env.site_names()
+    policies = env.policies()
+    refused = {
+        site: why
+        for site, policy in policies.items()
+        if (why := policy.check_job(job.to_spec(), len(all_sites))) is not None
+    }
+    sites = [s for s in all_sites if s not in refused]
     workers = env.resolved_workers()
     resident = env.resident if env.resident is not None else len(sites) <= workers
     store = RunStore(
@@ -144,6 +152,8 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     )
     display = Display(title, job.num_rounds, env.display)
     store.log(f"{title}; job {job_id}; seed {env.seed}; {'resident' if resident else 'per-round'}")
+    for site, why in refused.items():
+        store.log(f"{site} refused the job: {why}")
     config = WorkerConfig(
         job_id=job_id,
         code_dir=str(job.base_dir),
@@ -151,9 +161,11 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         train_args=job.train_args,
         run_dir=str(run_dir),
         seed=env.seed,
-        num_sites=len(sites),
+        num_sites=len(all_sites),
         resident=resident,
         threads=max(1, available_cpus() // workers),
+        filters=list(job.privacy or []),
+        site_filters={s: p.filters.specs() for s, p in policies.items()},
     )
     status, reason = FAILED, None
     ray_started = False
@@ -168,6 +180,11 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         torch.set_num_threads(1)
     with display:
         try:
+            if len(sites) < job.min_clients:
+                parts = "; ".join(f"{s} refused: {why}" for s, why in refused.items())
+                raise RunFailed(
+                    f"the job needs {job.min_clients} sites but {len(sites)} take part ({parts})"
+                )
             t0 = time.monotonic()
             if env.backend == "ray":
                 ray_started = ensure_ray(env, workers)
@@ -176,13 +193,14 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             else:
                 pool = LocalPool(config)
             timings["startup_s"] = time.monotonic() - t0
-            comm = SimCommunicator(pool, sites, resident)
+            comm = SimCommunicator(pool, sites, resident, all_sites)
             ctx = WorkflowContext(
                 comm,
                 job_id=job_id,
                 seed=env.seed,
                 store=store,
                 listeners=[store.listener, display.listener],
+                filters=FilterChain.from_specs(job.privacy),
             )
             status, reason = run_workflow(job, ctx)
         except KeyboardInterrupt:  # while the pool starts
@@ -216,7 +234,8 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         num_rounds=job.num_rounds,
         duration=time.monotonic() - started,
         extra={
-            "num_clients": len(sites),
+            "num_clients": len(all_sites),
+            **({"refused": refused} if refused else {}),
             "workers": workers,
             "resident": resident,
             "seed": env.seed,

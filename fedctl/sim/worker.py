@@ -32,15 +32,16 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fedctl._imports import isolated_imports
 from fedctl.client import channel as client_channel
-from fedctl.client.channel import Channel, SiteInfo
+from fedctl.client.channel import Channel, SiteInfo, derive_seed
 from fedctl.client.state import SiteState
 from fedctl.codec.model import FLModel, Task, TaskResult
+from fedctl.privacy.filters import FilterChain, FilterContext
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "client.log"
@@ -61,6 +62,10 @@ class WorkerConfig:
     num_sites: int
     resident: bool
     threads: int = 1
+    #: the job's privacy filter specs, and each site's own (its policy's), run at task_in and
+    #: result_out as a real site runs them
+    filters: list[dict[str, Any]] = field(default_factory=list)
+    site_filters: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,8 +146,9 @@ class SimChannel(Channel):
         # Frozen now, in the script's thread: the tensors are copied before send() returns (see
         # fedctl.sim.transport), the JSON parts were copied by the client API.
         handle = None
+        model = self.host.filter_result(model)  # the site's filters, as a real site runs them
         if model.params is not None:
-            handle = self.host.transport.snapshot(model.params)
+            handle = self.host.transport.snapshot(dict(model.params))
         sent = replace(
             model,
             params=None,
@@ -205,10 +211,40 @@ class ScriptHost:
         self.warned: set[str] = worker.warned.setdefault(site, set())
         self.channel: SimChannel | None = None
         self.thread: threading.Thread | None = None
+        config = worker.config
+        #: the job's filters, then this site's own (they run last: a job cannot undo them)
+        self.filters = FilterChain.from_specs(config.filters).then(
+            FilterChain.from_specs(config.site_filters.get(site))
+        )
+        #: what the script started the current task from (updates are relative to it)
+        self.base: Any = None
 
     @property
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
+
+    def _filter_context(self, point: str, model: FLModel) -> FilterContext:
+        """Reproducible randomness in simulation (from the run's seed, site, round, point)."""
+        config, rnd = self.worker.config, model.current_round
+        seed = derive_seed(config.seed, self.info.site_index, rnd, point)
+        return FilterContext(point, site=self.site, round=rnd, base=self.base, seed=seed)
+
+    def filter_task(self, model: FLModel) -> FLModel:
+        """The task's model through the ``task_in`` filters (before the script sees it)."""
+        self.base = model.params
+        if model.params is None or not self.filters.at("task_in"):
+            return model
+        model = self.filters.apply("task_in", model, self._filter_context("task_in", model))
+        model = replace(model, params=dict(model.params or {}))
+        self.base = dict(model.params or {})  # the script's copy may change: keep its start
+        model = replace(model, params={k: v.clone() for k, v in self.base.items()})
+        return model
+
+    def filter_result(self, model: FLModel) -> FLModel:
+        """The script's answer through the ``result_out`` filters (before it leaves)."""
+        if model.params is None or not self.filters.at("result_out"):
+            return model
+        return self.filters.apply("result_out", model, self._filter_context("result_out", model))
 
     def enter_context(self) -> None:
         """Per-process settings for this script (it is the only one running in the worker)."""
@@ -401,12 +437,13 @@ class WorkerCore:
                 metrics=copy.deepcopy(m.metrics),
                 meta=copy.deepcopy(m.meta or {}),
             )
-            task = Task(item.task.name, model, item.task.task_id, item.task.job_id)
             host = self.hosts.get(item.site)
             if host is None:
                 host = ScriptHost(self, item.site, item.site_index)
                 if self.config.resident:
                     self.hosts[item.site] = host
+            model = host.filter_task(model)
+            task = Task(item.task.name, model, item.task.task_id, item.task.job_id)
             self._settle()
             out.append(host.run(task))
             self._active = host

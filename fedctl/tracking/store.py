@@ -192,10 +192,16 @@ class RunStore:
         if self.checkpoint_enabled:
             self.save_checkpoint(rnd + 1, model_out, state)
 
-    def extra_outputs(self) -> dict[str, str]:
-        """Optional result files a workflow wrote, by name (e.g. the cross-site matrix)."""
+    def extra_outputs(self) -> dict[str, Any]:
+        """What a workflow added to the run: the cross-site matrix's path, the privacy spent."""
+        out: dict[str, Any] = {}
         path = self.root / "cross_site_eval.json"
-        return {"cross_site_eval": str(path)} if path.exists() else {}
+        if path.exists():
+            out["cross_site_eval"] = str(path)
+        privacy = self.root / "privacy.json"
+        if privacy.exists():
+            out["privacy"] = json.loads(privacy.read_text())
+        return out
 
     def save_json(self, name: str, data: Any) -> Path:
         """Write ``<root>/<name>`` atomically as JSON (e.g. the cross-site matrix)."""

@@ -8,6 +8,7 @@ consumes results as they arrive through :func:`gather`, which applies the round 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedctl.codec.model import Task, TaskResult
 from fedctl.errors import FedctlError, RunFailed
+from fedctl.privacy.filters import FilterChain, FilterContext
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +119,11 @@ class WorkflowContext:
     """Everything a workflow may use besides the communicator: events, outputs, abort, seed.
 
     ``store`` is the run's output store (models, metrics, checkpoints); it is provided by the
-    environment (simulator or server) and may be None in unit tests.
+    environment (simulator or server) and may be None in unit tests. ``filters`` are the job's
+    privacy filters; the server-side ones run here, the same in every mode: ``result_in`` on
+    every result before the workflow sees it, ``aggregate_out`` on every model it broadcasts.
+    ``secret_randomness`` (real servers) makes the noise of filters and of central DP
+    unpredictable; otherwise (simulation) it is derived from ``seed``, reproducibly.
     """
 
     def __init__(
@@ -129,6 +135,8 @@ class WorkflowContext:
         store: Any = None,
         listeners: Sequence[Listener] = (),
         abort: threading.Event | None = None,
+        filters: FilterChain | None = None,
+        secret_randomness: bool = False,
     ) -> None:
         self.comm = comm
         self.job_id = job_id
@@ -136,7 +144,37 @@ class WorkflowContext:
         self.store = store
         self.listeners = list(listeners)
         self.abort = abort or threading.Event()
+        self.filters = filters if filters is not None else FilterChain()
+        self.secret_randomness = secret_randomness
         self._task_seq = 0
+        #: tasks sent, by id (filters need the model a result's task carried)
+        self._sent: dict[str, Task] = {}
+
+    def filter_context(
+        self, point: str, *, site: str | None = None, round_: int | None = None, base: Any = None
+    ) -> FilterContext:
+        """The context a filter (or central DP's noise) runs with here."""
+        seed = None if self.secret_randomness else self.seed
+        return FilterContext(point, site=site, round=round_, base=base, seed=seed)
+
+    def broadcast(self, task: Task, targets: Sequence[str]) -> ResultStream:
+        """Send ``task`` to ``targets`` through the ``aggregate_out`` filters (the one way
+        workflows send models)."""
+        if task.model.params is not None and self.filters.at("aggregate_out"):
+            fctx = self.filter_context("aggregate_out", round_=task.model.current_round)
+            model = self.filters.apply("aggregate_out", task.model, fctx)
+            model = dataclasses.replace(model, params=dict(model.params or {}))  # computed once
+            task = dataclasses.replace(task, model=model)
+            self._notes(fctx, None, task.model.current_round)
+        if self.filters.at("result_in"):  # the last few tasks' models, for their results
+            self._sent[task.task_id] = task
+            while len(self._sent) > 4:
+                self._sent.pop(next(iter(self._sent)))
+        return self.comm.broadcast(task, targets)
+
+    def _notes(self, fctx: FilterContext, site: str | None, round_: int | None) -> None:
+        if fctx.notes:
+            self.emit("filtered", point=fctx.point, site=site, round=round_, notes=fctx.notes)
 
     def emit(self, event: str, **data: Any) -> None:
         """Tell listeners (live display, job status, run log) what happened."""
@@ -220,6 +258,11 @@ class WorkflowContext:
         error = result.error
         if error is None and result.model is None:
             error = "sent no model"
+        if error is None and self.filters.at("result_in"):
+            try:
+                result = self._filter_result(result, round_)
+            except (FedctlError, OSError) as exc:
+                error = f"update rejected by a filter: {exc}"
         if error is None:
             try:
                 on_result(result)
@@ -243,6 +286,22 @@ class WorkflowContext:
             duration=result.duration,
             phase=phase,
         )
+
+    def _filter_result(self, result: TaskResult, round_: int | None) -> TaskResult:
+        """A result through the ``result_in`` filters (its update is against the model its
+        task carried)."""
+        assert result.model is not None
+        fctx = self.filter_context(
+            "result_in", site=result.site, round_=round_, base=_base_for(self, result)
+        )
+        model = self.filters.apply("result_in", result.model, fctx)
+        self._notes(fctx, result.site, round_)
+        return dataclasses.replace(result, model=model)
+
+
+def _base_for(ctx: WorkflowContext, result: TaskResult) -> Any:
+    task = ctx._sent.get(result.task_id)
+    return task.model.params if task is not None else None
 
 
 def _shortfall(

@@ -51,7 +51,7 @@ def _collect(
     task = ctx.new_task(task_name, model)
     phase = "submit_model" if task_name == TASK_SUBMIT_MODEL else "cross_site"
     outcome = ctx.gather(
-        ctx.comm.broadcast(task, sites), RoundPolicy(0, timeout), on_result, phase=phase
+        ctx.broadcast(task, sites), RoundPolicy(0, timeout), on_result, phase=phase
     )
     errors = dict(outcome.failed)
     for site in outcome.missing:

@@ -16,7 +16,7 @@ precision:       accumulator precision, "float64", "float32" or "auto" (float64 
                  elements, float32 above, to keep server memory near 2× the model).
 task_meta:       JSON values sent to every site in ``FLModel.meta`` (e.g. hyper-parameters).
 sample_clients:  sites per round: None (all), a fraction in (0, 1] or a count; seeded by the
-                 run's seed and the round (see :mod:`fedctl.workflows.sampling`).
+                 run's seed and the round (see :mod:`fedctl.sampling`).
 aggregator:      None/"mean" (weighted mean) or a robust aggregator spec, e.g. "median" or
                  ``{"name": "krum", "f": 1}`` (see :mod:`fedctl.aggregators.select`).
 federated_eval:  after each round, send the new global model to (sampled) sites as an
@@ -27,6 +27,9 @@ server_eval:     a function ``(params, current_round) -> {name: number}`` run on
                  with the new global model; its metrics join the round's as ``server_<name>``.
 cross_site_eval: after the last round, evaluate the global model and every site's own model
                  on every site (:mod:`fedctl.workflows.cross_site`).
+central_dp:      DP-FedAvg settings (:mod:`fedctl.privacy.dp`): every update clipped and counted
+                 equally, Gaussian noise on the sum, ε tracked per round (``dp_epsilon``) and
+                 a ``target_epsilon`` that ends the job before the budget would be exceeded.
 
 Subclasses (FedProx, FedOpt, …) override the small hooks: :meth:`task_meta_for`,
 :meth:`task_params_for`, :meth:`weight_of`, :meth:`add_result`, :meth:`server_update`.
@@ -55,6 +58,8 @@ from fedctl.codec.model import (
 )
 from fedctl.constants import MAX_WEIGHT
 from fedctl.errors import RunFailed
+from fedctl.privacy.dp import CentralDP, DPAggregator, DPRounds
+from fedctl.sampling import check_sample_spec, sample_sites
 from fedctl.workflows.base import (
     GatherOutcome,
     NotEnoughResults,
@@ -62,7 +67,6 @@ from fedctl.workflows.base import (
     Workflow,
     WorkflowContext,
 )
-from fedctl.workflows.sampling import check_sample_spec, sample_sites
 
 if TYPE_CHECKING:
     import torch
@@ -100,6 +104,7 @@ class FedAvg(Workflow):
         eval_every: int = 1,
         server_eval: Callable[..., dict[str, float]] | None = None,
         cross_site_eval: bool = False,
+        central_dp: dict[str, Any] | None = None,
     ) -> None:
         self.num_rounds = num_rounds
         self.min_clients = min_clients
@@ -119,6 +124,11 @@ class FedAvg(Workflow):
         self.eval_every = max(1, int(eval_every))
         self.server_eval = server_eval
         self.cross_site_eval = cross_site_eval
+        dp = CentralDP.from_spec(central_dp)
+        if dp is not None and min_results(aggregator) != 1:
+            raise ValueError("central_dp sums clipped updates: it cannot use a robust aggregator")
+        #: central DP across rounds (None when off)
+        self.dp = DPRounds(dp) if dp is not None else None
         #: the sites available in the current round (SCAFFOLD's N)
         self.round_sites: list[str] = []
         self._warned: set[tuple[str, str]] = set()
@@ -152,8 +162,11 @@ class FedAvg(Workflow):
         return model
 
     def weight_of(self, ctx: WorkflowContext, result: TaskResult) -> float:
-        """Aggregation weight of a result: its NUM_STEPS_CURRENT_ROUND, else 1 (warned once)."""
+        """Aggregation weight of a result: its NUM_STEPS_CURRENT_ROUND, else 1 (warned once);
+        with central DP, 1 for every site (what DP bounds is one site's influence)."""
         assert result.model is not None
+        if self.dp is not None:
+            return 1.0
         meta = result.model.meta or {}
         if NUM_STEPS_KEY in meta:
             value = meta[NUM_STEPS_KEY]
@@ -219,6 +232,12 @@ class FedAvg(Workflow):
             sites = ctx.comm.wait_for_sites(self.min_clients, self.policy.timeout)
             self.round_sites = list(sites)
             targets = self.select_targets(ctx, sites, rnd)
+            if self.dp is not None:
+                stop = self.dp.over_budget(rnd, len(targets), len(sites))
+                if stop is not None:
+                    ctx.emit("warning", message=stop)
+                    log.warning("%s", stop)
+                    break
             ctx.emit("round_started", round=rnd, targets=targets)
             new_model, metrics, outcome = self.train_round(ctx, model, rnd, targets)
             out_metrics = self.evaluate_round(ctx, new_model, rnd, sites)
@@ -270,7 +289,11 @@ class FedAvg(Workflow):
                 meta=self.task_meta_for(ctx, rnd),
             ),
         )
-        agg = self.new_aggregator(model)
+        if self.dp is not None:
+            dp_ctx = ctx.filter_context("central_dp", round_=rnd)
+            agg: Aggregator = self.dp.aggregator(model, len(targets), dp_ctx)
+        else:
+            agg = self.new_aggregator(model)
         metrics = MetricsMean()
 
         def on_result(result: TaskResult) -> None:
@@ -279,14 +302,21 @@ class FedAvg(Workflow):
             assert result.model is not None
             metrics.add(scalar_metrics(result.model.metrics), weight)
 
-        outcome = ctx.gather(ctx.comm.broadcast(task, targets), self.policy, on_result, round_=rnd)
+        outcome = ctx.gather(ctx.broadcast(task, targets), self.policy, on_result, round_=rnd)
         try:
             aggregate = agg.result()
         except TooFewResults as exc:
             raise NotEnoughResults(f"round {rnd + 1}: {exc}") from None
         new_model = self.server_update(ctx, model, aggregate, rnd)
         check_finite(new_model, f"round {rnd + 1}: the new global model")
-        return new_model, metrics.result(), outcome
+        out = metrics.result()
+        if self.dp is not None:
+            assert isinstance(agg, DPAggregator)
+            out.update(self.dp.round_done(agg, rnd, len(self.round_sites)))
+            if ctx.store is not None:
+                summary = self.dp.summary(len(targets), len(self.round_sites))
+                ctx.store.save_json("privacy.json", summary)
+        return new_model, out, outcome
 
     # ------------------------------------------------------------------ evaluation
 
@@ -333,9 +363,7 @@ class FedAvg(Workflow):
 
         policy = RoundPolicy(1, self.policy.timeout, self.policy.wait_after_min)
         ctx.emit("evaluation_started", round=rnd, targets=targets)
-        ctx.gather(
-            ctx.comm.broadcast(task, targets), policy, on_result, round_=rnd, phase="evaluate"
-        )
+        ctx.gather(ctx.broadcast(task, targets), policy, on_result, round_=rnd, phase="evaluate")
         return metrics.result()
 
     def samples_of(self, ctx: WorkflowContext, result: TaskResult) -> float:
@@ -381,10 +409,12 @@ class FedAvg(Workflow):
 
     def state_dict(self) -> dict[str, Any]:
         """Workflow state beyond the model that a resumed run needs (JSON and tensors)."""
-        return {}
+        return self.dp.state_dict() if self.dp is not None else {}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        if self.dp is not None:
+            self.dp.load_state(state)
 
 
 def _eval_args(fn: Callable[..., Any], model: dict[str, torch.Tensor], rnd: int) -> tuple[Any, ...]:

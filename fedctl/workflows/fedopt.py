@@ -46,9 +46,10 @@ class ServerOptimized(FedAvg):
         return self.optimizer.step(global_params, aggregate)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        return {**self.optimizer.state_dict(), **super().state_dict()}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
         self.optimizer.load_state_dict(state)
 
 

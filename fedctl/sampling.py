@@ -1,4 +1,5 @@
-"""Client sampling: which sites take part in a round, reproducible from the run's seed.
+"""Client sampling: which sites take part in a round, reproducible from the run's seed (a base
+module: the workflows sample, and a site's privacy policy projects a job's budget with it).
 
 ``sample_clients`` is None (every available site), a fraction in (0, 1] (``ceil(fraction × N)``
 of the N available sites) or a count ≥ 1. Never fewer than the round's minimum, never more

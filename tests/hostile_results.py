@@ -1,6 +1,8 @@
 """What a site with a valid kit but hostile intent can send instead of a result (POC only):
 a tensor file whose header is built to crash a careless decoder. It goes through the site's
-own agent exactly as an honest result would (the agent forwards files, it does not judge them)."""
+own agent exactly as an honest result would (the agent forwards files, it does not judge them).
+
+Tests copy this file into a toy recipe folder as ``hostile.py``; ``client.py --evil`` uses it."""
 
 import hashlib
 import json
