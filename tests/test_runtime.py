@@ -23,6 +23,7 @@ from ground_truth import reference as ground_truth
 
 from fedctl.cli.main import main
 from fedctl.codec import frames
+from fedctl.codec.tensorfiles import load_file
 from fedctl.errors import FedctlError, PermissionDenied, UsageError
 from fedctl.provision import poc_project, provision
 from fedctl.recipe import PocEnv, SimEnv, load_recipe
@@ -310,6 +311,66 @@ def test_finished_job_processes_are_reaped(poc_ws, admin) -> None:
     while any(c.status() == psutil.STATUS_ZOMBIE for c in server.children()):
         assert time.monotonic() < deadline, "a finished job's process is left a zombie"
         time.sleep(0.2)
+
+
+def test_privacy_filters_and_central_dp_in_poc(poc_ws, admin, toy_dir) -> None:
+    """The job's filters run on the sites (exclude_vars: fc.bias never reaches the server),
+    central DP reports ε, and the site audit names the filters every result went through."""
+    recipe = _toy(
+        toy_dir,
+        num_rounds=2,
+        privacy=[
+            {"name": "exclude_vars", "patterns": ["fc.bias"]},
+            {"name": "clip_update", "max_norm": 0.2},
+        ],
+        central_dp={"noise_multiplier": 0.8, "clip": 0.5, "delta": 1e-3},
+    )
+    job = admin.submit_recipe(recipe)
+    done = _wait_state(admin, job["id"], ("FINISHED", "FAILED", "ABORTED"))
+    assert done["state"] == "FINISHED", done["reason"]
+    result_dir = Path(done["result_dir"])
+    final = load_file(result_dir / "models" / "final.safetensors")[0]
+    assert torch.equal(final["fc.bias"], recipe.initial_params()["fc.bias"])
+    rounds = [json.loads(x) for x in (result_dir / "metrics/global.jsonl").read_text().splitlines()]
+    assert [r["metrics"]["dp_epsilon"] > 0 for r in rounds] == [True, True]
+    result = json.loads((result_dir / "result.json").read_text())
+    assert result["privacy"]["rounds"] == 2
+    for site in ("site-1", "site-2"):
+        audit = Path(poc.load_info(poc_ws)["sites"][site]) / "workspace" / "audit.jsonl"
+        sent = [
+            r
+            for r in map(json.loads, audit.read_text().splitlines())
+            if r["event"] == "model_sent" and r.get("job") == job["id"]
+        ]
+        assert len(sent) == 2 and all(r["filters"] == ["exclude_vars", "clip_update"] for r in sent)
+
+
+def test_a_site_policy_refuses_a_job_and_an_invalid_one_stops_the_site(
+    poc_ws, admin, toy_dir, capsys
+) -> None:
+    site3 = Path(poc.load_info(poc_ws)["sites"]["site-3"])
+    policy = site3 / "local" / "privacy.yaml"
+    original = policy.read_text()
+    try:
+        policy.write_text("version: 1\nfilters:\n  - name: gausian_noise\n    sigma: 1\n")
+        assert main(["client", "start", "--kit", str(site3)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(policy) in err[0]
+        assert (
+            "filters[0]: unknown filter 'gausian_noise' (did you mean 'gaussian_noise'?)" in err[0]
+        )
+        policy.write_text("version: 1\nrequire:\n  central_dp: true\n")
+        poc.start(poc_ws, site="site-3")
+        job = admin.submit_recipe(_toy(toy_dir, num_rounds=1))
+        done = _wait_state(admin, job["id"], ("FINISHED", "FAILED", "ABORTED"))
+        assert done["state"] == "FINISHED", done["reason"]  # site-1 and site-2 ran it
+        assert done["refused"] == {
+            "site-3": "site-3 refuses the job: its privacy policy requires central DP "
+            "(central_dp) and the job has none"
+        }
+    finally:
+        poc.stop(poc_ws, site="site-3")
+        policy.write_text(original)
 
 
 def test_reconnect_neither_loses_nor_duplicates(toy_dir, tmp_path) -> None:

@@ -223,8 +223,9 @@ class DPAggregator:
                 out[name] = g
                 continue
             total = self._sum.pop(name, None)
-            if total is None:
-                total = torch.zeros(g.shape, dtype=torch.float64)
+            if total is None:  # no site sends it (e.g. kept local by exclude_vars): unchanged
+                out[name] = g
+                continue
             if sigma > 0:
                 gen = self.ctx.generator("central_dp", name)
                 total.add_(torch.randn(g.shape, generator=gen, dtype=torch.float64), alpha=sigma)

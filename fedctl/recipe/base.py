@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from fedctl.aggregators.select import aggregator_label, min_results
+from fedctl.aggregators.select import aggregator_label, min_results, parse_aggregator
 from fedctl.codec.model import check_json
 from fedctl.constants import MAX_CODE_BYTES
 from fedctl.errors import CodecError, RecipeError
@@ -252,7 +252,7 @@ class Recipe:
                 f"{self.kind} does not support central_dp (its aggregation is not a plain mean); "
                 "use fedavg, fedprox, fedavgm or a fedopt recipe"
             )
-        if min_results(self.aggregator) != 1:
+        if parse_aggregator(self.aggregator)[0] != "mean":
             raise RecipeError("central_dp sums clipped updates: it takes no robust aggregator")
         return dp.spec()
 

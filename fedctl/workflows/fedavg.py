@@ -44,7 +44,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedctl.aggregators.buffered import TooFewResults
-from fedctl.aggregators.select import aggregator_label, make_aggregator, min_results
+from fedctl.aggregators.select import (
+    aggregator_label,
+    make_aggregator,
+    min_results,
+    parse_aggregator,
+)
 from fedctl.aggregators.weighted import MetricsMean, check_finite, check_update
 from fedctl.codec.keys import EVAL_KIND_KEY, NUM_SAMPLES_KEY
 from fedctl.codec.model import (
@@ -125,7 +130,7 @@ class FedAvg(Workflow):
         self.server_eval = server_eval
         self.cross_site_eval = cross_site_eval
         dp = CentralDP.from_spec(central_dp)
-        if dp is not None and min_results(aggregator) != 1:
+        if dp is not None and parse_aggregator(aggregator)[0] != "mean":
             raise ValueError("central_dp sums clipped updates: it cannot use a robust aggregator")
         #: central DP across rounds (None when off)
         self.dp = DPRounds(dp) if dp is not None else None
