@@ -6,6 +6,11 @@ job process, each site agent with its client script) relative to the model size.
 
     python bench/bench_large.py                 # 600M fp32 parameters (2.4 GB)
     python bench/bench_large.py --params 50e6   # a quick run
+    python bench/bench_large.py --privacy       # with privacy filters on the sites and server
+
+``--privacy`` runs the job's results through ``exclude_vars``, ``clip_update`` and
+``gaussian_noise`` at ``result_out`` on each site and ``clip_update`` at ``result_in`` on the
+server (issue 13: filters work tensor by tensor and keep the same memory bounds).
 
 The client script takes the global model it receives, changes it in place (no gradients: the
 point is moving and aggregating the model, not training it) and sends it back as FULL weights.
@@ -51,6 +56,7 @@ def main() -> int:
     ap.add_argument("--params", type=float, default=600e6, help="fp32 parameters (default 600M)")
     ap.add_argument("--tensor", type=float, default=50e6, help="elements per tensor")
     ap.add_argument("--keep", action="store_true", help="keep the workspace")
+    ap.add_argument("--privacy", action="store_true", help="privacy filters on every result")
     args = ap.parse_args()
 
     import torch
@@ -80,8 +86,28 @@ def main() -> int:
         code = root / "recipe"
         code.mkdir()
         (code / "client.py").write_text(CLIENT)
+        privacy = None
+        if args.privacy:
+            privacy = [
+                {"name": "exclude_vars", "patterns": ["layer0.*"]},
+                {"name": "clip_update", "max_norm": 1.0},
+                {"name": "gaussian_noise", "sigma": 1e-4},
+                {"name": "clip_update", "max_norm": 1.0, "at": "result_in"},
+            ]
+            print(
+                "privacy filters: "
+                + ", ".join(f"{p['name']}@{p.get('at', 'result_out')}" for p in privacy)
+            )
         recipe = FedAvgRecipe(
-            "large", 2, 1, weights, "client.py", base_dir=code, key_metric=None, round_timeout=3600
+            "large",
+            2,
+            1,
+            weights,
+            "client.py",
+            base_dir=code,
+            key_metric=None,
+            round_timeout=3600,
+            privacy=privacy,
         )
 
         ws = root / "poc"

@@ -124,6 +124,16 @@ class JobLink:
                     round=event.get("round"),
                     reason=str(event.get("error"))[:2000],
                 )
+            if kind == "filtered":  # the server's own filters on a result (or a broadcast)
+                notes = event.get("notes") if isinstance(event.get("notes"), list) else []
+                self.state.audit.record(
+                    "filters_applied",
+                    str(event.get("site")) if event.get("site") else None,
+                    job=rt.rec.id,
+                    round=event.get("round"),
+                    point=str(event.get("point")),
+                    filters=[n.get("filter") for n in notes if isinstance(n, dict)],
+                )
             if kind == "round_started":
                 self.state.store.update(rt.rec.id, round=event.get("round"))
             elif kind == "round_completed":
