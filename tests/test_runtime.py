@@ -322,6 +322,7 @@ def test_privacy_filters_and_central_dp_in_poc(poc_ws, admin, toy_dir) -> None:
         privacy=[
             {"name": "exclude_vars", "patterns": ["fc.bias"]},
             {"name": "clip_update", "max_norm": 0.2},
+            {"name": "clip_update", "max_norm": 0.1, "at": "result_in"},
         ],
         central_dp={"noise_multiplier": 0.8, "clip": 0.5, "delta": 1e-3},
     )
@@ -343,6 +344,14 @@ def test_privacy_filters_and_central_dp_in_poc(poc_ws, admin, toy_dir) -> None:
             if r["event"] == "model_sent" and r.get("job") == job["id"]
         ]
         assert len(sent) == 2 and all(r["filters"] == ["exclude_vars", "clip_update"] for r in sent)
+    server_audit = Path(poc.load_info(poc_ws)["server"]) / "workspace" / "audit.jsonl"
+    applied = [
+        (r["actor"], r["point"], r["filters"])
+        for r in map(json.loads, server_audit.read_text().splitlines())
+        if r["event"] == "filters_applied" and r.get("job") == job["id"]
+    ]
+    expected = [(site, "result_in", ["clip_update"]) for site in ("site-1", "site-2")]
+    assert sorted(applied) == sorted(expected * 2)
 
 
 def test_a_site_policy_refuses_a_job_and_an_invalid_one_stops_the_site(

@@ -125,14 +125,14 @@ class JobLink:
                     reason=str(event.get("error"))[:2000],
                 )
             if kind == "filtered":  # the server's own filters on a result (or a broadcast)
-                notes = event.get("notes") if isinstance(event.get("notes"), list) else []
+                names = event.get("filters") if isinstance(event.get("filters"), list) else []
                 self.state.audit.record(
                     "filters_applied",
                     str(event.get("site")) if event.get("site") else None,
                     job=rt.rec.id,
                     round=event.get("round"),
                     point=str(event.get("point")),
-                    filters=[n.get("filter") for n in notes if isinstance(n, dict)],
+                    filters=[str(n) for n in names][:100],
                 )
             if kind == "round_started":
                 self.state.store.update(rt.rec.id, round=event.get("round"))

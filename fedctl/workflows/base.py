@@ -173,8 +173,15 @@ class WorkflowContext:
         return self.comm.broadcast(task, targets)
 
     def _notes(self, fctx: FilterContext, site: str | None, round_: int | None) -> None:
-        if fctx.notes:
-            self.emit("filtered", point=fctx.point, site=site, round=round_, notes=fctx.notes)
+        """Say which filters ran (for the run log and the server's audit trail)."""
+        self.emit(
+            "filtered",
+            point=fctx.point,
+            site=site,
+            round=round_,
+            filters=self.filters.names(fctx.point),
+            notes=fctx.notes,
+        )
 
     def emit(self, event: str, **data: Any) -> None:
         """Tell listeners (live display, job status, run log) what happened."""
