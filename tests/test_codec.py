@@ -320,3 +320,17 @@ def test_json_paths_cost_nothing_until_an_error_names_one() -> None:
         loads(text.replace("[0,", "[1e999,"), "doc")
     assert str(err.value).startswith("doc." + "k" * 40 + "…." + "k" * 40 + "…")
     assert str(err.value).count("…") == 5 and "[0]: inf is not a JSON number" in str(err.value)
+
+
+def test_json_errors_stay_one_line_whatever_the_keys() -> None:
+    """Found by tests/test_fuzz.py: a newline in a key put a newline in the error."""
+    from fedctl.codec.jsondata import loads
+
+    with pytest.raises(CodecError) as err:
+        loads('{"a\\nb": {"\\u0000\u00e9": [1e999]}}', "doc")
+    assert str(err.value) == (
+        "doc.a\\nb.\\x00\\xe9[0]: inf is not a JSON number (NaN and infinity are not)"
+    )
+    with pytest.raises(CodecError) as err:
+        loads('{"\\ud800\\n": 1}', "doc")
+    assert str(err.value) == "doc.\\ud800\\n: string is not valid Unicode text"

@@ -135,8 +135,10 @@ def _spell(path: _Path) -> str:
         if isinstance(key, int):
             parts.append(f"[{key}]")
         else:
-            shown = key if len(key) <= _KEY_SHOWN else key[:_KEY_SHOWN] + "…"
-            parts.append("." + shown.encode("utf-8", "backslashreplace").decode())
+            shown = key[:_KEY_SHOWN]
+            if not shown.isprintable():  # a newline, a control or a lone surrogate: escaped
+                shown = shown.encode("unicode_escape").decode("ascii")
+            parts.append("." + shown + ("…" if len(key) > _KEY_SHOWN else ""))
     parts.append(path)
     return "".join(reversed(parts))
 
