@@ -11,7 +11,7 @@ profile's deadline, and one whose Python allocations (``tracemalloc``) outgrow a
 input plus a constant.
 
 Budgets are Hypothesis profiles chosen by ``FEDCTL_FUZZ``: ``ci`` (the default: a fixed seed,
-about 150 examples a target, the file in well under a minute) and ``long`` (``make fuzz``:
+about 100 examples a target, the file in well under a minute) and ``long`` (``make fuzz``:
 thousands of random examples a target, a generous deadline, failures saved in .hypothesis/).
 """
 
@@ -50,7 +50,7 @@ from fedctl.errors import CodecError, ConfigError, FedctlError, RecipeError
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 settings.register_profile(
-    "ci", max_examples=150, deadline=10_000, derandomize=True, database=None,
+    "ci", max_examples=100, deadline=10_000, derandomize=True, database=None,
     suppress_health_check=_SLOW,
 )  # fmt: skip
 settings.register_profile("long", max_examples=4000, deadline=20000, suppress_health_check=_SLOW)
