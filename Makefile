@@ -7,7 +7,7 @@ PIP     := $(BIN)/python -m pip
 # Tests that start servers or Ray must keep all traffic on loopback; CI wraps `make test` itself.
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-slow test-all lint bench bench-quick clean
+.PHONY: install demo test test-slow test-all fuzz lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PYTEST) -q
+
+# tests/test_fuzz.py with a much larger budget (thousands of examples a target, the failures
+# Hypothesis finds kept in .hypothesis/ and replayed first next time); `make test` runs it small.
+fuzz: $(STAMP)
+	FEDCTL_FUZZ=long $(PYTEST) -q tests/test_fuzz.py --timeout=3600
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedctl tests bench recipes

@@ -210,12 +210,21 @@ def _loader_class() -> type:
 
         def construct_object(self, node: Any, deep: bool = False) -> Any:
             # A value the safe constructor cannot convert (a date like 2024-13-45, an integer
-            # of more digits than Python converts) raises ValueError; name its line.
+            # of more digits than Python converts) raises ValueError; an explicitly tagged one
+            # it does not parse at all (``!!timestamp x``, ``!!bool x``, ``!!int ""``) raises
+            # AttributeError, KeyError or IndexError from inside PyYAML. Name its line.
             try:
                 return super().construct_object(node, deep)
             except YAMLInputError:
                 raise
-            except (ValueError, TypeError, OverflowError) as exc:
+            except (
+                ValueError,
+                TypeError,
+                OverflowError,
+                AttributeError,
+                KeyError,
+                IndexError,
+            ) as exc:
                 raise YAMLInputError(
                     f"invalid value: {exc}",
                     source=self.fedctl_source,

@@ -255,3 +255,82 @@ def test_lazy_tensor_file_checks_its_header_against_the_file(tmp_path) -> None:
     path.write_bytes(data)
     with pytest.raises(CodecError, match="exceeds the limit"):
         tf.LazyTensorFile(path, max_bytes=100)
+
+
+# ---------------------------------------------------------------- found by tests/test_fuzz.py
+
+
+def test_stream_decoder_memory_follows_what_arrives_not_what_the_header_declares() -> None:
+    import tracemalloc
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 2**30]}})
+    data = struct.pack("<Q", len(header)) + header.encode()
+    dec = tc.StreamDecoder(lambda n, t: None, max_bytes=2**31)
+    tracemalloc.start()
+    try:
+        dec.feed(data)  # a gibibyte declared, a hundred bytes sent
+        dec.feed(b"\x00" * 1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    with pytest.raises(CodecError, match="ended before"):
+        dec.finish()
+
+
+def test_missing_or_unreadable_tensor_files_are_codec_errors(tmp_path) -> None:
+    for path in (tmp_path / "missing.safetensors", tmp_path):
+        with pytest.raises(CodecError, match="no such tensor file|cannot read"):
+            tf.load_file(path)
+        with pytest.raises(CodecError, match="no such tensor file|cannot read"):
+            tf.LazyTensorFile(path)
+
+
+def test_check_json_keys_are_checked_like_strings() -> None:
+    from fedctl.codec.jsondata import check_json
+    from fedctl.constants import MAX_STRING
+
+    with pytest.raises(CodecError, match="a int key at v is not a string"):
+        check_json({10**5000: 1}, "v")  # its repr alone would raise ValueError
+    with pytest.raises(CodecError, match="not valid Unicode"):
+        check_json({"ok": {"\ud800": 1}}, "v")
+    with pytest.raises(CodecError, match=f"exceeds {MAX_STRING}"):
+        check_json({"k" * (MAX_STRING + 1): 1}, "v")
+
+
+def test_json_paths_cost_nothing_until_an_error_names_one() -> None:
+    """Long keys above a long list once cost len(path) bytes per value (quadratic memory:
+    a 56 KB document took 100 MB); errors still name the path, long keys cut."""
+    import tracemalloc
+
+    from fedctl.codec.jsondata import loads
+
+    doc: object = [0] * 2000
+    for _ in range(5):
+        doc = {"k" * 10_000: doc}
+    text = json.dumps(doc)
+    tracemalloc.start()
+    try:
+        loads(text, "doc")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+    with pytest.raises(CodecError) as err:
+        loads(text.replace("[0,", "[1e999,"), "doc")
+    assert str(err.value).startswith("doc." + "k" * 40 + "…." + "k" * 40 + "…")
+    assert str(err.value).count("…") == 5 and "[0]: inf is not a JSON number" in str(err.value)
+
+
+def test_json_errors_stay_one_line_whatever_the_keys() -> None:
+    """Found by tests/test_fuzz.py: a newline in a key put a newline in the error."""
+    from fedctl.codec.jsondata import loads
+
+    with pytest.raises(CodecError) as err:
+        loads('{"a\\nb": {"\\u0000\u00e9": [1e999]}}', "doc")
+    assert str(err.value) == (
+        "doc.a\\nb.\\x00\\xe9[0]: inf is not a JSON number (NaN and infinity are not)"
+    )
+    with pytest.raises(CodecError) as err:
+        loads('{"\\ud800\\n": 1}', "doc")
+    assert str(err.value) == "doc.\\ud800\\n: string is not valid Unicode text"

@@ -73,11 +73,21 @@ def test_tampered_job_is_refused(toy_recipe, tmp_path: Path) -> None:
         ({"kind": "os.system"}, "unknown recipe kind"),
         ({"fedctl_job": 99}, "unsupported job format"),
         ({"extra": 1}, "expected exactly the keys"),
+        # found by tests/test_fuzz.py: a NUL made resolve() raise ValueError, a lone surrogate
+        # in a key UnicodeEncodeError
+        ({"model": "model/initial\0.safetensors"}, "model must be a relative path"),
+        ({"code": "co\0de"}, "code must be a relative path"),
+        ({"args": {"train_script": "client\0.py"}}, "train_script must be a path inside"),
+        ({"args": {"server_eval": "x\0.py:f"}}, "server_eval must be 'file.py:function'"),
+        ({"files": {"code/\ud800": "0" * 64}}, "string is not valid Unicode text"),
+        ({"files": {"code/a\0b": "0" * 64}}, "files must be a relative path"),
     ],
 )
 def test_bad_job_specs(toy_recipe, tmp_path: Path, change, message) -> None:
     job = toy_recipe.export(tmp_path / "job")
     spec = yaml.safe_load((job / "fedctl-job.yaml").read_text())
+    if "args" in change:
+        change = {"args": {**spec["args"], **change["args"]}}
     spec.update(change)
     (job / "fedctl-job.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(RecipeError, match=message):

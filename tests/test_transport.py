@@ -202,3 +202,24 @@ def test_reliable_link_resends_unacked_and_drops_duplicates() -> None:
     sender.reset(outgoing=True)
     sender.resend()
     assert drain(second) == []
+
+
+def test_parse_checks_headers_built_in_python_like_received_ones() -> None:
+    """Found by tests/test_fuzz.py: a header that never went through JSON (a huge int in a float
+    field, a NaN, a non-string key, not a dict) gave OverflowError, TypeError or
+    AttributeError, or was accepted (NaN)."""
+    good = {"t": "welcome", "server_id": "s", "recv_seq": 1, "heartbeat": 5}
+    assert protocol.parse(good, protocol.Welcome).heartbeat == 5.0
+    for header, message in [
+        ({**good, "heartbeat": 10**400}, "heartbeat: integer out of the 64-bit range"),
+        ({**good, "heartbeat": float("nan")}, "heartbeat: nan is not a JSON number"),
+        ({**good, 1: 2}, "a int key at message header"),
+        ({"t": 10**5000}, "t: integer out of the 64-bit range"),
+        ({"t": "x" * 10_000}, "unexpected message type 'xxxx"),
+        ({**good, "y" * 10_000: 1}, "unknown field 'yyyy"),
+    ]:
+        with pytest.raises(frames.FrameError, match=message) as err:
+            protocol.parse(header, protocol.Welcome)
+        assert len(str(err.value)) < 200
+    with pytest.raises(frames.FrameError, match="must be an object, got list"):
+        protocol.parse([1], protocol.Welcome)  # type: ignore[arg-type]

@@ -137,3 +137,20 @@ def test_dump_writes_shared_objects_out_and_reads_back() -> None:
     assert "&" not in text and "*" not in text and "ü" in text
     assert list(load_yaml(text).data) == ["x", "y", "name"]
     assert load_yaml(text).data == data
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: !!timestamp x\n",
+        'a: !!timestamp ""\n',
+        "a: !!bool x\n",
+        'a: !!int ""\n',
+        "a: !!int +\n",
+        'a: !!float ""\n',
+    ],
+)
+def test_explicit_tags_pyyaml_cannot_parse_are_errors(text: str) -> None:
+    """Found by tests/test_fuzz.py: PyYAML raised AttributeError, KeyError or IndexError."""
+    err = refused(text)
+    assert err.line == 1 and err.problem.startswith("invalid value: ")

@@ -69,51 +69,90 @@ def check_json(
 
     ``max_bytes`` also bounds its encoded size (None: not measured, e.g. just parsed).
     """
-    # A node count bound: a structure that shares itself (``a = [a0] * 8`` nested 25 times is
-    # 8**25 nodes in a few bytes of Python) is refused in bounded time instead of hanging.
-    nodes = 0
-    stack: list[tuple[Any, int, str]] = [(value, 0, what)]
+    # A node count bound, counted as values are queued: a structure that shares itself
+    # (``a = [a0] * 8`` nested 25 times is 8**25 nodes in a few bytes of Python) is refused in
+    # bounded time and memory instead of hanging. Paths are kept as (parent, key) links and
+    # spelled out only for an error: building each value's path as a string costs the length of
+    # its ancestors' keys per value, quadratic memory for long keys above a long list.
+    nodes = 1
+    stack: list[tuple[Any, int, _Path]] = [(value, 0, what)]
     while stack:
         v, depth, path = stack.pop()
-        nodes += 1
-        if nodes > max_nodes:
-            raise CodecError(f"{what}: more than {max_nodes} JSON values")
         if v is None or isinstance(v, bool):
             continue
         if isinstance(v, int):
             if not -MAX_INT <= v <= MAX_INT:
-                raise CodecError(f"{path}: integer out of the 64-bit range")
+                raise CodecError(f"{_spell(path)}: integer out of the 64-bit range")
             continue
         if isinstance(v, float):
             if not math.isfinite(v):
-                raise CodecError(f"{path}: {v} is not a JSON number (NaN and infinity are not)")
+                raise CodecError(
+                    f"{_spell(path)}: {v} is not a JSON number (NaN and infinity are not)"
+                )
             continue
         if isinstance(v, str):
-            if len(v) > MAX_STRING:
-                raise CodecError(f"{path}: string of {len(v)} characters exceeds {MAX_STRING}")
-            if not v.isascii():
-                try:
-                    v.encode()
-                except UnicodeEncodeError:
-                    raise CodecError(f"{path}: string is not valid Unicode text") from None
+            _check_string(v, path)
             continue
+        if not isinstance(v, dict | list | tuple):
+            raise CodecError(
+                f"{what}: {_spell(path)} holds a {type(v).__name__}, which is not JSON data"
+            )
         if depth >= max_depth:
-            raise CodecError(f"{what}: nested deeper than {max_depth} at {path}")
+            raise CodecError(f"{what}: nested deeper than {max_depth} at {_spell(path)}")
+        nodes += len(v)
+        if nodes > max_nodes:
+            raise CodecError(f"{what}: more than {max_nodes} JSON values")
         if isinstance(v, dict):
             for k, item in v.items():
+                # keys are strings like any other: bounded and valid text (a lone surrogate
+                # cannot name a file or a database row); a non-string key is named by its type
+                # only, as its repr may itself fail (an int of more than 4300 digits)
                 if not isinstance(k, str):
-                    raise CodecError(f"{what}: key {k!r} at {path} is not a string")
-                stack.append((item, depth + 1, f"{path}.{k}"))
-        elif isinstance(v, list | tuple):
-            for i, item in enumerate(v):
-                stack.append((item, depth + 1, f"{path}[{i}]"))
+                    raise CodecError(
+                        f"{what}: a {type(k).__name__} key at {_spell(path)} is not a string"
+                    )
+                _check_string(k, (path, k))
+                stack.append((item, depth + 1, (path, k)))
         else:
-            raise CodecError(f"{what}: {path} holds a {type(v).__name__}, which is not JSON data")
+            for i, item in enumerate(v):
+                stack.append((item, depth + 1, (path, i)))
     if max_bytes is not None:
         size = len(dumps(value))
         if size > max_bytes:
             raise CodecError(f"{what}: {size} bytes of JSON exceeds the limit {max_bytes}")
     return value
+
+
+#: where a value is: the name of the whole, or (parent, key or index)
+_Path = str | tuple[Any, str | int]
+#: keys longer than this are cut in error messages
+_KEY_SHOWN = 40
+
+
+def _spell(path: _Path) -> str:
+    """``what.key[3].other`` for a path link (long keys cut, so the error stays one line)."""
+    parts: list[str] = []
+    while isinstance(path, tuple):
+        path, key = path
+        if isinstance(key, int):
+            parts.append(f"[{key}]")
+        else:
+            shown = key[:_KEY_SHOWN]
+            if not shown.isprintable():  # a newline, a control or a lone surrogate: escaped
+                shown = shown.encode("unicode_escape").decode("ascii")
+            parts.append("." + shown + ("…" if len(key) > _KEY_SHOWN else ""))
+    parts.append(path)
+    return "".join(reversed(parts))
+
+
+def _check_string(v: str, path: _Path) -> None:
+    if len(v) > MAX_STRING:
+        raise CodecError(f"{_spell(path)}: string of {len(v)} characters exceeds {MAX_STRING}")
+    if not v.isascii():
+        try:
+            v.encode()
+        except UnicodeEncodeError:
+            raise CodecError(f"{_spell(path)}: string is not valid Unicode text") from None
 
 
 def _short(exc: BaseException) -> str:

@@ -152,18 +152,36 @@ def parse(header: dict[str, Any], a: type[A], b: type[B], c: type[C], /) -> A | 
 @overload
 def parse(header: dict[str, Any], *expected: type[Message]) -> Message: ...
 def parse(header: dict[str, Any], *expected: type[Message]) -> Message:
-    """A decoded header as one of the ``expected`` kinds (all of one conversation), validated."""
+    """A decoded header as one of the ``expected`` kinds (all of one conversation), validated.
+
+    The header is first checked as JSON data (string keys, 64-bit integers, finite numbers,
+    bounded depth and strings), so a header built in Python holds no more than one that came
+    off the wire, and nothing below meets a huge integer, a NaN or a non-string key.
+    """
+    if not isinstance(header, dict):
+        raise FrameError(f"a message header must be an object, got {type(header).__name__}")
+    try:
+        check_json(header, "message header", None)
+    except CodecError as exc:
+        raise FrameError(str(exc)) from None
     t = header.get("t")
     cls = next((c for c in expected if t == c.KIND), None)
     if cls is None:
         names = ", ".join(sorted(c.KIND for c in expected))
-        raise FrameError(f"unexpected message type {t!r} (expected {names})")
+        raise FrameError(f"unexpected message type {_shown(t)} (expected {names})")
     try:
         return _build(cls, header, cls.KIND, top=True)
     except FrameError:
         raise
     except CodecError as exc:  # a JSON field over the limits
         raise FrameError(str(exc)) from None
+
+
+def _shown(value: Any) -> str:
+    """A short one-line rendering of a value taken from a header, for an error message."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 64 else repr(value[:64]) + "…"
+    return "none" if value is None else f"a {type(value).__name__}"
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -182,7 +200,7 @@ def _build(cls: type[S], data: Any, where: str, *, top: bool = False) -> S:
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     extra = set(data) - set(names) - ({"t"} if top else set())
     if extra:
-        raise FrameError(f"{where}: unknown field {sorted(extra)[0]!r}")
+        raise FrameError(f"{where}: unknown field {_shown(sorted(extra)[0])}")
     hints = _hints(cls)
     values: dict[str, Any] = {}
     for name, f in names.items():

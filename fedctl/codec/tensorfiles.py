@@ -105,14 +105,16 @@ def load_file(
     path = Path(path)
     try:
         size = path.stat().st_size
+        if size > max_bytes:
+            raise CodecError(f"{path}: {size} bytes exceeds the limit {max_bytes}")
+        if size < 8:
+            raise CodecError(f"{path}: {size} bytes is too short for a tensor file")
+        with open(path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     except FileNotFoundError:
         raise CodecError(f"{path}: no such tensor file") from None
-    if size > max_bytes:
-        raise CodecError(f"{path}: {size} bytes exceeds the limit {max_bytes}")
-    if size < 8:
-        raise CodecError(f"{path}: {size} bytes is too short for a tensor file")
-    with open(path, "rb") as fh:
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as exc:  # a folder, no permission
+        raise CodecError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         return decode(memoryview(mapped), max_bytes, copy=False)
     except CodecError as exc:
@@ -138,17 +140,27 @@ class LazyTensorFile(Mapping[str, "torch.Tensor"]):
         self.path = Path(path)
         # with ``delete``, the file goes when the last mapping (or view) onto it is gone
         self._keeper = _FileKeeper(self.path) if delete else None
-        size = self.path.stat().st_size
-        if size > max_bytes:
-            raise CodecError(f"{self.path}: {size} bytes exceeds the limit {max_bytes}")
-        with open(self.path, "rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise CodecError(f"{self.path}: shorter than its 8-byte header length")
-            (hlen,) = struct.unpack("<Q", prefix)
-            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-                raise CodecError(f"{self.path}: tensor header length is out of bounds")
-            header = parse_header(prefix + fh.read(hlen), max_bytes)
+        try:
+            size = self.path.stat().st_size
+            if size > max_bytes:
+                raise CodecError(f"{self.path}: {size} bytes exceeds the limit {max_bytes}")
+            with open(self.path, "rb") as fh:
+                prefix = fh.read(8)
+                (hlen,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (None,)
+                if hlen is not None and hlen <= MAX_HEADER_BYTES and 8 + hlen <= size:
+                    prefix += fh.read(hlen)
+        except FileNotFoundError:
+            raise CodecError(f"{self.path}: no such tensor file") from None
+        except OSError as exc:  # a folder, no permission
+            raise CodecError(f"{self.path}: cannot read ({exc.strerror})") from None
+        if hlen is None:
+            raise CodecError(f"{self.path}: shorter than its 8-byte header length")
+        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+            raise CodecError(f"{self.path}: tensor header length is out of bounds")
+        try:
+            header = parse_header(prefix, max_bytes)
+        except CodecError as exc:
+            raise CodecError(f"{self.path}: {exc}") from None
         if header.total_len != size:
             raise CodecError(
                 f"{self.path}: {size} bytes but its header describes {header.total_len}"

@@ -348,7 +348,7 @@ class StreamDecoder:
         self._hlen = 0
         self._idx = 0  # next entry to fill
         self._cur: bytearray | None = None
-        self._cur_pos = 0
+        self._cur_len = 0  # bytes of the tensor being filled
         self._received = 0
 
     @property
@@ -387,23 +387,26 @@ class StreamDecoder:
         while len(view):
             if self._cur is None:
                 raise CodecError("tensor stream has bytes past the end of its payload")
-            take = min(len(view), len(self._cur) - self._cur_pos)
-            self._cur[self._cur_pos : self._cur_pos + take] = view[:take]
-            self._cur_pos += take
+            take = min(len(view), self._cur_len - len(self._cur))
+            self._cur += view[:take]
             view = view[take:]
-            if self._cur_pos == len(self._cur):
+            if len(self._cur) == self._cur_len:
                 self._deliver(self._cur)
                 self._start_next()
 
     def _start_next(self) -> None:
-        """Allocate the buffer of the next non-empty tensor, delivering empty ones on the way."""
+        """Start the buffer of the next non-empty tensor, delivering empty ones on the way.
+
+        The buffer grows as the tensor's bytes arrive rather than being allocated at the size
+        the header declares: a few hostile bytes declaring a huge tensor cost nothing.
+        """
         assert self.header is not None
         self._cur = None
         while self._idx < len(self.header.entries):
             entry = self.header.entries[self._idx]
             if entry.nbytes:
-                self._cur = bytearray(entry.nbytes)
-                self._cur_pos = 0
+                self._cur = bytearray()
+                self._cur_len = entry.nbytes
                 return
             self._deliver(bytearray())
 

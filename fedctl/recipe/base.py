@@ -177,7 +177,7 @@ class Recipe:
     # ------------------------------------------------------------------ validation
 
     def _check_script(self, train_script: str) -> str:
-        if not isinstance(train_script, str) or not train_script:
+        if not isinstance(train_script, str) or not train_script or "\0" in train_script:
             raise RecipeError("train_script must be the path of the client script")
         path = (self.base_dir / train_script).resolve()
         if self.base_dir != path and self.base_dir not in path.parents:
@@ -260,7 +260,7 @@ class Recipe:
         """A ``file.py:function`` reference to a file inside the recipe folder (or None)."""
         if ref is None:
             return None
-        if not isinstance(ref, str) or ref.count(":") != 1:
+        if not isinstance(ref, str) or ref.count(":") != 1 or "\0" in ref:
             raise RecipeError(f"{what} must be 'file.py:function', got {ref!r}")
         file, func = ref.split(":")
         if not file.endswith(".py") or not func.isidentifier():

@@ -161,7 +161,11 @@ def read_job_spec(
         raise RecipeError(f"{spec_path}: model must be a .safetensors file, got {spec['model']!r}")
     code = _inside(job_dir, spec["code"], spec_path, "code")
     script = spec["args"].get("train_script")
-    if not isinstance(script, str) or not (code / script).resolve().is_relative_to(code):
+    if (
+        not isinstance(script, str)
+        or "\0" in script  # not a path any system call takes (resolve() raises ValueError)
+        or not (code / script).resolve().is_relative_to(code)
+    ):
         raise RecipeError(f"{spec_path}: train_script must be a path inside {spec['code']}")
     files = spec["files"]
     if not isinstance(files, dict):
@@ -204,7 +208,7 @@ def load_job(job_dir: str | os.PathLike[str], *, verify: bool = True) -> Recipe:
 
 
 def _inside(root: Path, rel: Any, spec_path: Path, key: str) -> Path:
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel):
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel):
         raise RecipeError(f"{spec_path}: {key} must be a relative path")
     path = (root / rel).resolve()
     if root not in path.parents and path != root:

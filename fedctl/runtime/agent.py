@@ -47,7 +47,7 @@ from fedctl.codec.protocol import (
 from fedctl.constants import MAX_BUNDLE_BYTES
 from fedctl.errors import FedctlError
 from fedctl.privacy.policy import load_policy
-from fedctl.runtime.audit import AuditLog
+from fedctl.runtime.audit import AuditLog, HeadSigner
 from fedctl.runtime.bundle import BundleError
 from fedctl.runtime.sitejob import SiteJob, stop_leftover_scripts
 from fedctl.transport import rpc
@@ -80,7 +80,9 @@ class SiteAgent:
         self.address = address
         self.ws = (Path(workspace) if workspace else kit.root / "workspace").resolve()
         self.ws.mkdir(parents=True, exist_ok=True)
-        self.audit = AuditLog(self.ws / "audit.jsonl", kit.name)
+        # the head is signed with the kit's own key: cutting records off the end and
+        # rewriting the head needs that key (docs/runtime.md, "Audit trail")
+        self.audit = AuditLog(self.ws / "audit.jsonl", kit.name, HeadSigner.from_kit(kit))
         self.max_bundle = max_bundle
         self.incarnation = secrets.token_hex(8)
         self.server_id: str | None = None

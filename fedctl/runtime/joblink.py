@@ -125,7 +125,8 @@ class JobLink:
                     reason=str(event.get("error"))[:2000],
                 )
             if kind == "filtered":  # the server's own filters on a result (or a broadcast)
-                names = event.get("filters") if isinstance(event.get("filters"), list) else []
+                listed = event.get("filters")
+                names = listed if isinstance(listed, list) else []
                 self.state.audit.record(
                     "filters_applied",
                     str(event.get("site")) if event.get("site") else None,

@@ -19,7 +19,7 @@ from fedctl.codec.frames import FrameError, FrameSocket
 from fedctl.codec.protocol import BlobInfo, Numbered
 from fedctl.constants import MAX_BUNDLE_BYTES
 from fedctl.runtime import store as st
-from fedctl.runtime.audit import AuditLog
+from fedctl.runtime.audit import AuditLog, HeadSigner
 from fedctl.transport.local import socket_path
 from fedctl.transport.reliable import ReliableLink
 
@@ -119,7 +119,9 @@ class ServerState:
         self.ws.mkdir(parents=True, exist_ok=True)
         (self.ws / "run").mkdir(mode=0o700, exist_ok=True)
         self.store = st.JobStore(self.ws / "jobs.db")
-        self.audit = AuditLog(self.ws / "audit.jsonl", kit.name)
+        # the head is signed with the kit's own key: cutting records off the end and
+        # rewriting the head needs that key (docs/runtime.md, "Audit trail")
+        self.audit = AuditLog(self.ws / "audit.jsonl", kit.name, HeadSigner.from_kit(kit))
         #: changes every time a server process starts: sites reset their message numbering
         self.server_id = secrets.token_hex(8)
         self.sites: dict[str, SiteConn] = {}
