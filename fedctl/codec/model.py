@@ -85,8 +85,9 @@ class Task:
     model: FLModel
     task_id: str = ""
     job_id: str = ""
-    #: per-site extras filled in by the communicator for each target (e.g. site index)
-    site_meta: dict[str, Any] = field(default_factory=dict)
+    #: per-site additions to ``model.meta``, by site (a protocol's messages addressed to one
+    #: site); each communicator merges a target's entry into the meta that site receives
+    site_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -413,6 +413,8 @@ class Dispatch(Message):
     targets: list[Name]
     blob: Name | None = None
     blob_info: FileInfo | None = None
+    #: what each target's task adds to the header's meta (a protocol's per-site messages)
+    site_meta: dict[str, Obj] | None = None
 
 
 @kind("cancel", JOB, J2V)

@@ -337,6 +337,7 @@ class RuntimeCommunicator(Communicator):
             targets=list(targets),
             blob=blob,
             blob_info=blob_info,
+            site_meta=dict(task.site_meta) or None,
         )
         stream = RuntimeStream(self, dispatch)
         stream.max_bytes = max(RESULT_FACTOR * nbytes, MIN_RESULT_LIMIT)

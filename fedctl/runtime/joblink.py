@@ -176,12 +176,16 @@ class JobLink:
             if conn is None or name not in rt.rec.sites:
                 self.to_job(rt, _failed(name, msg.task_id, "site is not part of this job"))
                 continue
+            header = msg.header
+            extra = (msg.site_meta or {}).get(name)
+            if extra:
+                header = {**header, "meta": {**(header.get("meta") or {}), **extra}}
             conn.link.send(
                 SiteTask(
                     job=rt.rec.id,
                     task_id=msg.task_id,
                     name=msg.name,
-                    header=msg.header,
+                    header=header,
                     blob=blob_info,
                 )
             )

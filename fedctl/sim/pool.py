@@ -371,7 +371,10 @@ class SimCommunicator(Communicator):
                     continue
                 sites = stream.take_batch(w)
                 if sites:
-                    items = [WorkItem(s, self.index[s], stream.task) for s in sites]
+                    task = stream.task
+                    items = [
+                        WorkItem(s, self.index[s], task, task.site_meta.get(s)) for s in sites
+                    ]
                     token = self.pool.submit(w, items, stream.model_id, [stream.handle])
                     self.busy[w] = _Batch(w, stream, items, token)
                     break

@@ -75,6 +75,8 @@ class WorkItem:
     site: str
     site_index: int
     task: Task
+    #: what this site's task adds to the task's meta (Task.site_meta of this site)
+    meta: dict[str, Any] | None = None
 
 
 class _RoutedStream(io.TextIOBase):
@@ -435,7 +437,7 @@ class WorkerCore:
                 params=params,
                 optimizer_params=None,
                 metrics=copy.deepcopy(m.metrics),
-                meta=copy.deepcopy(m.meta or {}),
+                meta={**copy.deepcopy(m.meta or {}), **copy.deepcopy(item.meta or {})},
             )
             host = self.hosts.get(item.site)
             if host is None:
