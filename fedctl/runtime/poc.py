@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedctl.constants import ENV_POC_WORKSPACE
-from fedctl.errors import FedctlError, UsageError
+from fedctl.errors import FedctlError, NotFound, UsageError
 from fedctl.runtime.procs import terminate_group
 
 POC_FILE = "poc.json"
@@ -49,7 +49,7 @@ def load_info(workspace: str | os.PathLike[str] | None = None) -> dict[str, Any]
     try:
         info = json.loads((ws / POC_FILE).read_text())
     except FileNotFoundError:
-        raise UsageError(f"no POC workspace at {ws}: run `fedctl poc prepare` first") from None
+        raise NotFound(f"no POC workspace at {ws}: run `fedctl poc prepare` first") from None
     info["workspace"] = str(ws)
     return info
 

@@ -33,6 +33,7 @@ from fedctl.jobs import (
     TERMINAL,
     natural_key,
     new_job_id,
+    user_round,
 )
 from fedctl.runtime import store as st
 from fedctl.runtime.bundle import extract_bundle, make_bundle
@@ -302,16 +303,19 @@ class Scheduler:
     # ------------------------------------------------------------------ summaries
 
     def job_summary(self, rec: st.JobRecord, detail: bool = False) -> dict[str, Any]:
-        """A job as admin commands show it (``detail``: with metrics, sites' progress, paths)."""
+        """A job as admin commands show it (``detail``: with metrics, sites' progress, paths).
+
+        ``round`` is 1-based, like everything users see (the round in progress, or the last one
+        started), None before the first."""
         out: dict[str, Any] = {
-            "id": rec.id,
+            "job_id": rec.id,
             "name": rec.name,
             "kind": rec.kind,
-            "state": rec.state,
+            "status": rec.state,
             "reason": rec.reason,
             "submitter": rec.submitter,
             "submitted_at": rec.submitted_at,
-            "round": rec.round,
+            "round": user_round(rec.round),
             "num_rounds": rec.num_rounds,
             "sites": rec.sites,
         }

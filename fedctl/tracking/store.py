@@ -12,6 +12,10 @@ Layout (the same for simulation and for a job on a server)::
     run.log                    human-readable log, failed sites' tracebacks included
     result.json                status, reason, paths and a summary, written at the end
 
+Rounds are numbered from 1 in every file here (``round`` in the JSONL records, ``best.round``),
+as in the live display, ``result.json`` and the admin commands' JSON. Workflow events and the
+client API (``FLModel.current_round``) count from 0; :func:`fedctl.jobs.user_round` converts.
+
 Nothing here is ever rewritten in place: JSONL files are appended, models and checkpoints are
 written to a temp file and renamed.
 """
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedctl._fs import write_json_atomic
 from fedctl.codec.tensorfiles import load_file, save_file
+from fedctl.jobs import user_round
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +104,7 @@ class RunStore:
         kind = event["event"]
         if kind == "result":
             record = {
-                "round": event.get("round"),
+                "round": user_round(event.get("round")),
                 "site": event["site"],
                 "ok": event["ok"],
                 "metrics": event.get("metrics") or {},
@@ -119,7 +124,7 @@ class RunStore:
                     self.log(event["traceback"])
         elif kind == "round_completed":
             record = {
-                "round": event["round"],
+                "round": user_round(event["round"]),
                 "metrics": event.get("metrics") or {},
                 "accepted": len(event.get("accepted") or []),
                 "failed": sorted(event.get("failed") or {}),
@@ -148,6 +153,7 @@ class RunStore:
     def add_records(self, site: str, records: list[dict[str, Any]]) -> None:
         """Append client tracking records (SummaryWriter, log) tagged with their site."""
         for rec in records:
+            rec = {**rec, "round": user_round(rec["round"])} if "round" in rec else rec
             self._append("tracking", {"site": site, **rec})
 
     # ------------------------------------------------------------------ models
@@ -186,8 +192,9 @@ class RunStore:
                 value > self.best["value"] if self.key_mode == "max" else value < self.best["value"]
             )
             if better:
-                self.save_model("best", model, {"round": str(rnd), key: repr(value)})
-                self.best = {"round": rnd, "metric": key, "value": value}
+                shown = user_round(rnd)
+                self.save_model("best", model, {"round": str(shown), key: repr(value)})
+                self.best = {"round": shown, "metric": key, "value": value}
             break
         if self.checkpoint_enabled:
             self.save_checkpoint(rnd + 1, model_out, state)
