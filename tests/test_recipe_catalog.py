@@ -86,9 +86,14 @@ def test_recipe_show(capsys) -> None:
     assert "aggregator" in out and "sample_clients" in out
     assert main(["recipe", "show", "FedAdamRecipe", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["result"]["kind"] == "fedadam"
-    assert main(["recipe", "show", "fedsgd"]) == 2
+    assert main(["recipe", "show", "lasso"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown recipe 'fedsgd' (one of: fedavg,") and "\n" not in err
+    assert err.startswith("error: unknown recipe kind 'lasso' (kinds: fedavg,") and "\n" not in err
+    assert main(["recipe", "show", "scafold"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown recipe kind 'scafold'; did you mean 'scaffold'? (kinds:")
+    assert main(["recipe", "show", "FedProxRecipee"]) == 2
+    assert "did you mean 'fedprox'?" in capsys.readouterr().err
 
 
 def test_recipe_catalog_does_not_import_torch() -> None:

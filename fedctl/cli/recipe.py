@@ -10,9 +10,11 @@ from typing import Any
 
 import typer
 
+from fedctl.cli.common import APP_SETTINGS, JSON_OPTION
+
 recipe_app = typer.Typer(
     help="The recipe catalog: every algorithm, its purpose and its parameters.",
-    no_args_is_help=True,
+    **APP_SETTINGS,
 )
 
 
@@ -51,6 +53,18 @@ def _catalog() -> list[dict[str, Any]]:
     return [_describe(cls) for cls in classes]
 
 
+def _unknown(name: str, catalog: list[dict[str, Any]]) -> str:
+    """``unknown recipe kind 'scafold'; did you mean 'scaffold'? (kinds: …)``"""
+    import difflib
+
+    kinds = [e["kind"] for e in catalog]
+    by_name = {e["kind"]: e["kind"] for e in catalog}
+    by_name.update({e["class"].lower(): e["kind"] for e in catalog})
+    close = difflib.get_close_matches(name.lower(), list(by_name), n=1, cutoff=0.6)
+    guess = f"; did you mean {by_name[close[0]]!r}?" if close else ""
+    return f"unknown recipe kind {name!r}{guess} (kinds: {', '.join(kinds)})"
+
+
 def _default(p: dict[str, Any]) -> str:
     return "required" if p["required"] else repr(p["default"])
 
@@ -59,7 +73,7 @@ def register(app: typer.Typer) -> None:
     """Attach ``recipe list`` and ``recipe show`` to the root app."""
 
     @recipe_app.command("list")
-    def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    def list_(as_json: bool = JSON_OPTION) -> None:
         """Every recipe kind with its one-line purpose and its own parameters."""
         from rich.table import Table
 
@@ -85,8 +99,10 @@ def register(app: typer.Typer) -> None:
 
     @recipe_app.command("show")
     def show(
-        name: str = typer.Argument(..., help="A recipe kind (e.g. fedprox) or class name."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        name: str = typer.Argument(
+            ..., metavar="KIND", help="A recipe kind (e.g. fedprox) or class name."
+        ),
+        as_json: bool = JSON_OPTION,
     ) -> None:
         """A recipe's purpose, paper, example folder and every parameter with its default."""
         from rich.table import Table
@@ -97,8 +113,7 @@ def register(app: typer.Typer) -> None:
         catalog = _catalog()
         entry = next((e for e in catalog if name.lower() in (e["kind"], e["class"].lower())), None)
         if entry is None:
-            kinds = ", ".join(e["kind"] for e in catalog)
-            raise UsageError(f"unknown recipe {name!r} (one of: {kinds})")
+            raise UsageError(_unknown(name, catalog))
         if as_json:
             print_json(entry)
             return

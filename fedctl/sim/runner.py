@@ -6,10 +6,12 @@ what a POC or production server would receive.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,33 @@ class _QuietRay(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """While Ray starts a single-machine cluster here: keep 127.0.0.1 as its node address.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` treats a loopback address as "find the machine's
+    own": it opens a socket towards 8.8.8.8 (and Google's IPv6 resolver) and, on a machine or
+    network namespace without such a route, prints "Failed to determine local IP via external
+    connectivity to: 8.8.8.8:53 ..." on every simulation before falling back to the host name.
+    Ray's own single-machine setting (``ENABLE_RAY_CLUSTER`` off, what it uses on macOS and
+    Windows) answers 127.0.0.1 without probing; it is switched off only around ``ray.init``.
+    """
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # pragma: no cover - another Ray layout: keep its behaviour
+        yield
+        return
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is None:  # pragma: no cover
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def ensure_ray(env: SimEnv, workers: int) -> bool:
@@ -66,15 +95,16 @@ def ensure_ray(env: SimEnv, workers: int) -> bool:
         if env.ray_address:
             ray.init(address=env.ray_address, **common)
         else:
-            ray.init(
-                num_cpus=max(workers, available_cpus()),
-                num_gpus=int(env.gpus or 0),
-                _node_ip_address="127.0.0.1",
-                # Release freed objects promptly: with the default (1 s) a fast stream of
-                # small results keeps ~1 s of dead objects resident in shared memory.
-                _system_config={"free_objects_period_milliseconds": 20},
-                **common,
-            )
+            with _loopback_node_ip():
+                ray.init(
+                    num_cpus=max(workers, available_cpus()),
+                    num_gpus=int(env.gpus or 0),
+                    _node_ip_address="127.0.0.1",
+                    # Release freed objects promptly: with the default (1 s) a fast stream of
+                    # small results keeps ~1 s of dead objects resident in shared memory.
+                    _system_config={"free_objects_period_milliseconds": 20},
+                    **common,
+                )
     except Exception as exc:
         hint = ""
         if env.ray_address and env.ray_address.split(":")[0] in ("127.0.0.1", "localhost"):

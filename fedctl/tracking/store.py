@@ -150,6 +150,22 @@ class RunStore:
             for line in cross_site_lines(event["matrix"], event.get("metric")):
                 self.log(line)
 
+    def trained_sites(self) -> set[str] | None:
+        """Sites with at least one accepted training result in this run, from ``sites.jsonl`` (so
+        a run resumed from a checkpoint counts its earlier rounds too); None when no result was
+        recorded at all (this store is not the run's listener: unknown)."""
+        with self._lock:
+            self._files["sites"].flush()
+            lines = [ln for ln in (self.metrics_dir / "sites.jsonl").read_text().splitlines() if ln]
+        if not lines:
+            return None
+        trained = set()
+        for line in lines:
+            rec = json.loads(line)
+            if rec.get("ok") and not rec.get("phase") and rec.get("site"):
+                trained.add(rec["site"])
+        return trained
+
     def add_records(self, site: str, records: list[dict[str, Any]]) -> None:
         """Append client tracking records (SummaryWriter, log) tagged with their site."""
         for rec in records:
@@ -270,13 +286,19 @@ class RunStore:
             self._log.close()
 
 
+def model_label(matrix: dict[str, Any], model: str) -> str:
+    """A row of the cross-site table: the model's owner, marked if it never trained."""
+    untrained = model in (matrix.get("never_trained") or [])
+    return f"{model} (never trained)" if untrained else model
+
+
 def cross_site_lines(matrix: dict[str, Any], metric: str | None) -> list[str]:
     """The cross-site matrix as aligned text lines: one row per model, one column per site."""
     sites = list(matrix.get("sites") or [])
     results = matrix.get("results") or {}
     rows = [["model \\ data", *sites]]
     for model in matrix.get("models") or []:
-        row = [model]
+        row = [model_label(matrix, model)]
         for site in sites:
             value = (results.get(model) or {}).get(site, {}).get(metric) if metric else None
             row.append(f"{value:.4g}" if isinstance(value, int | float) else "-")
