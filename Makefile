@@ -11,11 +11,16 @@ PYTEST  := $(BIN)/python -m pytest
 
 install: $(STAMP)
 
+PLUGIN  := recipes/fedclip-plugin
+
 # torch is installed first and pinned by constraints.txt so pip never pulls a CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+# The example plugin (docs/plugins.md) is installed too: tests/test_plugins.py runs it in the
+# simulator and on a POC.
+$(STAMP): pyproject.toml constraints.txt $(PLUGIN)/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e $(PLUGIN)
 	touch $(STAMP)
 
 demo: $(STAMP)

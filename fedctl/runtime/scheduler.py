@@ -69,16 +69,15 @@ class Scheduler:
     ) -> st.JobRecord:
         """Store a submitted bundle as a new job (validated: safe paths, hashes, spec)."""
         from fedctl.recipe.jobfolder import load_job
+        from fedctl.recipe.registry import server_code_refusal
 
         staging = bundle.parent / "job"
         extract_bundle(bundle, staging, max_bytes=self.state.config.max_bundle)
-        recipe = load_job(staging, verify=False)  # the arguments, through the recipe class
-        server_code = getattr(recipe, "server_eval", None)
-        if server_code and not self.state.config.allow_server_code:
-            reason = (
-                f"this server does not run code from jobs (server_eval={server_code!r}); "
-                "an operator can allow it with `fedctl server start --allow-server-code`"
-            )
+        # the kind must be built in or come from a plugin installed here (same message as the
+        # simulator's); the arguments go through the recipe class
+        recipe = load_job(staging, verify=False)
+        reason = server_code_refusal(recipe)  # the message the simulator warns with
+        if reason and not self.state.config.allow_server_code:
             self.state.audit.record(
                 "access_denied", ident.name, action="server_code", reason=reason
             )

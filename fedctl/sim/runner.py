@@ -19,6 +19,7 @@ from fedctl.errors import FedctlError, RecipeError, RunFailed, UsageError
 from fedctl.jobs import ABORTED, FAILED, new_job_id
 from fedctl.recipe.base import Recipe
 from fedctl.recipe.jobfolder import load_job
+from fedctl.recipe.registry import check_recipe, server_code_refusal
 from fedctl.recipe.runner import run_workflow
 from fedctl.sim.env import SimEnv
 from fedctl.sim.pool import LocalPool, Pool, RayPool, SimCommunicator, available_cpus
@@ -143,6 +144,8 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     status (FINISHED, FAILED or ABORTED and why). Bad input raises a UsageError instead."""
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"expected a fedctl Recipe, got {type(recipe).__name__}")
+    # what a server would refuse is refused here, with the server's message
+    check_recipe(recipe)
     _check_gpus(env)
     if env.num_clients < recipe.min_clients:
         raise UsageError(
@@ -174,6 +177,11 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     )
     display = Display(title, job.num_rounds, env.display)
     store.log(f"{title}; job {job_id}; seed {env.seed}; {'resident' if resident else 'per-round'}")
+    warnings = []
+    refusal = server_code_refusal(job)
+    if refusal:
+        # the simulator runs it (all on the user's machine); a production server would not
+        warnings.append(f"a production server refuses this job: {refusal}")
     config = WorkerConfig(
         job_id=job_id,
         code_dir=str(job.base_dir),
@@ -196,6 +204,10 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         # The driver shares the CPUs with the local workers: more than one intra-op thread here
         # makes every small aggregation wait on a busy core (OpenMP barriers), not go faster.
         torch.set_num_threads(1)
+    for message in warnings:
+        event = {"event": "warning", "message": message, "time": time.time()}
+        store.listener(event)
+        display.listener(event)
     with display:
         try:
             t0 = time.monotonic()
@@ -251,6 +263,7 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             "resident": resident,
             "seed": env.seed,
             "timings": {k: round(v, 3) for k, v in timings.items()},
+            "warnings": warnings,
         },
     )
     display.summary(status, reason, _summary_lines(run))
