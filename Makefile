@@ -7,7 +7,7 @@ PIP     := $(BIN)/python -m pip
 # Tests that start servers or Ray must keep all traffic on loopback; CI wraps `make test` itself.
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-slow test-all lint bench bench-quick clean
+.PHONY: install demo test test-slow test-docs test-all lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PYTEST) -q -m slow
+
+# Every command block of README.md and docs/ runs (tests/test_docs.py; 3 to 5 minutes). CI runs
+# it like `make test`, inside the loopback-only namespace.
+test-docs: $(STAMP)
+	$(PYTEST) -q -m slow tests/test_docs.py
 
 test-all: $(STAMP)
 	$(PYTEST) -q

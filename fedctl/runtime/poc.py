@@ -6,10 +6,11 @@
     fedctl poc stop                     # stops exactly the processes `poc start` started
 
 The workspace (``~/.fedctl/poc`` or ``$FEDCTL_POC_WORKSPACE`` or ``--workspace``) holds
-``poc.json`` (what was prepared), ``kits/`` (the provisioned kits), ``run/<name>.json`` (pid,
-start time and command of each process started) and ``logs/<name>.log``. Everything binds
-127.0.0.1. Results of jobs stay on the server (``kits/localhost/workspace/jobs/``) until the
-workspace is cleaned.
+``poc.json`` (what was prepared), ``provision/`` (the project: ``state/`` with the CA and
+``kits/<name>/`` for the server ``localhost``, each site and one admin per role), ``run/<name>.json``
+(pid, start time and command of each process started) and ``logs/<name>.log``. Everything binds
+127.0.0.1. Results of jobs stay on the server (``provision/kits/localhost/workspace/jobs/``)
+until the workspace is cleaned.
 """
 
 from __future__ import annotations
