@@ -198,7 +198,8 @@ def test_every_required_parameter_is_named_when_missing(path, name, capsys) -> N
     code, _, err = _run([*path, *_fillers(cmd, skip=param)], capsys)
     assert code == 2
     shown = param.opts[0] if param.param_type_name == "option" else (param.metavar or name)
-    _usage_error(err, path, "Missing", shown)
+    _usage_error(err, path, "Missing")
+    assert shown.lower() in err.splitlines()[0].lower()  # older typer upper-cases argument names
 
 
 @pytest.mark.parametrize("path", [(), *GROUPS], ids=_ids([(), *GROUPS]))
