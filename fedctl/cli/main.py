@@ -191,9 +191,9 @@ def _run(argv: list[str], session: output.Session) -> tuple[int, str | None, str
         return int(getattr(exc, "exit_code", 1)), message, None
     except errors["exit"] as exc:
         return int(getattr(exc, "exit_code", 0) or 0), None, None
-    except errors["abort"]:
-        _fail("aborted")
-        return 130, "aborted", None
+    except errors["abort"]:  # click turns Ctrl-C (and EOF at a prompt) into Abort
+        _fail("interrupted")
+        return 130, "interrupted", None
     except KeyboardInterrupt:
         _fail("interrupted")
         return 130, "interrupted", None

@@ -7,10 +7,10 @@
 
 The workspace (``~/.fedctl/poc`` or ``$FEDCTL_POC_WORKSPACE`` or ``--workspace``) holds
 ``poc.json`` (what was prepared), ``provision/`` (the project: ``state/`` with the CA and
-``kits/<name>/`` for the server ``localhost``, each site and one admin per role), ``run/<name>.json``
-(pid, start time and command of each process started) and ``logs/<name>.log``. Everything binds
-127.0.0.1. Results of jobs stay on the server (``provision/kits/localhost/workspace/jobs/``)
-until the workspace is cleaned.
+``kits/<name>/`` for the server ``localhost``, each site and one admin per role),
+``run/<name>.json`` (pid, start time and command of each process started) and
+``logs/<name>.log``. Everything binds 127.0.0.1. Results of jobs stay on the server
+(``provision/kits/localhost/workspace/jobs/``) until the workspace is cleaned.
 """
 
 from __future__ import annotations
