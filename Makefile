@@ -7,15 +7,20 @@ PIP     := $(BIN)/python -m pip
 # Tests that start servers or Ray must keep all traffic on loopback; CI wraps `make test` itself.
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-slow test-all fuzz lint bench bench-quick clean
+.PHONY: install demo test test-slow test-docs test-all fuzz lint bench bench-quick clean
 
 install: $(STAMP)
 
+PLUGIN  := recipes/fedclip-plugin
+
 # torch is installed first and pinned by constraints.txt so pip never pulls a CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+# The example plugin (docs/plugins.md) is installed too: tests/test_plugins.py runs it in the
+# simulator and on a POC.
+$(STAMP): pyproject.toml constraints.txt $(PLUGIN)/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dev,dp]'
+	$(PIP) install -q -c constraints.txt -e $(PLUGIN)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,6 +31,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PYTEST) -q -m slow
+
+# Every command block of README.md and docs/ runs (tests/test_docs.py; 3 to 5 minutes). CI runs
+# it like `make test`, inside the loopback-only namespace.
+test-docs: $(STAMP)
+	$(PYTEST) -q -m slow tests/test_docs.py
 
 test-all: $(STAMP)
 	$(PYTEST) -q

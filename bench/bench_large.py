@@ -131,22 +131,22 @@ def main() -> int:
             t0 = time.monotonic()
             job = admin.submit_recipe(recipe)
             t_submit = time.monotonic() - t0
-            for ev in admin.follow(job["id"]):
+            for ev in admin.follow(job["job_id"]):
                 ev["_at"] = time.monotonic()
                 events.append(ev)
                 if ev["t"] == "end":
                     break
-            status = admin.status(job["id"])
+            status = admin.status(job["job_id"])
         stop.set()
         sampler.join()
         t_total = time.monotonic() - t0
         started = next(e["_at"] for e in events if e.get("event") == "round_started")
         done = next((e["_at"] for e in events if e.get("event") == "round_completed"), None)
         print(
-            f"job {status['id']}: {status['state']}"
+            f"job {status['job_id']}: {status['status']}"
             + (f" ({status['reason']})" if status.get("reason") else "")
         )
-        if status["state"] != "FINISHED" or done is None:
+        if status["status"] != "FINISHED" or done is None:
             return 1
         round_s = done - started
         moved = 4 * model_bytes  # the global model to 2 sites, and 2 results back

@@ -1,8 +1,12 @@
-"""What every layer says about a job: its status and its id.
+"""What every layer says about a job: its status, its id, how its rounds are numbered.
 
 A job moves SUBMITTED → SCHEDULED → RUNNING → FINISHED / FAILED / ABORTED on a server; a run in
 the simulator ends FINISHED, FAILED or ABORTED. The statuses are strings on the wire and in files
-(``JobStatus`` is a ``StrEnum``, so ``JobStatus.FINISHED == "FINISHED"``). Imports nothing from
+(``JobStatus`` is a ``StrEnum``, so ``JobStatus.FINISHED == "FINISHED"``).
+
+Rounds: workflows, their events and the client API (``FLModel.current_round``) index rounds from
+0; everything users see — the live display, logs, ``metrics/*.jsonl``, ``result.json``, the JSON of
+every command, audit records — numbers them from 1 (:func:`user_round`). Imports nothing from
 fedctl.
 """
 
@@ -35,6 +39,16 @@ SUBMITTED, SCHEDULED, RUNNING = JobStatus.SUBMITTED, JobStatus.SCHEDULED, JobSta
 FINISHED, FAILED, ABORTED = JobStatus.FINISHED, JobStatus.FAILED, JobStatus.ABORTED
 #: the final statuses
 TERMINAL = frozenset({FINISHED, FAILED, ABORTED})
+
+
+def user_round(index: Any) -> Any:
+    """A 0-based round index (workflow events, ``FLModel.current_round``) as users see it:
+    1-based. None, and anything that is not an integer, passes through unchanged."""
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index + 1
+    return index
+
+
 #: process exit code of a job run by its final status (job processes, `fedctl simulate`)
 EXIT_CODES = {FINISHED: 0, FAILED: 1, ABORTED: 2}
 

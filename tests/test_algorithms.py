@@ -29,7 +29,7 @@ from fedctl.codec.model import (
     TaskResult,
 )
 from fedctl.sampling import sample_count, sample_sites
-from fedctl.tracking.store import RunStore
+from fedctl.tracking.store import RunStore, cross_site_lines
 from fedctl.workflows.base import NotEnoughResults, WorkflowContext
 from fedctl.workflows.fedavg import FedAvg
 from fedctl.workflows.fedavgm import FedAvgM
@@ -326,6 +326,41 @@ def test_cross_site_matrix_shape_and_values(tmp_path: Path, with_store: bool) ->
         assert saved["results"] == matrix["results"]
         assert (tmp_path / "models" / "local-site-2.safetensors").is_file()
         store.close()
+
+
+def test_cross_site_marks_sites_that_never_trained(tmp_path: Path) -> None:
+    """site-3 fails every training round but answers submit_model and evaluate: its row is
+    marked, not shown as if it held a model it trained."""
+
+    def make(site: str, task: Task) -> TaskResult:
+        if site == "site-3" and task.name not in (TASK_SUBMIT_MODEL, TASK_EVALUATE):
+            return TaskResult(site, task.task_id, error="RuntimeError: out of memory")
+        return _cross_site(site, task)
+
+    store = RunStore(tmp_path)
+    events: list[dict] = []
+    ctx = WorkflowContext(_comm(make), store=store, listeners=[store.listener, events.append])
+    FedAvg(2, 3, cross_site_eval=True).run(ctx, INITIAL)
+    matrix = next(e for e in events if e["event"] == "cross_site_eval")["matrix"]
+    assert matrix["never_trained"] == ["site-3"]
+    assert json.loads((tmp_path / "cross_site_eval.json").read_text())["never_trained"] == [
+        "site-3"
+    ]
+    assert any(
+        e["event"] == "warning" and "site-3 never had a training update accepted" in e["message"]
+        for e in events
+    )
+    lines = cross_site_lines(matrix, "accuracy")
+    assert [line.split("  ")[0].strip() for line in lines[1:]] == [
+        "global",
+        "site-1",
+        "site-2",
+        "site-3 (never trained)",
+        "site-4",  # site-5 submits no model (see _cross_site)
+    ]
+    store.close()
+    log = (tmp_path / "run.log").read_text()
+    assert "site-3 (never trained)" in log and "site-1 (never trained)" not in log
 
 
 # ---------------------------------------------------------------------------- personalization

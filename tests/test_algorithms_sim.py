@@ -124,7 +124,7 @@ def test_sampling_is_reproducible_in_simulation(tmp_path: Path) -> None:
         run = recipe.run(_local(tmp_path, 8, seed=seed))
         assert run.ok, run.reason
         rows = _lines(run.result_dir / "metrics/sites.jsonl")
-        return [sorted(r["site"] for r in rows if r["round"] == k) for k in range(3)], (
+        return [sorted(r["site"] for r in rows if r["round"] == k) for k in (1, 2, 3)], (
             run.load_final()
         )
 
@@ -218,6 +218,6 @@ def test_example_recipes_run_from_the_cli(tmp_path: Path, capsys, path: str, cli
             "--json",
         ]
     )
-    out = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)["result"]
     assert code == 0 and out["status"] == "FINISHED", out["reason"]
     assert out["rounds_completed"] == 2

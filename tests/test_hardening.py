@@ -56,7 +56,7 @@ def _wait(admin: AdminClient, job_id: str, timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = admin.status(job_id)
-        if job["state"] in TERMINAL:
+        if job["status"] in TERMINAL:
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not end")
@@ -94,14 +94,14 @@ def test_roles_are_enforced_and_denials_audited(ws, toy_dir, tmp_path, capsys) -
             org_admin.submit_recipe(recipe)
     with _admin(ws, "lead") as lead:
         job = lead.submit_recipe(recipe)
-        assert _wait(lead, job["id"])["state"] == "FINISHED"
+        assert _wait(lead, job["job_id"])["status"] == "FINISHED"
     with _admin(ws, "member") as member:
         with pytest.raises(PermissionDenied, match="may not download the results of job"):
-            member.download(job["id"], tmp_path / "dl")
+            member.download(job["job_id"], tmp_path / "dl")
         with pytest.raises(PermissionDenied, match="may not manage"):
-            member.abort(job["id"])
+            member.abort(job["job_id"])
     with _admin(ws, "org_admin") as org_admin:  # same organisation: may download
-        assert (org_admin.download(job["id"], tmp_path / "dl2") / "models").is_dir()
+        assert (org_admin.download(job["job_id"], tmp_path / "dl2") / "models").is_dir()
     # the CLI says it in one line and exits with the distinct code 3
     code = main(
         [
@@ -132,8 +132,8 @@ def test_a_site_refuses_a_job_it_may_not_run(ws, toy_dir) -> None:
     try:
         with _admin(ws, "lead") as lead:
             recipe = load_recipe(toy_dir).recipe.with_overrides(min_clients=3, num_rounds=1)
-            job = _wait(lead, lead.submit_recipe(recipe)["id"])
-        assert job["state"] == "FAILED"
+            job = _wait(lead, lead.submit_recipe(recipe)["job_id"])
+        assert job["status"] == "FAILED"
         assert "site-3 refused: site-3 does not run jobs from lead@poc.local" in job["reason"]
         assert "'submit' is not allowed by its local/authorization.yaml" in job["refused"]["site-3"]
         site_log = [r for r in _audit(_site_ws(ws, "site-3")) if r["event"] == "job_refused"]
@@ -183,7 +183,7 @@ def test_site_killed_mid_round_and_restarted(ws, toy_dir) -> None:
         num_rounds=6, min_clients=3, train_args="--sleep 0.6"
     )
     with _admin(ws) as admin:
-        job_id = admin.submit_recipe(recipe)["id"]
+        job_id = admin.submit_recipe(recipe)["job_id"]
         for ev in admin.follow(job_id):
             if ev.get("event") == "round_started" and ev.get("round") == 1:
                 break
@@ -195,7 +195,7 @@ def test_site_killed_mid_round_and_restarted(ws, toy_dir) -> None:
         assert not alive, f"orphaned client scripts: {alive}"
         poc.start(ws, site="site-3")
         job = _wait(admin, job_id)
-    assert job["state"] == "FINISHED", job["reason"]
+    assert job["status"] == "FINISHED", job["reason"]
     rounds = _rounds(job)
     assert [r["accepted"] for r in rounds] == [3] * 6  # round 2 included: the task came again
 
@@ -205,7 +205,7 @@ def test_job_that_loses_too_many_sites_fails_with_the_reason(ws, toy_dir) -> Non
         num_rounds=20, min_clients=3, train_args="--sleep 0.5"
     )
     with _admin(ws) as admin:
-        job_id = admin.submit_recipe(recipe)["id"]
+        job_id = admin.submit_recipe(recipe)["job_id"]
         for ev in admin.follow(job_id):
             if ev.get("event") == "round_completed":
                 break
@@ -213,7 +213,7 @@ def test_job_that_loses_too_many_sites_fails_with_the_reason(ws, toy_dir) -> Non
         started = time.monotonic()
         job = _wait(admin, job_id, timeout=60)
         assert time.monotonic() - started < 30  # failed promptly, not at the round deadline
-        assert job["state"] == "FAILED"
+        assert job["status"] == "FAILED"
         assert "site-2" in job["reason"] and "offline for more than 4s" in job["reason"]
         poc.start(ws, site="site-2")
         _wait_online(admin, {"site-1", "site-2", "site-3"})
@@ -222,7 +222,7 @@ def test_job_that_loses_too_many_sites_fails_with_the_reason(ws, toy_dir) -> Non
 def test_server_killed_and_restarted_mid_job_gives_the_same_model(ws, toy_dir, tmp_path) -> None:
     recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=5, train_args="--sleep 0.3")
     with _admin(ws) as admin:
-        job_id = admin.submit_recipe(recipe, seed=3)["id"]
+        job_id = admin.submit_recipe(recipe, seed=3)["job_id"]
         for ev in admin.follow(job_id):
             if ev.get("event") == "round_completed" and ev.get("round") == 1:
                 break
@@ -230,7 +230,7 @@ def test_server_killed_and_restarted_mid_job_gives_the_same_model(ws, toy_dir, t
     poc.start(ws)  # restarts the server; the sites reconnect by themselves
     with _admin(ws) as admin:
         job = _wait(admin, job_id)
-        assert job["state"] == "FINISHED", job["reason"]
+        assert job["status"] == "FINISHED", job["reason"]
         out = admin.download(job_id, tmp_path / "dl")
         events = [e["event"] for e in admin.events(job_id)]
     assert "server_restarted" in events and "resumed" in events

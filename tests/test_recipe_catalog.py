@@ -66,7 +66,7 @@ def _args(tmp_path: Path, **kw) -> dict:
 
 def test_recipe_list_shows_every_kind(capsys) -> None:
     assert main(["recipe", "list", "--json"]) == 0
-    catalog = json.loads(capsys.readouterr().out)
+    catalog = json.loads(capsys.readouterr().out)["result"]
     assert {e["kind"] for e in catalog} >= KINDS
     for entry in catalog:
         assert entry["summary"] and entry["paper"] and entry["parameters"], entry["kind"]
@@ -85,10 +85,15 @@ def test_recipe_show(capsys) -> None:
     assert "Karimireddy" in out and "server_lr" in out and "recipes/scaffold" in out
     assert "aggregator" in out and "sample_clients" in out
     assert main(["recipe", "show", "FedAdamRecipe", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["kind"] == "fedadam"
-    assert main(["recipe", "show", "fedsgd"]) == 2
+    assert json.loads(capsys.readouterr().out)["result"]["kind"] == "fedadam"
+    assert main(["recipe", "show", "lasso"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown recipe 'fedsgd' (one of: fedavg,") and "\n" not in err
+    assert err.startswith("error: unknown recipe kind 'lasso' (kinds: fedavg,") and "\n" not in err
+    assert main(["recipe", "show", "scafold"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown recipe kind 'scafold'; did you mean 'scaffold'? (kinds:")
+    assert main(["recipe", "show", "FedProxRecipee"]) == 2
+    assert "did you mean 'fedprox'?" in capsys.readouterr().err
 
 
 def test_recipe_catalog_does_not_import_torch() -> None:

@@ -55,10 +55,10 @@ def _wait_state(admin: AdminClient, job_id: str, states: tuple[str, ...], timeou
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = admin.status(job_id)
-        if job["state"] in states:
+        if job["status"] in states:
             return job
         time.sleep(0.2)
-    raise AssertionError(f"job {job_id} stuck in {job['state']}")
+    raise AssertionError(f"job {job_id} stuck in {job['status']}")
 
 
 def _toy(toy_dir: Path, **changes):
@@ -104,12 +104,12 @@ def test_cli_submit_status_logs_download(poc_ws, toy_dir, tmp_path, capsys) -> N
             str(tmp_path / "r"),
         ]
     )
-    out = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)["result"]
     assert code == 0 and out["status"] == "FINISHED" and out["rounds_completed"] == 3, out
     job_id = out["job_id"]
     assert main(["job", "status", job_id, *base, "--json"]) == 0
-    status = json.loads(capsys.readouterr().out)
-    assert status["state"] == "FINISHED" and status["deployed"] == ["site-1", "site-2"]
+    status = json.loads(capsys.readouterr().out)["result"]
+    assert status["status"] == "FINISHED" and status["deployed"] == ["site-1", "site-2"]
     assert main(["job", "logs", job_id, "--site", "site-2", *base]) == 0
     assert "site-2 starting" in capsys.readouterr().out
     assert main(["job", "logs", job_id, *base]) == 0
@@ -118,9 +118,9 @@ def test_cli_submit_status_logs_download(poc_ws, toy_dir, tmp_path, capsys) -> N
     assert (tmp_path / "dl" / "models" / "final.safetensors").is_file()
     assert "downloaded" in capsys.readouterr().out
     assert main(["job", "list", *base, "--json"]) == 0
-    assert job_id in [j["id"] for j in json.loads(capsys.readouterr().out)]
+    assert job_id in [j["job_id"] for j in json.loads(capsys.readouterr().out)["result"]]
     assert main(["sites", *base, "--json"]) == 0
-    online = [s["name"] for s in json.loads(capsys.readouterr().out) if s["online"]]
+    online = [s["name"] for s in json.loads(capsys.readouterr().out)["result"] if s["online"]]
     assert online == ["site-1", "site-2"]
     assert main(["job", "status", "no-such-job", *base]) == 4
     assert "no job 'no-such-job'" in capsys.readouterr().err
@@ -128,13 +128,13 @@ def test_cli_submit_status_logs_download(poc_ws, toy_dir, tmp_path, capsys) -> N
 
 def test_abort_mid_run(poc_ws, admin, toy_dir) -> None:
     job = admin.submit_recipe(_toy(toy_dir, num_rounds=200, train_args="--sleep 0.3"))
-    for ev in admin.follow(job["id"]):
+    for ev in admin.follow(job["job_id"]):
         if ev.get("event") == "round_completed":
             break
-    done = admin.abort(job["id"])
-    assert done["state"] == "ABORTED" and "aborted by project_admin@poc.local" in done["reason"]
-    status = admin.status(job["id"])
-    assert status["round"] is not None and status["round"] < 199
+    done = admin.abort(job["job_id"])
+    assert done["status"] == "ABORTED" and "aborted by project_admin@poc.local" in done["reason"]
+    status = admin.status(job["job_id"])
+    assert status["round"] is not None and status["round"] < 200  # 1-based
     # the sites stopped the job's scripts: their agents have no children left
     deadline = time.monotonic() + 20
     agents = [
@@ -148,8 +148,8 @@ def test_abort_mid_run(poc_ws, admin, toy_dir) -> None:
 def test_two_jobs_at_once(poc_ws, admin, toy_dir) -> None:
     recipe = _toy(toy_dir, num_rounds=4, train_args="--sleep 0.4")
     jobs = [admin.submit_recipe(recipe), admin.submit_recipe(recipe)]
-    done = [_wait_state(admin, j["id"], ("FINISHED", "FAILED", "ABORTED")) for j in jobs]
-    assert [d["state"] for d in done] == ["FINISHED", "FINISHED"]
+    done = [_wait_state(admin, j["job_id"], ("FINISHED", "FAILED", "ABORTED")) for j in jobs]
+    assert [d["status"] for d in done] == ["FINISHED", "FINISHED"]
     a, b = done
     assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]  # overlap
 
@@ -402,7 +402,7 @@ def test_reconnect_neither_loses_nor_duplicates(toy_dir, tmp_path) -> None:
                 time.sleep(0.1)
             job = admin.submit_recipe(_toy(toy_dir, num_rounds=4, train_args="--sleep 0.2"))
             cut = 0
-            for ev in admin.follow(job["id"]):
+            for ev in admin.follow(job["job_id"]):
                 if ev.get("event") in ("round_started", "result") and cut < 3:
                     link = server.sites["site-1"].link
                     if link.online:
@@ -410,15 +410,15 @@ def test_reconnect_neither_loses_nor_duplicates(toy_dir, tmp_path) -> None:
                         cut += 1
                 if ev["t"] == "end":
                     break
-            final = admin.status(job["id"])
+            final = admin.status(job["job_id"])
             result_dir = Path(final["result_dir"])
-        assert final["state"] == "FINISHED", final["reason"]
+        assert final["status"] == "FINISHED", final["reason"]
         rows = [
             json.loads(line)
             for line in (result_dir / "metrics" / "sites.jsonl").read_text().splitlines()
         ]
         assert sorted((r["round"], r["site"]) for r in rows) == [
-            (r, s) for r in range(4) for s in ("site-1", "site-2")
+            (r, s) for r in range(1, 5) for s in ("site-1", "site-2")
         ]
     finally:
         for a in agents:
@@ -443,7 +443,7 @@ def test_busy_port_is_a_clear_error(tmp_path) -> None:
 def test_admin_commands_need_a_kit(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("FEDCTL_ADMIN_KIT", raising=False)
     code = main(["job", "list", "--poc-workspace", str(tmp_path / "none")])
-    assert code == 2 and "run `fedctl poc prepare` first" in capsys.readouterr().err
+    assert code == 4 and "run `fedctl poc prepare` first" in capsys.readouterr().err
     with pytest.raises(UsageError, match="--target prod needs --kit"):
         from fedctl.cli.common import admin_client
 

@@ -37,7 +37,9 @@ def test_hello_pt_with_two_clients_from_the_cli(ray_cluster, tmp_path: Path, cap
             "--json",
         ]
     )
-    out = json.loads(capsys.readouterr().out)
+    envelope = json.loads(capsys.readouterr().out)
+    assert envelope["ok"] is True and envelope["error"] is None
+    out = envelope["result"]
     assert code == 0 and out["status"] == "FINISHED" and out["reason"] is None
     acc = [r["metrics"]["accuracy"] for r in out["metrics"]]
     assert len(acc) == 3 and acc[-1] > acc[0]
@@ -128,7 +130,8 @@ def test_site_state_survives_rounds_in_per_round_mode(ray_cluster, toy_recipe, t
         (s["site"], s["round"]): s["metrics"]["count"]
         for s in _lines(run.result_dir / "metrics/sites.jsonl")
     }
-    assert all(counts[(f"site-{i}", r)] == r + 1 for i in range(1, 7) for r in range(3))
+    # rounds are numbered from 1 in the metrics files
+    assert all(counts[(f"site-{i}", r)] == r for i in range(1, 7) for r in range(1, 4))
     assert (run.result_dir / "sites/site-4/state.safetensors").is_file()
 
 

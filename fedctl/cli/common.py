@@ -1,15 +1,41 @@
-"""Helpers shared by the CLI's runtime commands: admin kit resolution and output."""
+"""Helpers shared by the CLI's commands: app settings, common options, admin kits, output."""
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from fedctl.cli.output import failure, print_json
 from fedctl.constants import ENV_ADMIN_KIT
+
+__all__ = ["failure", "print_json"]
+
+#: every Typer app of the CLI: plain help (the same with every typer version, no types shown for
+#: flags), help for a group given alone, no shell-completion commands, no pretty tracebacks
+APP_SETTINGS: dict[str, Any] = {
+    "no_args_is_help": True,
+    "add_completion": False,
+    "pretty_exceptions_enable": False,
+    "rich_markup_mode": None,
+    "context_settings": {"help_option_names": ["-h", "--help"]},
+}
+
+
+def one_of(*allowed: str) -> Callable[[Any], Any]:
+    """An option callback that makes any other value a usage error (exit 2, with the usage
+    line), checked while the command line is parsed, before the command does anything."""
+
+    def check(value: Any) -> Any:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return check
+
 
 KIT_OPTION = typer.Option(
     None,
@@ -17,7 +43,9 @@ KIT_OPTION = typer.Option(
     help="Admin startup kit (default: $FEDCTL_ADMIN_KIT, else the POC's project admin).",
 )
 POC_OPTION = typer.Option(None, "--poc-workspace", help="POC workspace (default ~/.fedctl/poc).")
-JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
+JSON_OPTION = typer.Option(
+    False, "--json", help="Print one JSON document: {ok, command, result, error}."
+)
 
 
 def admin_client(
@@ -38,11 +66,6 @@ def admin_client(
 
         kit = Path(poc.admin_kit(poc_workspace))
     return AdminClient(kit)
-
-
-def print_json(data: Any) -> None:
-    """One JSON document on stdout."""
-    print(json.dumps(data, indent=2, default=str))
 
 
 def when(ts: float | None) -> str:

@@ -1,35 +1,57 @@
 """``fedctl submit job``, ``fedctl job …``, ``fedctl sites``: the admin commands.
 
-Identity comes from the admin kit's certificate. Every command has ``--json``; exit codes: 0 done,
-1 the job failed or was aborted (when following it), 2 bad input, 3 permission denied,
-4 no such job.
+Identity comes from the admin kit's certificate. Every command has ``--json`` (the envelope of
+:mod:`fedctl.cli.output`; a job is ``job_id`` and its state ``status`` everywhere, ``round`` is
+1-based); exit codes: 0 done, 1 the job failed or was aborted (when following it: ``submit job``
+without ``--detach``, ``job logs --follow``), 2 bad input, 3 permission denied, 4 no such job.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from fedctl.cli.common import (
+    APP_SETTINGS,
     JSON_OPTION,
     KIT_OPTION,
     POC_OPTION,
     admin_client,
     console,
+    failure,
+    one_of,
     print_json,
     when,
 )
 
-submit_app = typer.Typer(help="Submit work to a server.", no_args_is_help=True)
-job_app = typer.Typer(help="List, inspect, abort and download jobs.", no_args_is_help=True)
+submit_app = typer.Typer(help="Submit work to a server.", **APP_SETTINGS)
+job_app = typer.Typer(help="List, inspect, abort and download jobs.", **APP_SETTINGS)
+JOB_ID = typer.Argument(..., metavar="JOB_ID", help="The job's id (see `fedctl job list`).")
+
+
+def _round(job: dict[str, Any]) -> str:
+    """``3/5`` for a job in (or last at) its third round of five; ``-`` before the first."""
+    return f"{job['round']}/{job['num_rounds']}" if job.get("round") is not None else "-"
+
+
+def _outcome(job_id: str, status: str, reason: str | None) -> int:
+    """Exit code for a job that was followed to its end: 0 only if it finished."""
+    if status == "FINISHED":
+        return 0
+    return failure(f"job {job_id} {status}" + (f": {reason}" if reason else ""))
 
 
 @submit_app.command("job")
 def submit_job(
-    recipe: str = typer.Argument(..., help="Recipe file, folder holding recipe.py, or job folder."),
-    target: str = typer.Option("poc", "--target", help="poc (the local POC) or prod."),
+    recipe: str = typer.Argument(
+        ..., metavar="RECIPE", help="Recipe file, folder holding recipe.py, or job folder."
+    ),
+    target: str = typer.Option(
+        "poc", "--target", callback=one_of("poc", "prod"), help="poc (the local POC) or prod."
+    ),
     kit: Path | None = KIT_OPTION,
     poc_workspace: Path | None = POC_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed for the sites' generators."),
@@ -41,7 +63,8 @@ def submit_job(
     ),
     as_json: bool = JSON_OPTION,
 ) -> int:
-    """Submit RECIPE as a job; by default follow it live and download its results."""
+    """Submit RECIPE as a job; by default follow it live, download its results and exit with its
+    outcome (0 only if it finished); with --detach, exit once it is submitted."""
     import time
 
     from fedctl.errors import UsageError
@@ -56,12 +79,12 @@ def submit_job(
             if as_json:
                 print_json(job)
             else:
-                print(f"submitted {job['id']} ({job['state']})")
+                print(f"submitted {job['job_id']} ({job['status']})")
             return 0
         run = follow_job(
             admin,
-            job["id"],
-            title=f"{job['name']} · {target} · job {job['id']}",
+            job["job_id"],
+            title=f"{job['name']} · {target} · job {job['job_id']}",
             num_rounds=job["num_rounds"],
             results=results,
             mode=target,
@@ -70,7 +93,7 @@ def submit_job(
         )
     if as_json:
         print_json(run.to_json())
-    return 0 if run.ok else 1
+    return _outcome(run.job_id, run.status, run.reason)
 
 
 @job_app.command("list")
@@ -88,12 +111,16 @@ def job_list(
     from rich.table import Table
 
     table = Table(box=None)
-    for col in ("id", "state", "round", "submitter", "submitted", "reason"):
+    for col in ("job", "status", "round", "submitter", "submitted", "reason"):
         table.add_column(col)
     for j in jobs:
-        rnd = f"{j['round'] + 1}/{j['num_rounds']}" if j.get("round") is not None else "-"
         table.add_row(
-            j["id"], j["state"], rnd, j["submitter"], when(j["submitted_at"]), j.get("reason") or ""
+            j["job_id"],
+            j["status"],
+            _round(j),
+            j["submitter"],
+            when(j["submitted_at"]),
+            j.get("reason") or "",
         )
     console().print(table)
     return 0
@@ -101,7 +128,7 @@ def job_list(
 
 @job_app.command("status")
 def job_status(
-    job_id: str,
+    job_id: str = JOB_ID,
     kit: Path | None = KIT_OPTION,
     poc_workspace: Path | None = POC_OPTION,
     as_json: bool = JSON_OPTION,
@@ -112,10 +139,9 @@ def job_status(
     if as_json:
         print_json(job)
         return 0
-    rnd = f"{job['round'] + 1}/{job['num_rounds']}" if job.get("round") is not None else "-"
-    print(f"job       {job['id']} ({job['name']}, {job['kind']})")
-    print(f"state     {job['state']}" + (f": {job['reason']}" if job.get("reason") else ""))
-    print(f"round     {rnd}")
+    print(f"job       {job['job_id']} ({job['name']}, {job['kind']})")
+    print(f"status    {job['status']}" + (f": {job['reason']}" if job.get("reason") else ""))
+    print(f"round     {_round(job)}")
     deployed = ", ".join(job["deployed"]) or "-"
     print(f"sites     {', '.join(job['sites']) or '-'}  (deployed: {deployed})")
     for site, why in (job.get("refused") or {}).items():
@@ -128,7 +154,7 @@ def job_status(
 
 @job_app.command("abort")
 def job_abort(
-    job_id: str,
+    job_id: str = JOB_ID,
     kit: Path | None = KIT_OPTION,
     poc_workspace: Path | None = POC_OPTION,
     as_json: bool = JSON_OPTION,
@@ -139,13 +165,14 @@ def job_abort(
     if as_json:
         print_json(job)
     else:
-        print(f"{job['id']}: {job['state']}" + (f" ({job['reason']})" if job.get("reason") else ""))
+        reason = f" ({job['reason']})" if job.get("reason") else ""
+        print(f"{job['job_id']}: {job['status']}{reason}")
     return 0
 
 
 @job_app.command("download")
 def job_download(
-    job_id: str,
+    job_id: str = JOB_ID,
     out: Path = typer.Option(..., "-o", "--out", help="Folder to create."),
     kit: Path | None = KIT_OPTION,
     poc_workspace: Path | None = POC_OPTION,
@@ -156,7 +183,7 @@ def job_download(
         path = admin.download(job_id, out)
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
     if as_json:
-        print_json({"job": job_id, "out": str(path), "files": files})
+        print_json({"job_id": job_id, "out": str(path), "files": files})
     else:
         print(f"downloaded {job_id} to {path} ({len(files)} files)")
     return 0
@@ -164,9 +191,14 @@ def job_download(
 
 @job_app.command("logs")
 def job_logs(
-    job_id: str,
+    job_id: str = JOB_ID,
     site: str | None = typer.Option(None, "--site", help="A site's script output instead."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+    follow: bool = typer.Option(
+        False,
+        "--follow",
+        "-f",
+        help="Keep printing until the job ends, then exit with its outcome (0 only if FINISHED).",
+    ),
     kit: Path | None = KIT_OPTION,
     poc_workspace: Path | None = POC_OPTION,
     as_json: bool = JSON_OPTION,
@@ -175,12 +207,18 @@ def job_logs(
     with admin_client(kit, poc_workspace) as admin:
         if as_json:
             text = b"".join(admin.logs(job_id, site, follow)).decode(errors="replace")
-            print_json({"job": job_id, "site": site, "lines": text.splitlines()})
-            return 0
-        for piece in admin.logs(job_id, site, follow):
-            sys.stdout.write(piece.decode(errors="replace"))
-            sys.stdout.flush()
-    return 0
+            result: dict[str, Any] = {"job_id": job_id, "site": site, "lines": text.splitlines()}
+        else:
+            result = {}
+            for piece in admin.logs(job_id, site, follow):
+                sys.stdout.write(piece.decode(errors="replace"))
+                sys.stdout.flush()
+        job = admin.status(job_id) if follow else None
+    if job is not None:
+        result.update(status=job["status"], reason=job.get("reason"))
+    if as_json:
+        print_json(result)
+    return _outcome(job_id, job["status"], job.get("reason")) if job is not None else 0
 
 
 def sites(

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import typer
 
-from fedctl.cli.common import JSON_OPTION, print_json
+from fedctl.cli.common import APP_SETTINGS, JSON_OPTION, failure, print_json
 
 poc_app = typer.Typer(
     help="A local proof-of-concept cluster: real processes, mutual TLS, 127.0.0.1.",
-    no_args_is_help=True,
+    **APP_SETTINGS,
 )
 WS = typer.Option(
     None, "--workspace", help="POC workspace (default: $FEDCTL_POC_WORKSPACE or ~/.fedctl/poc)."
@@ -71,13 +71,15 @@ def start(
 
 @poc_app.command("status")
 def status(workspace: Path | None = WS, as_json: bool = JSON_OPTION) -> int:
-    """Which POC processes run and which sites the server sees."""
+    """Which POC processes run and which sites the server sees; exit 1 if the server is not
+    running."""
     from fedctl.runtime import poc
 
     state = poc.status(workspace)
+    running = state["processes"]["server"]["running"]
     if as_json:
         print_json(state)
-        return 0
+        return 0 if running else failure("the POC server is not running (fedctl poc start)")
     for name, proc in state["processes"].items():
         print(
             f"{name:<12} {'running' if proc['running'] else 'stopped':<8} PID {proc['pid'] or '-'}"
@@ -85,7 +87,7 @@ def status(workspace: Path | None = WS, as_json: bool = JSON_OPTION) -> int:
     if state["sites"] is not None:
         online = [s["name"] for s in state["sites"] if s["online"]]
         print(f"server sees: {', '.join(online) or 'no sites'}")
-    return 0 if state["processes"]["server"]["running"] else 1
+    return 0 if running else failure("the POC server is not running (fedctl poc start)")
 
 
 @poc_app.command("stop")

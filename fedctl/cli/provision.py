@@ -5,18 +5,19 @@ Thin wrappers over :mod:`fedctl.provision`; nothing heavy is imported until a co
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from fedctl.cli.common import APP_SETTINGS, JSON_OPTION, one_of, print_json
+
 cert_app = typer.Typer(
     help="Site-held keys: make a CSR at the site, sign it with the project CA.",
-    no_args_is_help=True,
+    **APP_SETTINGS,
 )
-kit_app = typer.Typer(help="Startup kits: assemble and verify.", no_args_is_help=True)
+kit_app = typer.Typer(help="Startup kits: assemble and verify.", **APP_SETTINGS)
 
 
 def _usage(message: str) -> None:
@@ -29,13 +30,9 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2))
-
-
 def _print_result(result: Any, *, as_json: bool) -> None:
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     ca_state = "new" if result.ca_created else "existing"
     typer.echo(f"CA       {result.ca_cert} ({ca_state})")
@@ -77,7 +74,7 @@ def register(app: typer.Typer) -> None:
         role: str = typer.Option(
             None, "--role", help="Role of the added admin: project_admin, org_admin, lead, member."
         ),
-        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        as_json: bool = JSON_OPTION,
     ) -> None:
         """Create a project's CA, certificates and startup kits from PROJECT_YML.
 
@@ -92,7 +89,7 @@ def register(app: typer.Typer) -> None:
                 _usage("--init cannot be combined with --add-site/--add-admin")
             path = prov.write_example(project_yml or "project.yml", force=force)
             if as_json:
-                _print_json({"written": str(path)})
+                print_json({"written": str(path)})
             else:
                 typer.echo(
                     f"wrote {path}; edit it, then run: fedctl provision {path} -o {workspace}"
@@ -137,7 +134,9 @@ def cert_request(
         ..., metavar="NAME", help="Participant name (a site name, or an admin's e-mail)."
     ),
     org: str = typer.Option(..., "--org", help="Organisation."),
-    ptype: str = typer.Option("site", "--type", help="site, admin or server."),
+    ptype: str = typer.Option(
+        "site", "--type", callback=one_of("site", "admin", "server"), help="site, admin or server."
+    ),
     role: str = typer.Option(None, "--role", help="Admin role (admins only)."),
     out_dir: Path = typer.Option(
         Path("."), "-o", "--out", help="Folder for NAME.key and NAME.csr."
@@ -145,6 +144,7 @@ def cert_request(
     key_type: str = typer.Option(
         "ecdsa-p256", "--key-type", help="ecdsa-p256, ecdsa-p384 or rsa-3072."
     ),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Make a private key and a certificate signing request here; send only the CSR."""
     from fedctl import provision as prov
@@ -155,6 +155,18 @@ def cert_request(
     req = prov.request_certificate(
         name, org=org, type=ptype, role=role, out_dir=out_dir, key_type=key_type
     )
+    if as_json:
+        print_json(
+            {
+                "name": name,
+                "org": org,
+                "type": ptype,
+                "role": role,
+                "key": str(req.key_path),
+                "csr": str(req.csr_path),
+            }
+        )
+        return
     typer.echo(f"key  {req.key_path} (keep it here, mode 0600)")
     typer.echo(
         f"CSR  {req.csr_path} (send it to the project admin: fedctl cert sign {req.csr_path.name})"
@@ -173,7 +185,7 @@ def cert_sign(
         help="Sign even if the participant or its key already has a live certificate, or its "
         "key was made in the workspace (renewal, re-keying).",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Sign a CSR with the project CA and build that participant's kit without its key.
 
@@ -183,7 +195,7 @@ def cert_sign(
 
     res = prov.sign_csr(workspace, csr, force=force)
     if as_json:
-        _print_json(
+        print_json(
             {
                 **res.identity.to_dict(),
                 "kit_dir": str(res.kit_dir),
@@ -212,11 +224,22 @@ def kit_assemble(
     out_dir: Path = typer.Option(
         None, "-o", "--out", help="Kit folder to create (default ./NAME)."
     ),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Complete a kit with this site's own key (or unpack a full kit zip), then verify it."""
     from fedctl import provision as prov
 
     kit = prov.assemble_kit(bundle, key=key, out_dir=out_dir)
+    if as_json:
+        print_json(
+            {
+                "kit": str(kit.root),
+                "project": kit.project,
+                **kit.identity.to_dict(),
+                "verified": True,
+            }
+        )
+        return
     typer.echo(f"kit      {kit.root} for {kit.identity} in project {kit.project!r}: verified")
 
 
@@ -228,7 +251,7 @@ def kit_verify(
         False, "--connect", help="Also try a mutual-TLS handshake with the kit's server."
     ),
     address: str = typer.Option(None, "--address", help="host:port to connect to instead."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Check a kit's signature, files, certificate and key; optionally its connection."""
     from fedctl import provision as prov
@@ -250,7 +273,7 @@ def kit_verify(
         check = tls.diagnose_connection(kit, address)
         out["connection"] = {"ok": check.ok, "message": check.message}
     if as_json:
-        _print_json(out)
+        print_json(out)
     else:
         typer.echo(
             f"ok       {kit.root}: {kit.identity} in project {kit.project!r}, server "

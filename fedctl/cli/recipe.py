@@ -1,18 +1,22 @@
 """``fedctl recipe list`` and ``fedctl recipe show NAME``: the catalog of recipe kinds.
 
-Reads the recipe registry (class attributes and constructor signatures); nothing heavy is
-imported, so the catalog prints without loading torch.
+Reads the recipe registry (class attributes and constructor signatures): fedctl's own kinds and
+those of installed plugins (docs/plugins.md), which are marked. Nothing heavy is imported by
+fedctl itself, so the catalog prints without loading torch (a plugin may import more).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import typer
 
+from fedctl.cli.common import APP_SETTINGS, JSON_OPTION
+
 recipe_app = typer.Typer(
     help="The recipe catalog: every algorithm, its purpose and its parameters.",
-    no_args_is_help=True,
+    **APP_SETTINGS,
 )
 
 
@@ -31,10 +35,12 @@ ORDER = (
 )
 
 
-def _describe(cls: Any) -> dict[str, Any]:
+def _describe(cls: Any, plugin: Any) -> dict[str, Any]:
     return {
         "kind": cls.kind,
         "class": cls.__name__,
+        # None for fedctl's own kinds; {kind, distribution, version, target} for a plugin's
+        "plugin": asdict(plugin) if plugin is not None else None,
         "summary": cls.summary,
         "paper": cls.paper,
         "example": cls.example,
@@ -43,12 +49,28 @@ def _describe(cls: Any) -> dict[str, Any]:
 
 
 def _catalog() -> list[dict[str, Any]]:
-    import fedctl.recipe  # noqa: F401  (registers every recipe kind)
-    from fedctl.recipe.jobfolder import REGISTRY
+    import sys
 
+    import fedctl.recipe  # noqa: F401  (registers every recipe kind of fedctl's own)
+    from fedctl.recipe.registry import PLUGINS, REGISTRY, load_plugins
+
+    for problem in load_plugins().values():
+        print(f"warning: {problem}", file=sys.stderr)
     order = {kind: i for i, kind in enumerate(ORDER)}
     classes = sorted(REGISTRY.values(), key=lambda c: (order.get(c.kind, len(order)), c.kind))
-    return [_describe(cls) for cls in classes]
+    return [_describe(cls, PLUGINS.get(cls.kind)) for cls in classes]
+
+
+def _unknown(name: str, catalog: list[dict[str, Any]]) -> str:
+    """``unknown recipe kind 'scafold'; did you mean 'scaffold'? (kinds: …)``"""
+    import difflib
+
+    kinds = [e["kind"] for e in catalog]
+    by_name = {e["kind"]: e["kind"] for e in catalog}
+    by_name.update({e["class"].lower(): e["kind"] for e in catalog})
+    close = difflib.get_close_matches(name.lower(), list(by_name), n=1, cutoff=0.6)
+    guess = f"; did you mean {by_name[close[0]]!r}?" if close else ""
+    return f"unknown recipe kind {name!r}{guess} (kinds: {', '.join(kinds)})"
 
 
 def _default(p: dict[str, Any]) -> str:
@@ -59,7 +81,7 @@ def register(app: typer.Typer) -> None:
     """Attach ``recipe list`` and ``recipe show`` to the root app."""
 
     @recipe_app.command("list")
-    def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    def list_(as_json: bool = JSON_OPTION) -> None:
         """Every recipe kind with its one-line purpose and its own parameters."""
         from rich.table import Table
 
@@ -75,7 +97,10 @@ def register(app: typer.Typer) -> None:
             table.add_column(column, overflow="fold")
         for entry in catalog:
             own = [p["name"] for p in entry["parameters"] if p["name"] not in common]
-            table.add_row(entry["kind"], entry["class"], entry["summary"], ", ".join(own) or "-")
+            summary = entry["summary"]
+            if entry["plugin"]:
+                summary = f"{summary} (plugin {entry['plugin']['distribution']})"
+            table.add_row(entry["kind"], entry["class"], summary, ", ".join(own) or "-")
         out = console()
         out.print(table)
         out.print(
@@ -85,8 +110,10 @@ def register(app: typer.Typer) -> None:
 
     @recipe_app.command("show")
     def show(
-        name: str = typer.Argument(..., help="A recipe kind (e.g. fedprox) or class name."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        name: str = typer.Argument(
+            ..., metavar="KIND", help="A recipe kind (e.g. fedprox) or class name."
+        ),
+        as_json: bool = JSON_OPTION,
     ) -> None:
         """A recipe's purpose, paper, example folder and every parameter with its default."""
         from rich.table import Table
@@ -97,8 +124,7 @@ def register(app: typer.Typer) -> None:
         catalog = _catalog()
         entry = next((e for e in catalog if name.lower() in (e["kind"], e["class"].lower())), None)
         if entry is None:
-            kinds = ", ".join(e["kind"] for e in catalog)
-            raise UsageError(f"unknown recipe {name!r} (one of: {kinds})")
+            raise UsageError(_unknown(name, catalog))
         if as_json:
             print_json(entry)
             return
@@ -108,7 +134,13 @@ def register(app: typer.Typer) -> None:
             out.print(f"paper:   {entry['paper']}")
         if entry["example"]:
             out.print(f"example: fedctl simulate {entry['example']}")
-        out.print(f"use:     from fedctl.recipe import {entry['class']}")
+        plugin = entry["plugin"]
+        if plugin:
+            out.print(f"plugin:  {plugin['distribution']} {plugin['version']} ({plugin['target']})")
+            module = plugin["target"].split(":")[0]
+            out.print(f"use:     from {module} import {entry['class']}")
+        else:
+            out.print(f"use:     from fedctl.recipe import {entry['class']}")
         table = Table(box=None, pad_edge=False)
         for column in ("parameter", "default", "meaning"):
             table.add_column(column, overflow="fold")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from fedctl.cli.common import JSON_OPTION, failure, one_of, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -15,7 +16,7 @@ def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate(
         recipe: str = typer.Argument(
-            ..., help="Recipe file, folder holding recipe.py, or job folder."
+            ..., metavar="RECIPE", help="Recipe file, folder holding recipe.py, or job folder."
         ),
         clients: int | None = typer.Option(
             None, "--clients", "-n", help="Number of virtual sites."
@@ -29,9 +30,12 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int | None = typer.Option(None, "--seed", help="Seed (same seed, same model)."),
         backend: str | None = typer.Option(
-            None, "--backend", help="'ray' (default) or 'local' (one in-process worker, to debug)."
+            None,
+            "--backend",
+            callback=one_of("ray", "local"),
+            help="'ray' (default) or 'local' (one in-process worker, to debug).",
         ),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON result object."),
+        as_json: bool = JSON_OPTION,
     ) -> int:
         """Run RECIPE with N simulated sites and show its progress; exit 0 only on success."""
         from dataclasses import replace
@@ -65,7 +69,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError(str(exc)) from None
         run = r.run(env)
         if as_json:
-            print(json.dumps(run.to_json(), indent=2))
-        if run.status == "ABORTED" and run.reason == "interrupted by the user":
-            return 130
-        return 0 if run.ok else 1
+            print_json(run.to_json())
+        if run.ok:
+            return 0
+        code = 130 if run.status == "ABORTED" and run.reason == "interrupted by the user" else 1
+        return failure(f"{run.name} {run.status}: {run.reason}", code)

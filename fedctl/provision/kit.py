@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedctl._fs import sha256_file
+from fedctl.errors import NotFound
 from fedctl.provision.identity import Identity, IdentityError
 from fedctl.provision.kitfiles import (
     atomic_write_dir,
@@ -171,7 +172,7 @@ def load_kit(
     root = Path(kit_dir)
     if not (root / STARTUP).is_dir():
         if not root.exists():
-            raise KitError(f"{root}: no such kit folder")
+            raise NotFound(f"{root}: no such kit folder")
         raise KitError(f"{root}: not a fedctl kit (no startup/ folder)")
     s = f"{STARTUP}/"
 

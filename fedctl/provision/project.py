@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedctl._yaml import YAMLInputError, dump_yaml, load_yaml
+from fedctl.errors import NotFound
 from fedctl.provision.identity import ROLES, Identity
 from fedctl.provision.schema import (
     API_VERSION,
@@ -214,7 +215,7 @@ def load_project(path: str | Path) -> Project:
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise ProjectError("no such file", source=source) from None
+        raise NotFound(f"{source}: no such file") from None
     except IsADirectoryError:
         raise ProjectError("is a folder, expected a project.yml file", source=source) from None
     except OSError as exc:

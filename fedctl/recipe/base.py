@@ -30,7 +30,8 @@ from fedctl.recipe.checks import (
     check_str,
     size_text,
 )
-from fedctl.recipe.jobfolder import JOB_SPEC, REGISTRY, load_weights, write_job
+from fedctl.recipe.jobfolder import JOB_SPEC, load_weights, write_job
+from fedctl.recipe.registry import register_builtin
 from fedctl.sampling import check_sample_spec
 
 if TYPE_CHECKING:
@@ -54,11 +55,15 @@ class ExecEnv(Protocol):
 
 
 def _caller_dir() -> Path:
-    """Folder of the first calling frame outside the fedctl package (the recipe file)."""
+    """Folder of the first calling frame outside the fedctl package and outside any recipe
+    class's ``__init__`` (a plugin's recipe class calls ours): the recipe file's folder."""
     frame = inspect.currentframe()
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith("<"):
+        in_recipe_init = frame.f_code.co_name == "__init__" and isinstance(
+            frame.f_locals.get("self"), Recipe
+        )
+        if not filename.startswith("<") and not in_recipe_init:
             path = Path(filename).resolve()
             if _FEDCTL_DIR not in path.parents:
                 return path.parent
@@ -110,8 +115,7 @@ class Recipe:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.kind:
-            REGISTRY[cls.kind] = cls
+        register_builtin(cls)  # fedctl's own kinds; plugins register through their entry point
 
     def __init__(
         self,

@@ -6,8 +6,9 @@ Layout (the unit that is zipped, signed and submitted)::
     model/initial.safetensors    initial weights (safe framing, never a pickle)
     code/                        the recipe folder: client script and its helper modules
 
-A job folder names its recipe *kind*, looked up in :data:`REGISTRY`, never a class path, and
-carries its model only as safetensors: loading one imports nothing by name and unpickles nothing.
+A job folder names its recipe *kind*, looked up in the registry of fedctl's own kinds and
+installed plugins (:mod:`fedctl.recipe.registry`), never a class path, and carries its model
+only as safetensors: loading one imports nothing the job names and unpickles nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedctl._fs import sha256_file
 from fedctl._yaml import YAMLInputError, dump_yaml, load_yaml
 from fedctl.codec.jsondata import check_json
 from fedctl.errors import CodecError, RecipeError
+from fedctl.recipe.registry import REGISTRY, check_recipe, lookup
 
 if TYPE_CHECKING:
     import torch
@@ -36,14 +38,26 @@ MODEL_FILE = "model/initial.safetensors"
 #: a job spec (arguments and file hashes) larger than this is refused
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 
-#: kind → recipe class (filled by ``Recipe.__init_subclass__``); job folders name a kind
-REGISTRY: dict[str, type[Recipe]] = {}
+__all__ = [
+    "JOB_SPEC",
+    "MODEL_FILE",
+    "REGISTRY",
+    "JobSpec",
+    "load_job",
+    "load_weights",
+    "read_job_spec",
+    "write_job",
+]
 
 
 def write_job(recipe: Recipe, job_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write ``recipe`` as a job folder; atomic (a failure leaves nothing behind)."""
+    """Write ``recipe`` as a job folder; atomic (a failure leaves nothing behind).
+
+    Refused, before anything is written, when a server could not run it: a kind that is neither
+    built in nor from an installed plugin, or a class that is not its kind's class."""
     from fedctl.codec.tensorfiles import save_file_hashed
 
+    check_recipe(recipe)
     job_dir = Path(job_dir).resolve()
     if job_dir.exists() and any(job_dir.iterdir()) and not overwrite:
         raise RecipeError(f"{job_dir} already exists and is not empty")
@@ -147,9 +161,7 @@ def read_job_spec(
         raise RecipeError(f"{spec_path}: expected exactly the keys {sorted(expected)}")
     if spec["fedctl_job"] != JOB_FORMAT:
         raise RecipeError(f"{spec_path}: unsupported job format {spec['fedctl_job']!r}")
-    cls = REGISTRY.get(spec["kind"]) if isinstance(spec["kind"], str) else None
-    if cls is None:
-        raise RecipeError(f"{spec_path}: unknown recipe kind {spec['kind']!r}")
+    cls = lookup(spec["kind"])  # fedctl's own kinds and installed plugins; the same message
     if not isinstance(spec["args"], dict):
         raise RecipeError(f"{spec_path}: args must be a mapping")
     unknown = set(spec["args"]) - set(cls.arg_names())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedctl._imports import exec_file
-from fedctl.errors import RecipeError
+from fedctl.errors import NotFound, RecipeError
 from fedctl.recipe.base import Recipe
 from fedctl.recipe.jobfolder import JOB_SPEC, load_job
 
@@ -32,10 +32,13 @@ class LoadedRecipe:
 
 
 def resolve_recipe_path(target: str | os.PathLike[str]) -> Path:
-    """The recipe file for a path that is a file, a folder with recipe.py, or a job folder."""
+    """The recipe file for a path that is a file, a folder with recipe.py, or a job folder.
+
+    A path that does not exist is :class:`NotFound` (exit 4); one that exists but holds no
+    recipe is a :class:`RecipeError` (exit 2)."""
     path = Path(target)
     if not path.exists():
-        raise RecipeError(f"recipe not found: {path}")
+        raise NotFound(f"recipe not found: {path} (no such file or folder)")
     if path.is_dir():
         if (path / JOB_SPEC).is_file():
             return path / JOB_SPEC

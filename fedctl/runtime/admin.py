@@ -148,7 +148,7 @@ class AdminClient:
             for raw in stream:
                 msg, _ = protocol.decode(raw, JobEvent, StreamEnd)
                 if isinstance(msg, StreamEnd):
-                    yield {"t": "end", "state": msg.state}
+                    yield {"t": "end", "status": msg.state}
                     return
                 yield {"t": "event", **msg.event}
         except grpc.RpcError as exc:

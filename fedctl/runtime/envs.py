@@ -36,11 +36,9 @@ def follow_job(
 
     started = started if started is not None else time.monotonic()
     shown = Display(title, num_rounds, display)
-    state = "FAILED"
     with shown:
         for ev in admin.follow(job_id):
             if ev["t"] == "end":
-                state = ev["state"]
                 break
             if ev.get("event") in (
                 "round_started",
@@ -51,7 +49,7 @@ def follow_job(
             ):
                 shown.listener(ev)
     status = admin.status(job_id)
-    state = status["state"]
+    state = status["status"]
     out = Path(results) / job_id
     admin.download(job_id, out)
     models = out / "models"
@@ -105,10 +103,10 @@ class ProdEnv:
         started = time.monotonic()
         with AdminClient(self.admin_kit, self.address) as admin:
             job = admin.submit_recipe(recipe, seed=self.seed)
-            title = f"{recipe.name} · {self.mode} · job {job['id']}"
+            title = f"{recipe.name} · {self.mode} · job {job['job_id']}"
             return follow_job(
                 admin,
-                job["id"],
+                job["job_id"],
                 title=title,
                 num_rounds=recipe.num_rounds,
                 results=self.results,

@@ -35,7 +35,7 @@ from fedctl.codec.protocol import (
 )
 from fedctl.constants import MIN_RESULT_LIMIT, RESULT_FACTOR
 from fedctl.errors import FedctlError
-from fedctl.jobs import ABORTED, RUNNING, TERMINAL, natural_key
+from fedctl.jobs import ABORTED, RUNNING, TERMINAL, natural_key, user_round
 from fedctl.transport.local import listen_unix
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class JobLink:
             job=rt.rec.id,
             task=msg.task_id,
             task_name=msg.name,
-            round=msg.header.get("current_round"),
+            round=user_round(msg.header.get("current_round")),
             sites=msg.targets,
             sha256=blob_info.sha256 if blob_info else None,
             size=blob_info.size if blob_info else None,

@@ -6,10 +6,11 @@
     fedctl poc stop                     # stops exactly the processes `poc start` started
 
 The workspace (``~/.fedctl/poc`` or ``$FEDCTL_POC_WORKSPACE`` or ``--workspace``) holds
-``poc.json`` (what was prepared), ``kits/`` (the provisioned kits), ``run/<name>.json`` (pid,
-start time and command of each process started) and ``logs/<name>.log``. Everything binds
-127.0.0.1. Results of jobs stay on the server (``kits/localhost/workspace/jobs/``) until the
-workspace is cleaned.
+``poc.json`` (what was prepared), ``provision/`` (the project: ``state/`` with the CA and
+``kits/<name>/`` for the server ``localhost``, each site and one admin per role),
+``run/<name>.json`` (pid, start time and command of each process started) and
+``logs/<name>.log``. Everything binds 127.0.0.1. Results of jobs stay on the server
+(``provision/kits/localhost/workspace/jobs/``) until the workspace is cleaned.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedctl.constants import ENV_POC_WORKSPACE
-from fedctl.errors import FedctlError, UsageError
+from fedctl.errors import FedctlError, NotFound, UsageError
 from fedctl.runtime.procs import terminate_group
 
 POC_FILE = "poc.json"
@@ -49,7 +50,7 @@ def load_info(workspace: str | os.PathLike[str] | None = None) -> dict[str, Any]
     try:
         info = json.loads((ws / POC_FILE).read_text())
     except FileNotFoundError:
-        raise UsageError(f"no POC workspace at {ws}: run `fedctl poc prepare` first") from None
+        raise NotFound(f"no POC workspace at {ws}: run `fedctl poc prepare` first") from None
     info["workspace"] = str(ws)
     return info
 

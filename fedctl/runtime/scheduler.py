@@ -33,6 +33,7 @@ from fedctl.jobs import (
     TERMINAL,
     natural_key,
     new_job_id,
+    user_round,
 )
 from fedctl.runtime import store as st
 from fedctl.runtime.bundle import extract_bundle, make_bundle
@@ -68,16 +69,15 @@ class Scheduler:
     ) -> st.JobRecord:
         """Store a submitted bundle as a new job (validated: safe paths, hashes, spec)."""
         from fedctl.recipe.jobfolder import load_job
+        from fedctl.recipe.registry import server_code_refusal
 
         staging = bundle.parent / "job"
         extract_bundle(bundle, staging, max_bytes=self.state.config.max_bundle)
-        recipe = load_job(staging, verify=False)  # the arguments, through the recipe class
-        server_code = getattr(recipe, "server_eval", None)
-        if server_code and not self.state.config.allow_server_code:
-            reason = (
-                f"this server does not run code from jobs (server_eval={server_code!r}); "
-                "an operator can allow it with `fedctl server start --allow-server-code`"
-            )
+        # the kind must be built in or come from a plugin installed here (same message as the
+        # simulator's); the arguments go through the recipe class
+        recipe = load_job(staging, verify=False)
+        reason = server_code_refusal(recipe)  # the message the simulator warns with
+        if reason and not self.state.config.allow_server_code:
             self.state.audit.record(
                 "access_denied", ident.name, action="server_code", reason=reason
             )
@@ -302,16 +302,19 @@ class Scheduler:
     # ------------------------------------------------------------------ summaries
 
     def job_summary(self, rec: st.JobRecord, detail: bool = False) -> dict[str, Any]:
-        """A job as admin commands show it (``detail``: with metrics, sites' progress, paths)."""
+        """A job as admin commands show it (``detail``: with metrics, sites' progress, paths).
+
+        ``round`` is 1-based, like everything users see (the round in progress, or the last one
+        started), None before the first."""
         out: dict[str, Any] = {
-            "id": rec.id,
+            "job_id": rec.id,
             "name": rec.name,
             "kind": rec.kind,
-            "state": rec.state,
+            "status": rec.state,
             "reason": rec.reason,
             "submitter": rec.submitter,
             "submitted_at": rec.submitted_at,
-            "round": rec.round,
+            "round": user_round(rec.round),
             "num_rounds": rec.num_rounds,
             "sites": rec.sites,
         }

@@ -40,6 +40,7 @@ from fedctl.codec.protocol import (
     Welcome,
 )
 from fedctl.errors import PermissionDenied
+from fedctl.jobs import user_round
 from fedctl.runtime.joblink import _failed
 from fedctl.runtime.rpcstatus import LimitExceeded, abort, as_status, who
 from fedctl.runtime.serverstate import SiteConn
@@ -202,7 +203,7 @@ class SiteSessions:
                     conn.name,
                     job=rt.rec.id,
                     task=msg.task_id,
-                    round=msg.header.get("current_round"),
+                    round=user_round(msg.header.get("current_round")),
                     sha256=msg.blob.sha256,
                     size=path.stat().st_size,
                 )

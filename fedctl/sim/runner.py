@@ -6,10 +6,12 @@ what a POC or production server would receive.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from fedctl.jobs import ABORTED, FAILED, new_job_id
 from fedctl.privacy.filters import FilterChain
 from fedctl.recipe.base import Recipe
 from fedctl.recipe.jobfolder import load_job
+from fedctl.recipe.registry import check_recipe, server_code_refusal
 from fedctl.recipe.runner import run_workflow
 from fedctl.sim.env import SimEnv
 from fedctl.sim.pool import LocalPool, Pool, RayPool, SimCommunicator, available_cpus
@@ -35,6 +38,33 @@ class _QuietRay(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """While Ray starts a single-machine cluster here: keep 127.0.0.1 as its node address.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` treats a loopback address as "find the machine's
+    own": it opens a socket towards 8.8.8.8 (and Google's IPv6 resolver) and, on a machine or
+    network namespace without such a route, prints "Failed to determine local IP via external
+    connectivity to: 8.8.8.8:53 ..." on every simulation before falling back to the host name.
+    Ray's own single-machine setting (``ENABLE_RAY_CLUSTER`` off, what it uses on macOS and
+    Windows) answers 127.0.0.1 without probing; it is switched off only around ``ray.init``.
+    """
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # pragma: no cover - another Ray layout: keep its behaviour
+        yield
+        return
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is None:  # pragma: no cover
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def ensure_ray(env: SimEnv, workers: int) -> bool:
@@ -67,15 +97,16 @@ def ensure_ray(env: SimEnv, workers: int) -> bool:
         if env.ray_address:
             ray.init(address=env.ray_address, **common)
         else:
-            ray.init(
-                num_cpus=max(workers, available_cpus()),
-                num_gpus=int(env.gpus or 0),
-                _node_ip_address="127.0.0.1",
-                # Release freed objects promptly: with the default (1 s) a fast stream of
-                # small results keeps ~1 s of dead objects resident in shared memory.
-                _system_config={"free_objects_period_milliseconds": 20},
-                **common,
-            )
+            with _loopback_node_ip():
+                ray.init(
+                    num_cpus=max(workers, available_cpus()),
+                    num_gpus=int(env.gpus or 0),
+                    _node_ip_address="127.0.0.1",
+                    # Release freed objects promptly: with the default (1 s) a fast stream of
+                    # small results keeps ~1 s of dead objects resident in shared memory.
+                    _system_config={"free_objects_period_milliseconds": 20},
+                    **common,
+                )
     except Exception as exc:
         hint = ""
         if env.ray_address and env.ray_address.split(":")[0] in ("127.0.0.1", "localhost"):
@@ -114,6 +145,8 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     status (FINISHED, FAILED or ABORTED and why). Bad input raises a UsageError instead."""
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"expected a fedctl Recipe, got {type(recipe).__name__}")
+    # what a server would refuse is refused here, with the server's message
+    check_recipe(recipe)
     _check_gpus(env)
     if env.num_clients < recipe.min_clients:
         raise UsageError(
@@ -154,6 +187,11 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     store.log(f"{title}; job {job_id}; seed {env.seed}; {'resident' if resident else 'per-round'}")
     for site, why in refused.items():
         store.log(f"{site} refused the job: {why}")
+    warnings = []
+    refusal = server_code_refusal(job)
+    if refusal:
+        # the simulator runs it (all on the user's machine); a production server would not
+        warnings.append(f"a production server refuses this job: {refusal}")
     config = WorkerConfig(
         job_id=job_id,
         code_dir=str(job.base_dir),
@@ -178,6 +216,10 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         # The driver shares the CPUs with the local workers: more than one intra-op thread here
         # makes every small aggregation wait on a busy core (OpenMP barriers), not go faster.
         torch.set_num_threads(1)
+    for message in warnings:
+        event = {"event": "warning", "message": message, "time": time.time()}
+        store.listener(event)
+        display.listener(event)
     with display:
         try:
             if len(sites) < job.min_clients:
@@ -240,6 +282,7 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             "resident": resident,
             "seed": env.seed,
             "timings": {k: round(v, 3) for k, v in timings.items()},
+            "warnings": warnings,
         },
     )
     display.summary(status, reason, _summary_lines(run))

@@ -16,6 +16,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from fedctl.tracking.store import model_label
+
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -123,7 +125,7 @@ class Display:
             for site in sites:
                 value = (results.get(model) or {}).get(site, {}).get(metric) if metric else None
                 cells.append(_fmt(value) if isinstance(value, int | float) else "-")
-            table.add_row(model, *cells)
+            table.add_row(model_label(matrix, model), *cells)
         return table
 
     def _render(self) -> Group:

@@ -12,6 +12,10 @@ Layout (the same for simulation and for a job on a server)::
     run.log                    human-readable log, failed sites' tracebacks included
     result.json                status, reason, paths and a summary, written at the end
 
+Rounds are numbered from 1 in every file here (``round`` in the JSONL records, ``best.round``),
+as in the live display, ``result.json`` and the admin commands' JSON. Workflow events and the
+client API (``FLModel.current_round``) count from 0; :func:`fedctl.jobs.user_round` converts.
+
 Nothing here is ever rewritten in place: JSONL files are appended, models and checkpoints are
 written to a temp file and renamed.
 """
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedctl._fs import write_json_atomic
 from fedctl.codec.tensorfiles import load_file, save_file
+from fedctl.jobs import user_round
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +104,7 @@ class RunStore:
         kind = event["event"]
         if kind == "result":
             record = {
-                "round": event.get("round"),
+                "round": user_round(event.get("round")),
                 "site": event["site"],
                 "ok": event["ok"],
                 "metrics": event.get("metrics") or {},
@@ -119,7 +124,7 @@ class RunStore:
                     self.log(event["traceback"])
         elif kind == "round_completed":
             record = {
-                "round": event["round"],
+                "round": user_round(event["round"]),
                 "metrics": event.get("metrics") or {},
                 "accepted": len(event.get("accepted") or []),
                 "failed": sorted(event.get("failed") or {}),
@@ -145,9 +150,26 @@ class RunStore:
             for line in cross_site_lines(event["matrix"], event.get("metric")):
                 self.log(line)
 
+    def trained_sites(self) -> set[str] | None:
+        """Sites with at least one accepted training result in this run, from ``sites.jsonl`` (so
+        a run resumed from a checkpoint counts its earlier rounds too); None when no result was
+        recorded at all (this store is not the run's listener: unknown)."""
+        with self._lock:
+            self._files["sites"].flush()
+            lines = [ln for ln in (self.metrics_dir / "sites.jsonl").read_text().splitlines() if ln]
+        if not lines:
+            return None
+        trained = set()
+        for line in lines:
+            rec = json.loads(line)
+            if rec.get("ok") and not rec.get("phase") and rec.get("site"):
+                trained.add(rec["site"])
+        return trained
+
     def add_records(self, site: str, records: list[dict[str, Any]]) -> None:
         """Append client tracking records (SummaryWriter, log) tagged with their site."""
         for rec in records:
+            rec = {**rec, "round": user_round(rec["round"])} if "round" in rec else rec
             self._append("tracking", {"site": site, **rec})
 
     # ------------------------------------------------------------------ models
@@ -186,8 +208,9 @@ class RunStore:
                 value > self.best["value"] if self.key_mode == "max" else value < self.best["value"]
             )
             if better:
-                self.save_model("best", model, {"round": str(rnd), key: repr(value)})
-                self.best = {"round": rnd, "metric": key, "value": value}
+                shown = user_round(rnd)
+                self.save_model("best", model, {"round": str(shown), key: repr(value)})
+                self.best = {"round": shown, "metric": key, "value": value}
             break
         if self.checkpoint_enabled:
             self.save_checkpoint(rnd + 1, model_out, state)
@@ -269,13 +292,19 @@ class RunStore:
             self._log.close()
 
 
+def model_label(matrix: dict[str, Any], model: str) -> str:
+    """A row of the cross-site table: the model's owner, marked if it never trained."""
+    untrained = model in (matrix.get("never_trained") or [])
+    return f"{model} (never trained)" if untrained else model
+
+
 def cross_site_lines(matrix: dict[str, Any], metric: str | None) -> list[str]:
     """The cross-site matrix as aligned text lines: one row per model, one column per site."""
     sites = list(matrix.get("sites") or [])
     results = matrix.get("results") or {}
     rows = [["model \\ data", *sites]]
     for model in matrix.get("models") or []:
-        row = [model]
+        row = [model_label(matrix, model)]
         for site in sites:
             value = (results.get(model) or {}).get(site, {}).get(metric) if metric else None
             row.append(f"{value:.4g}" if isinstance(value, int | float) else "-")

@@ -9,9 +9,13 @@ After the last round (when a recipe sets ``cross_site_eval=True``):
    model it is); each site answers with metrics computed on its own data.
 
 The matrix (model × site × metric) is written to ``cross_site_eval.json`` in the run folder and
-shown as a table. Submitted models are saved as ``models/local-<site>.safetensors`` and read back
-one at a time, so the server holds one extra model at a time, not N. Sites that fail a task are
-listed under ``errors``; the job fails only when no site could evaluate the global model.
+shown as a table. Sites that never had a training update accepted (they failed or missed every
+round) are listed under ``never_trained``, and their rows are marked: the model such a site
+submits is not one it trained.
+
+Submitted models are saved as ``models/local-<site>.safetensors`` and read back one at a time,
+so the server holds one extra model at a time, not N. Sites that fail a task are listed under
+``errors``; the job fails only when no site could evaluate the global model.
 It costs N + 1 evaluations per site: meant for tens of sites, not thousands.
 """
 
@@ -132,9 +136,12 @@ def cross_site_evaluate(
         del params, task_model
 
     metric = pick_metric(results)
+    trained = store.trained_sites() if hasattr(store, "trained_sites") else None  # None: unknown
+    never_trained = [s for s in models[1:] if trained is not None and s not in trained]
     matrix = {
         "sites": list(sites),
         "models": models,
+        "never_trained": never_trained,
         "metrics": sorted({m for r in results.values() for v in r.values() for m in v}),
         "results": results,
         "errors": {"submit_model": submit_errors, "evaluate": eval_errors},
@@ -143,6 +150,12 @@ def cross_site_evaluate(
     if store is not None and hasattr(store, "save_json"):
         path = str(store.save_json(RESULT_FILE, matrix))
     ctx.emit("cross_site_eval", matrix=matrix, metric=metric, path=path)
+    if never_trained:
+        ctx.emit(
+            "warning",
+            message=f"cross-site evaluation: {', '.join(never_trained)} never had a training "
+            "update accepted; the model it submitted is not one it trained (marked in the table)",
+        )
     if submit_errors or eval_errors:
         failed = sorted(set(submit_errors) | {s for e in eval_errors.values() for s in e})
         ctx.emit(
