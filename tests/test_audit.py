@@ -249,13 +249,14 @@ def test_cli_verify_exit_codes_and_default_certificate(
     out = capsys.readouterr().out
     assert "TAMPERED" in out and NO_SIGNED_HEAD in out
 
-    assert main(["audit", "verify", str(log), "--cert", str(tmp_path / "nope.pem")]) == 2
+    assert main(["audit", "verify", str(log), "--cert", str(tmp_path / "nope.pem")]) == 4
     assert "no such certificate file" in capsys.readouterr().err
     assert main(["audit", "verify", str(log), "--cert", str(log)]) == 2
     assert "not a PEM certificate" in capsys.readouterr().err
     assert main(["audit", "verify", str(log), "--kit", str(tmp_path)]) == 2
     assert main(["audit", "verify", str(log), "--kit", str(site), "--cert", cert]) == 2
-    assert main(["audit", "verify", str(log), "--anchor", str(tmp_path / "nope")]) == 2
+    assert main(["audit", "verify", str(log), "--anchor", str(tmp_path / "nope")]) == 4
+    assert "no such anchor file" in capsys.readouterr().err
     assert main(["audit", "verify", str(tmp_path / "missing.jsonl")]) == 4
     assert "no such audit log" in capsys.readouterr().err
 
@@ -263,13 +264,18 @@ def test_cli_verify_exit_codes_and_default_certificate(
 def test_cli_verify_json(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log = _trail(site)
     assert main(["audit", "verify", str(log), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out)
+    out = doc["result"]
+    assert doc["ok"] is True and doc["error"] is None
     assert out["ok"] is True and out["records"] == 6 and out["problems"] == []
     assert out["head"] == "verified" and out["head_record"]["seq"] == 6
     assert out["cert"] == str(_cert(site))
     _write_head(log, _cut(log, 3))
     assert main(["audit", "verify", str(log), "--json"]) == 1
-    out = json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out)
+    out = doc["result"]
+    assert doc["ok"] is False and doc["error"]["code"] == 1 and doc["error"]["kind"] == "failed"
+    assert "tampered" in doc["error"]["message"] and "not signed" in doc["error"]["message"]
     assert out["ok"] is False and out["head"] == "invalid" and out["records"] == 3
     assert out["problems"] == ["the head is not signed: truncation cannot be ruled out"]
 
@@ -288,7 +294,7 @@ def test_cli_head_and_anchor(
     with anchors.open("a") as fh:
         fh.write(capsys.readouterr().out)
     assert main(["audit", "verify", str(log), "--anchor", str(anchors), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["anchors"] == 2
+    assert json.loads(capsys.readouterr().out)["result"]["anchors"] == 2
 
     log.unlink()
     log.with_suffix(".head").unlink()

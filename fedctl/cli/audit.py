@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fedctl.cli.common import JSON_OPTION, print_json
+from fedctl.cli.common import JSON_OPTION, failure, print_json
 
 audit_app = typer.Typer(help="Audit trails of servers and sites.", no_args_is_help=True)
 
@@ -40,6 +40,9 @@ def verify(
         raise UsageError("give --cert or --kit, not both")
     if not log.is_file():
         raise NotFound(f"{log}: no such audit log")
+    for what, path in (("certificate file", cert), ("startup kit", kit), ("anchor file", anchor)):
+        if path is not None and not path.exists():
+            raise NotFound(f"{path}: no such {what}")
     cert_path = cert
     if kit is not None:
         cert_path = audit.kit_certificate(kit)
@@ -48,15 +51,17 @@ def verify(
     certificate = audit.load_certificate(cert_path) if cert_path is not None else None
     anchors = audit.read_anchors(anchor) if anchor is not None else []
     result = audit.verify(log, cert=certificate, anchors=anchors)
+    why = None if result.ok else f"{log}: tampered ({'; '.join(result.problems)})"
     if as_json:
         print_json({**result.to_dict(), "cert": str(cert_path) if cert_path else None})
-        return 0 if result.ok else 1
+        return 0 if why is None else failure(why)
     if result.ok:
         print(f"{log}: {result.records} records, chain intact")
     else:
         print(f"{log}: TAMPERED ({len(result.problems)} problems in {result.records} records)")
         for problem in result.problems:
             print(f"  {problem}")
+        failure(why or "")
     if result.head == "verified":
         print(f"  head signed with the key of {cert_path}")
     elif result.head == "unverified" and result.head_record is not None:
