@@ -240,8 +240,8 @@ def test_hostile_results_fail_only_their_site(poc_ws, admin, toy_dir) -> None:
     evil = "--evil-sites site-2 --evil deep,bigint,overflow,weight:1.7e308"
     shutil.copyfile(TESTS / "hostile_results.py", toy_dir / "hostile.py")
     job = admin.submit_recipe(_toy(toy_dir, num_rounds=4, min_clients=1, train_args=evil))
-    done = _wait_state(admin, job["id"], ("FINISHED", "FAILED", "ABORTED"))
-    assert done["state"] == "FINISHED", done["reason"]
+    done = _wait_state(admin, job["job_id"], ("FINISHED", "FAILED", "ABORTED"))
+    assert done["status"] == "FINISHED", done["reason"]
     result_dir = Path(done["result_dir"])
     rounds = [json.loads(x) for x in (result_dir / "metrics/global.jsonl").read_text().splitlines()]
     assert [(r["accepted"], r["failed"]) for r in rounds] == [(1, ["site-2"])] * 4
@@ -257,15 +257,15 @@ def test_hostile_results_fail_only_their_site(poc_ws, admin, toy_dir) -> None:
     failed = [
         r
         for r in map(json.loads, server_audit.read_text().splitlines())
-        if r["event"] == "result_failed" and r.get("job") == job["id"]
+        if r["event"] == "result_failed" and r.get("job") == job["job_id"]
     ]
     assert [r["actor"] for r in failed] == ["site-2"] * 4
 
 
 def test_nan_metrics_finish_in_poc_as_in_simulation(poc_ws, admin, toy_dir) -> None:
     job = admin.submit_recipe(_toy(toy_dir, num_rounds=2, train_args="--nan-loss"))
-    done = _wait_state(admin, job["id"], ("FINISHED", "FAILED", "ABORTED"))
-    assert done["state"] == "FINISHED", done["reason"]
+    done = _wait_state(admin, job["job_id"], ("FINISHED", "FAILED", "ABORTED"))
+    assert done["status"] == "FINISHED", done["reason"]
     sites = Path(done["result_dir"]) / "metrics" / "sites.jsonl"
     assert all(json.loads(x)["metrics"]["loss"] is None for x in sites.read_text().splitlines())
 
@@ -290,19 +290,19 @@ def test_a_site_may_only_upload_results_it_owes(poc_ws, admin, toy_dir) -> None:
     from fedctl.codec import protocol
 
     job = admin.submit_recipe(_toy(toy_dir, num_rounds=50, train_args="--sleep 0.2"))
-    _wait_state(admin, job["id"], ("RUNNING",))
+    _wait_state(admin, job["job_id"], ("RUNNING",))
     blob = Path(poc_ws) / "junk.bin"
     blob.write_bytes(b"x" * 1000)
     site1 = poc.load_info(poc_ws)["sites"]["site-1"]
     try:
         with tls.secure_channel(site1, options=rpc.CHANNEL_OPTIONS) as channel:
-            first = protocol.Push(job["id"], "not-a-task-of-mine", 1000)
+            first = protocol.Push(job["job_id"], "not-a-task-of-mine", 1000)
             with pytest.raises(grpc.RpcError) as err:
                 rpc.Stubs(channel).Push(rpc.file_frames(blob, first), timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "owes no result for task 'not-a-task-of-mine'" in err.value.details()
     finally:
-        admin.abort(job["id"])
+        admin.abort(job["job_id"])
 
 
 def test_finished_job_processes_are_reaped(poc_ws, admin) -> None:
@@ -327,8 +327,8 @@ def test_privacy_filters_and_central_dp_in_poc(poc_ws, admin, toy_dir) -> None:
         central_dp={"noise_multiplier": 0.8, "clip": 0.5, "delta": 1e-3},
     )
     job = admin.submit_recipe(recipe)
-    done = _wait_state(admin, job["id"], ("FINISHED", "FAILED", "ABORTED"))
-    assert done["state"] == "FINISHED", done["reason"]
+    done = _wait_state(admin, job["job_id"], ("FINISHED", "FAILED", "ABORTED"))
+    assert done["status"] == "FINISHED", done["reason"]
     result_dir = Path(done["result_dir"])
     final = load_file(result_dir / "models" / "final.safetensors")[0]
     assert torch.equal(final["fc.bias"], recipe.initial_params()["fc.bias"])
@@ -341,14 +341,14 @@ def test_privacy_filters_and_central_dp_in_poc(poc_ws, admin, toy_dir) -> None:
         sent = [
             r
             for r in map(json.loads, audit.read_text().splitlines())
-            if r["event"] == "model_sent" and r.get("job") == job["id"]
+            if r["event"] == "model_sent" and r.get("job") == job["job_id"]
         ]
         assert len(sent) == 2 and all(r["filters"] == ["exclude_vars", "clip_update"] for r in sent)
     server_audit = Path(poc.load_info(poc_ws)["server"]) / "workspace" / "audit.jsonl"
     applied = [
         (r["actor"], r["point"], r["filters"])
         for r in map(json.loads, server_audit.read_text().splitlines())
-        if r["event"] == "filters_applied" and r.get("job") == job["id"]
+        if r["event"] == "filters_applied" and r.get("job") == job["job_id"]
     ]
     expected = [(site, "result_in", ["clip_update"]) for site in ("site-1", "site-2")]
     assert sorted(applied) == sorted(expected * 2)
@@ -371,8 +371,8 @@ def test_a_site_policy_refuses_a_job_and_an_invalid_one_stops_the_site(
         policy.write_text("version: 1\nrequire:\n  central_dp: true\n")
         poc.start(poc_ws, site="site-3")
         job = admin.submit_recipe(_toy(toy_dir, num_rounds=1))
-        done = _wait_state(admin, job["id"], ("FINISHED", "FAILED", "ABORTED"))
-        assert done["state"] == "FINISHED", done["reason"]  # site-1 and site-2 ran it
+        done = _wait_state(admin, job["job_id"], ("FINISHED", "FAILED", "ABORTED"))
+        assert done["status"] == "FINISHED", done["reason"]  # site-1 and site-2 ran it
         assert done["refused"] == {
             "site-3": "site-3 refuses the job: its privacy policy requires central DP "
             "(central_dp) and the job has none"

@@ -72,9 +72,10 @@ def verify(
 
 
 @audit_app.command("head")
-def head(log: Path = LOG_ARG) -> int:
+def head(log: Path = LOG_ARG, as_json: bool = JSON_OPTION) -> int:
     """Print the trail's (signed) head as one JSON line, to keep on another machine: later,
-    `fedctl audit verify LOG --anchor FILE` checks that the trail up to it was not rewritten."""
+    `fedctl audit verify LOG --anchor FILE` checks that the trail up to it was not rewritten.
+    With --json, the head is the envelope's result."""
     from fedctl.errors import CodecError, FedctlError, NotFound
     from fedctl.runtime import audit
 
@@ -94,7 +95,10 @@ def head(log: Path = LOG_ARG) -> int:
             f"{log}: the trail does not verify ({result.problems[0]}); "
             "run `fedctl audit verify` before anchoring it"
         )
-    print(json.dumps(current, sort_keys=True, separators=(",", ":")))
+    if as_json:
+        print_json(current)
+    else:
+        print(json.dumps(current, sort_keys=True, separators=(",", ":")))
     return 0
 
 
