@@ -157,7 +157,7 @@ def test_worker_death_is_a_site_failure_and_the_worker_comes_back(
 
 def test_hung_site_is_dropped_at_the_deadline(ray_cluster, toy_recipe, tmp_path) -> None:
     recipe = toy_recipe.with_overrides(
-        num_rounds=1, round_timeout=4.0, train_args="--hang-sites site-3"
+        num_rounds=1, round_timeout=12.0, train_args="--hang-sites site-3"
     )
     run = recipe.run(SimEnv(num_clients=3, workers=3, workspace=tmp_path, display="none"))
     assert run.ok, run.reason
