@@ -21,6 +21,7 @@ from fedctl.client.api import (
     send,
     system_info,
 )
+from fedctl.client.dp import PrivateTraining, make_private
 from fedctl.client.evaluation import keep_local_model, local_model
 from fedctl.client.fedprox import proximal_term
 from fedctl.client.personalization import Personalization, personalize
@@ -34,6 +35,7 @@ __all__ = [
     "FLModel",
     "ParamsType",
     "Personalization",
+    "PrivateTraining",
     "Scaffold",
     "get_job_id",
     "get_num_sites",
@@ -49,6 +51,7 @@ __all__ = [
     "keep_local_model",
     "local_model",
     "log",
+    "make_private",
     "personalize",
     "proximal_term",
     "receive",
