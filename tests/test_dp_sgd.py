@@ -296,3 +296,27 @@ def test_without_the_dp_extra_one_line_says_what_to_install(site, monkeypatch) -
 def test_importing_the_client_api_does_not_import_opacus() -> None:
     code = "import sys, fedctl.client; assert 'opacus' not in sys.modules, 'opacus imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_helpers_that_edit_gradients_refuse_a_private_model(site) -> None:
+    from fedctl.codec.keys import FEDPROX_MU_KEY, SCAFFOLD_KEY
+
+    _, private = _private(noise_multiplier=1e-6)
+    # why: a gradient that does not come from the model's per-sample computation is dropped
+    before = {k: v.clone() for k, v in private.model.state_dict().items()}
+    x, y = _data()
+    private.optimizer.zero_grad()
+    loss = 0 * F.cross_entropy(private.model(x), y)
+    loss = loss + 100 * sum(p.pow(2).sum() for p in private.model.parameters())
+    loss.backward()
+    private.optimizer.step()
+    after = private.model.state_dict()
+    assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
+
+    received = flare.FLModel(params=before, meta={FEDPROX_MU_KEY: 0.1, SCAFFOLD_KEY: True})
+    with pytest.raises(ClientAPIError, match="FedProx's proximal term does not work with DP-SGD"):
+        flare.proximal_term(private.model, received)
+    assert flare.proximal_term(private.model, received, mu=0.0).item() == 0.0
+    with pytest.raises(ClientAPIError, match="SCAFFOLD's gradient correction does not work"):
+        flare.Scaffold(private.model, received, private.optimizer)
+    flare.Scaffold(private.model, flare.FLModel(params=before), private.optimizer)  # inactive

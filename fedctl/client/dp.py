@@ -23,6 +23,10 @@ the script once per round, and after a site restart in POC and production.
 ``_module.``), so the global model loads and the update is sent under the names the server
 knows. ``private.metrics()`` gives ``{"dp_site_epsilon": ε}`` for the metrics of ``send``.
 
+DP-SGD combines with any server-side algorithm (FedAvg, FedAvgM, FedAdam…, central DP), not
+with client helpers that edit gradients after ``backward()``: Opacus replaces every gradient in
+``step()``, so ``flare.proximal_term`` (FedProx) and ``flare.Scaffold`` refuse a private model.
+
 Randomness (the noise, and which samples each batch takes) comes from torch's global generator
 in simulation, which fedctl seeds from the run's seed before every task: a simulation is
 reproducible, and its noise protects nothing. On real sites (POC, production) and in standalone
@@ -56,6 +60,23 @@ STATE_KEY = "fedctl.dp_sgd.history"
 ACCOUNTANTS = ("rdp", "prv")
 #: the prefix Opacus's GradSampleModule puts before the wrapped model's names
 WRAPPED = "_module."
+
+
+def is_private(model: Any) -> bool:
+    """True for a model :func:`make_private` returned (an Opacus wrapper)."""
+    return type(model).__module__.split(".")[0] == "opacus"
+
+
+def refuse_gradient_edits(what: str, model: Any) -> None:
+    """A helper that changes gradients after ``backward()`` cannot work under DP-SGD: Opacus's
+    optimizer replaces every gradient with the clipped per-sample sum plus noise in ``step()``,
+    so the change would be dropped without a word. Say so instead."""
+    if is_private(model):
+        raise ClientAPIError(
+            f"{what} does not work with DP-SGD (make_private): Opacus replaces every gradient "
+            "by its clipped per-sample sum plus noise, so the change would be lost; use FedAvg "
+            "or a server-side algorithm with DP-SGD"
+        )
 
 
 def _number(name: str, value: Any, *, low: float, high: float = math.inf) -> float:
