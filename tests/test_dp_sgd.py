@@ -4,6 +4,7 @@ randomness comes from, and clear errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -26,8 +27,11 @@ from fedctl.recipe import SimEnv, load_recipe
 pytest.importorskip("opacus")
 
 DP_TOY = Path(__file__).resolve().parent / "dp_toy"
-sys.path.insert(0, str(DP_TOY))
-from model import Net  # noqa: E402
+_spec = importlib.util.spec_from_file_location("dp_toy_model", DP_TOY / "model.py")
+assert _spec is not None and _spec.loader is not None
+_model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_model)
+Net = _model.Net  # the recipe's model, without putting its folder on sys.path
 
 DELTA = 1e-3
 BATCH = 10
