@@ -59,11 +59,15 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: bench-algorithms bench-aggregators
+.PHONY: bench-algorithms bench-aggregators bench-privacy
 
 # Non-IID comparison of FedAvg, FedProx, SCAFFOLD, FedNova, FedAdam (docs/algorithms.md).
 bench-algorithms: $(STAMP)
 	$(BIN)/python bench/bench_algorithms.py
+
+# Accuracy against epsilon: no DP, central DP and DP-SGD on a non-IID task (docs/privacy.md).
+bench-privacy: $(STAMP)
+	$(BIN)/python bench/bench_privacy.py
 
 # Memory and time of the weighted mean and the robust aggregators.
 bench-aggregators: $(STAMP)

@@ -22,6 +22,7 @@ from fedctl.client.api import (
     send,
     system_info,
 )
+from fedctl.client.dp import PrivateTraining, make_private
 from fedctl.client.evaluation import keep_local_model, local_model
 from fedctl.client.fedprox import proximal_term
 from fedctl.client.personalization import Personalization, personalize
@@ -35,6 +36,7 @@ __all__ = [
     "FLModel",
     "ParamsType",
     "Personalization",
+    "PrivateTraining",
     "Scaffold",
     "get_job_id",
     "get_num_sites",
@@ -50,6 +52,7 @@ __all__ = [
     "keep_local_model",
     "local_model",
     "log",
+    "make_private",
     "personalize",
     "proximal_term",
     "receive",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from fedctl.client.dp import refuse_gradient_edits
 from fedctl.codec.keys import FEDPROX_MU_KEY
 from fedctl.codec.model import FLModel
 from fedctl.errors import ClientAPIError
@@ -67,6 +68,7 @@ def proximal_term(
     device = first.device if first is not None else None
     if mu == 0:
         return torch.zeros((), device=device)
+    refuse_gradient_edits("FedProx's proximal term", model)
     pairs = _pairs(model, params)
     if not pairs:
         return torch.zeros((), device=device)

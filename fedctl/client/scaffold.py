@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from fedctl.client.dp import refuse_gradient_edits
 from fedctl.codec.keys import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX, SCAFFOLD_KEY
 from fedctl.codec.model import FLModel
 from fedctl.errors import ClientAPIError
@@ -64,6 +65,7 @@ class Scaffold:
         self.steps = 0
         if not self.active:
             return
+        refuse_gradient_edits("SCAFFOLD's gradient correction", model)
         if optimizer is None and lr is None:
             raise ClientAPIError(
                 "Scaffold needs the local optimizer (or lr=) to know the step size"
