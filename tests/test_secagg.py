@@ -4,22 +4,36 @@ dropouts at every point, forged keys, a server that equivocates, and what the se
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 import random
 import time
+from collections.abc import Iterable
 
 import pytest
 import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from fedctl.privacy.secagg import channel, graph, masking, shamir
-from fedctl.privacy.secagg.errors import SecAggConfigError, SecAggError
-from fedctl.privacy.secagg.quantize import (
+from fedctl.privacy.secagg import (
     Quantizer,
+    SecAggClient,
+    SecAggConfig,
+    SecAggConfigError,
+    SecAggError,
+    SecAggServer,
+    channel,
+    graph,
+    masking,
     pack_weighted,
+    shamir,
+    suggested_bits,
     unpack_weighted,
     weighted_bound,
 )
+from fedctl.privacy.secagg.protocol import b64
 
 # ---------------------------------------------------------------------------------- Shamir
 
@@ -238,6 +252,17 @@ def test_weighted_helpers_refuse_bad_input() -> None:
             unpack_weighted(bad, 1.0)  # type: ignore[arg-type]
 
 
+def test_suggested_bits_meets_the_error_asked_for() -> None:
+    for parties, bound, error in [(100, 1.0, 1e-6), (3, 10.0, 0.1), (1000, 0.01, 1e-9)]:
+        bits = suggested_bits(parties, bound, error)
+        assert Quantizer(bound, bits, parties).error_bound(parties) <= error
+        assert Quantizer(bound, bits - 1, parties).error_bound(parties) > error
+    with pytest.raises(SecAggConfigError, match="needs"):
+        suggested_bits(10, 1.0, 0.0)
+    with pytest.raises(SecAggConfigError, match="more than 52"):
+        suggested_bits(10, 1.0, 1e-20)
+
+
 # ------------------------------------------------------------------------------- masking
 
 
@@ -295,8 +320,10 @@ def test_fields_encoding_is_unambiguous() -> None:
 
 def test_pairwise_masks_cancel_and_self_masks_come_off() -> None:
     bits, n = 30, 50
-    values = {p: torch.randint(0, 2**20, (n,), generator=torch.Generator().manual_seed(i))
-              for i, p in enumerate("abc")}  # fmt: skip
+    values = {
+        p: torch.randint(0, 2**20, (n,), generator=torch.Generator().manual_seed(i))
+        for i, p in enumerate("abc")
+    }
     pair = {("a", "b"): b"1" * 32, ("a", "c"): b"2" * 32, ("b", "c"): b"3" * 32}
     own = {p: bytes([i]) * 32 for i, p in enumerate("abc")}
     masked = {}
@@ -397,3 +424,697 @@ def test_roster_seed_depends_on_every_key_not_on_order() -> None:
     assert seed == graph.roster_seed("s", list(reversed(entries)))
     assert seed != graph.roster_seed("t", entries)
     assert seed != graph.roster_seed("s", [("a", b"1", b"2"), ("b", b"3", b"5")])
+
+
+# ------------------------------------------------------------------------- whole sessions
+
+
+class Run:
+    """One session of in-memory parties, step by step (``absent``: who drops before a step).
+
+    Identity keys are Ed25519 (what a deployment's PKI provides); every party's randomness is
+    a seeded ``random.Random`` so a failing run can be replayed."""
+
+    def __init__(
+        self, n: int, length: int = 48, seed: int = 0, server_verifies: bool = True, **cfg
+    ) -> None:
+        self.parties = [f"site-{i}" for i in range(1, n + 1)]
+        cfg.setdefault("bits", 20)
+        self.config = SecAggConfig(session=f"job-1/round-{seed}", length=length, bound=1.0, **cfg)
+        self.ids = {
+            p: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(p.encode()).digest())
+            for p in self.parties
+        }
+        self.clients = {
+            p: SecAggClient(
+                p, self.config, self.ids[p].sign, self.verify, random.Random(f"{seed}{p}")
+            )
+            for p in self.parties
+        }
+        self.server = SecAggServer(self.config, self.verify if server_verifies else None)
+        g = torch.Generator().manual_seed(seed)
+        self.inputs = {
+            p: torch.rand(length, generator=g, dtype=torch.float64) * 2 - 1 for p in self.parties
+        }
+
+    def verify(self, party: str, message: bytes, signature: bytes) -> bool:
+        try:
+            self.ids[party].public_key().verify(signature, message)
+        except (InvalidSignature, KeyError):
+            return False
+        return True
+
+    def advertise(self, absent: Iterable[str] = ()) -> None:
+        for p in self.parties:
+            if p not in absent:
+                self.server.receive_advertisement(self.clients[p].advertise())
+
+    def share(self, absent: Iterable[str] = ()) -> dict:
+        request = self.server.share_keys_request()
+        for p in self.server.roster:
+            if p not in absent:
+                self.server.receive_shares(self.clients[p].share_keys(request))
+        return request
+
+    def mask(self, absent: Iterable[str] = ()) -> dict[str, dict]:
+        requests = self.server.masked_input_requests()
+        for p, request in requests.items():
+            if p not in absent:
+                out = self.clients[p].masked_input(request, self.inputs[p])
+                self.server.receive_masked_input(out)
+        return requests
+
+    def confirm(self, absent: Iterable[str] = ()) -> None:
+        if self.config.consistency_check:
+            request = self.server.consistency_request()
+            for p in self.server.survivors:
+                if p not in absent:
+                    self.server.receive_confirmation(self.clients[p].confirm(request))
+
+    def unmask(self, absent: Iterable[str] = ()) -> dict:
+        request = self.server.unmask_request()
+        for p in self.server.survivors:
+            if p not in absent:
+                self.server.receive_unmask(self.clients[p].unmask(request))
+        return request
+
+    def run(self, drop: dict[str, Iterable[str]] | None = None) -> torch.Tensor:
+        """The whole session; ``drop``: step name → who is gone from that step on."""
+        gone: set[str] = set()
+        for step in ("advertise", "share", "mask", "confirm", "unmask"):
+            gone |= set((drop or {}).get(step, ()))
+            getattr(self, step)(gone)
+        return self.server.result()
+
+    def expected(self) -> torch.Tensor:
+        return sum(self.inputs[p] for p in self.server.survivors)  # type: ignore[return-value]
+
+    def check(self, result: torch.Tensor) -> None:
+        count = len(self.server.survivors)
+        bound = self.config.quantizer(len(self.parties)).error_bound(count)
+        assert result.dtype == torch.float64 and result.shape == (self.config.length,)
+        assert (result - self.expected()).abs().max().item() <= bound * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(("n", "consistency"), [(3, False), (3, True), (10, True), (10, False)])
+def test_the_server_gets_the_sum_and_the_roster_plays_by_the_rules(n, consistency) -> None:
+    run = Run(n, consistency_check=consistency)
+    run.check(run.run())
+    assert run.server.survivors == sorted(run.parties) and run.server.dropped == []
+    assert run.server.threshold == n // 2 + 1
+    assert all(c.state == "done" for c in run.clients.values())
+    assert run.server.state == "done"
+
+
+def test_100_parties_with_secagg_plus_neighbourhoods() -> None:
+    run = Run(100, length=16, neighbours=12)
+    drop = {"mask": run.parties[::10], "unmask": run.parties[5::10]}  # 10% and 10%
+    result = run.run(drop)
+    run.check(result)
+    assert run.server.threshold == 7  # a majority of the 13 of a share group
+    assert len(run.server.survivors) == 90
+    # each party shared with its 12 neighbours only
+    assert all(len(sealed) == 12 for sealed in run.server._sealed.values())
+
+
+@pytest.mark.parametrize(
+    "drop",
+    [
+        {"mask": ["site-4"]},  # one party shared its keys, then sent no masked input
+        {"mask": ["site-1", "site-5", "site-10"]},  # 30% of them
+        {"unmask": ["site-7"]},  # one party masked, then vanished before round 3
+        {"unmask": ["site-2", "site-3", "site-9"]},  # 30% of them
+        {"share": ["site-6"]},  # advertised keys, never shared
+        {"share": ["site-6"], "mask": ["site-2"], "confirm": ["site-3"], "unmask": ["site-8"]},
+    ],
+    ids=[
+        "1-before-mask",
+        "30%-before-mask",
+        "1-after-mask",
+        "30%-after-mask",
+        "before-share",
+        "at-every-step",
+    ],
+)
+def test_dropouts_leave_the_sum_of_the_survivors(drop) -> None:
+    run = Run(10)
+    run.check(run.run(drop))
+    before_mask = set(drop.get("share", ())) | set(drop.get("mask", ()))
+    assert set(run.server.survivors) == set(run.parties) - before_mask
+    assert set(run.server.dropped) == set(drop.get("mask", ()))  # the ones who had shared
+
+
+def test_30_percent_dropping_with_neighbourhoods() -> None:
+    run = Run(30, length=16, neighbours=12)  # t = 7 of a share group of 13
+    run.check(run.run({"mask": run.parties[::3][:5], "unmask": run.parties[1::3][:4]}))
+    assert len(run.server.survivors) == 25 and len(run.server.dropped) == 5
+
+
+def test_too_many_dropouts_in_one_neighbourhood_fail_with_the_counts() -> None:
+    run = Run(30, length=16, neighbours=8)  # t = 5 of 9
+    run.advertise(), run.share(), run.mask(), run.confirm()
+    victim = "site-1"
+    gone = sorted(run.server._roster.neighbours[victim])[:5]  # 4 of its 9 holders remain
+    run.unmask(gone)
+    with pytest.raises(SecAggError, match=r"round 3: [0-4] of the 5 required shares for site-"):
+        run.server.result()
+
+
+def test_fewer_than_t_survivors_fail_with_the_reason() -> None:
+    run = Run(10)  # t = 6
+    with pytest.raises(SecAggError, match="round 2: 5 parties sent masked inputs, 6 are required"):
+        run.run({"mask": run.parties[:5]})
+    run = Run(10, consistency_check=False)
+    with pytest.raises(SecAggError, match="round 2: 5 parties sent masked inputs, 6 are required"):
+        run.run({"mask": run.parties[:5]})
+    run = Run(10)
+    with pytest.raises(SecAggError, match="round 1: 5 parties sent their shares, 6 are required"):
+        run.run({"share": run.parties[:5]})
+    run = Run(10, threshold=8)
+    with pytest.raises(SecAggError, match="round 0: 7 parties advertised keys, 8 are required"):
+        run.run({"advertise": run.parties[:3]})
+    run = Run(10)
+    with pytest.raises(SecAggError, match="consistency check: 5 survivors signed the list, 6"):
+        run.run({"confirm": run.parties[:5]})
+
+
+def test_fewer_than_t_shares_in_round_3_name_the_party_and_the_counts() -> None:
+    run = Run(5)  # t = 3
+    with pytest.raises(
+        SecAggError, match=r"round 3: 2 of the 3 required shares for site-1 \(self-mask seed\)"
+    ):
+        run.run({"unmask": ["site-3", "site-4", "site-5"]})
+
+
+def test_a_client_refuses_to_unmask_fewer_than_t_survivors() -> None:
+    run = Run(5, consistency_check=False)
+    run.advertise(), run.share(), run.mask()
+    request = run.server.unmask_request()
+    request["survivors"], request["dropped"] = ["site-1", "site-2"], ["site-3", "site-4", "site-5"]
+    with pytest.raises(SecAggError, match="2 survivors, fewer than the threshold 3: refused"):
+        run.clients["site-1"].unmask(request)
+
+
+def test_a_client_refuses_a_request_for_both_kinds_of_share_of_one_party() -> None:
+    run = Run(5, consistency_check=False)
+    run.advertise(), run.share(), run.mask()
+    request = run.server.unmask_request()
+    request["dropped"] = ["site-3"]  # also among the survivors: b and s_sk would both leak
+    with pytest.raises(SecAggError, match="both kinds of share of site-3.*refused"):
+        run.clients["site-1"].unmask(request)
+    assert run.clients["site-1"].state == "masked"  # nothing was revealed
+
+
+def test_the_consistency_check_stops_a_server_that_equivocates_about_survivors() -> None:
+    run = Run(7)  # t = 4
+    run.advertise(), run.share(), run.mask(), run.confirm()
+    honest = run.server.unmask_request()
+    # the server tells site-1 that site-7 dropped, to get its mask key as well as its seed
+    lie = dict(honest, survivors=run.parties[:6], dropped=["site-7"])
+    with pytest.raises(SecAggError, match="differ from those this party confirmed"):
+        run.clients["site-1"].unmask(lie)
+    # ...or presents a list no survivor signed
+    forged = dict(honest, signatures={p: b64(b"x" * 64) for p in run.parties})
+    with pytest.raises(
+        SecAggError, match="0 of the 4 required signatures on the list of survivors from site-1's"
+    ):
+        run.clients["site-1"].unmask(forged)
+    few = dict(honest, signatures=dict(list(honest["signatures"].items())[:3]))
+    with pytest.raises(SecAggError, match="3 of the 4 required"):
+        run.clients["site-1"].unmask(few)
+    assert run.clients["site-1"].unmask(honest)["b_shares"]
+
+
+def test_the_consistency_check_is_refused_where_it_is_off_and_needed_where_on() -> None:
+    run = Run(3, consistency_check=False)
+    run.advertise(), run.share(), run.mask()
+    with pytest.raises(SecAggError, match="has none"):
+        run.server.consistency_request()
+    with pytest.raises(SecAggError, match="no consistency check"):
+        run.clients["site-1"].confirm({"kind": "secagg/consistency"})
+    request = run.server.unmask_request()
+    with pytest.raises(SecAggError, match="signatures in a session without"):
+        run.clients["site-1"].unmask(dict(request, signatures={"site-1": b64(b"sig")}))
+    run = Run(3)
+    run.advertise(), run.share(), run.mask()
+    with pytest.raises(SecAggError, match="out of turn"):
+        run.server.unmask_request()  # the check comes first
+    with pytest.raises(SecAggError, match="out of turn"):
+        run.clients["site-1"].unmask({})
+    request = run.server.consistency_request()
+    bad = {
+        "kind": "secagg/confirm",
+        "session": run.config.session,
+        "party": "site-1",
+        "sig": b64(b"not a signature"),
+    }
+    with pytest.raises(SecAggError, match="does not verify"):
+        run.server.receive_confirmation(bad)
+    with pytest.raises(SecAggError, match="not a survivor"):
+        run.server.receive_confirmation(dict(bad, party="site-9"))
+    with pytest.raises(SecAggError, match="this party .site-1. is not among the survivors"):
+        run.clients["site-1"].confirm(dict(request, survivors=["site-2", "site-3"]))
+    run.server.receive_confirmation(run.clients["site-1"].confirm(request))
+    with pytest.raises(SecAggError, match="already confirmed"):
+        run.server.receive_confirmation(
+            run.clients["site-2"].confirm(request) | {"party": "site-1"}
+        )
+
+
+def test_forged_or_substituted_keys_are_refused_by_the_clients() -> None:
+    run = Run(4, server_verifies=False)
+    run.advertise()
+    request = run.server.share_keys_request()
+    own_key = X25519PrivateKey.from_private_bytes(bytes(32)).public_key().public_bytes_raw()
+    # the server puts its own mask key in site-2's entry (to unmask site-2's pairs itself)
+    forged = dict(request, roster=[dict(e) for e in request["roster"]])
+    forged["roster"][1]["s_pk"] = b64(own_key)
+    for p in ("site-1", "site-3", "site-4"):
+        with pytest.raises(SecAggError, match="keys advertised for site-2 are not signed by"):
+            run.clients[p].share_keys(forged)
+    with pytest.raises(SecAggError, match="other keys for this party"):
+        run.clients["site-2"].share_keys(forged)
+    missing = dict(request, roster=request["roster"][1:])
+    with pytest.raises(SecAggError, match="site-1. is not in the roster"):
+        run.clients["site-1"].share_keys(missing)
+    twice = dict(request, roster=[*request["roster"], request["roster"][0]])
+    with pytest.raises(SecAggError, match="names a party twice"):
+        run.clients["site-1"].share_keys(twice)
+    other = dict(request, config=dict(request["config"], bits=21, threshold=4))
+    with pytest.raises(SecAggError, match=r"parameters differ from this party's \(bits, threshold"):
+        run.clients["site-1"].share_keys(other)
+    more = dict(request, config=dict(request["config"], extra=1))
+    with pytest.raises(SecAggError, match="unknown settings"):
+        run.clients["site-1"].share_keys(more)
+    assert run.clients["site-1"].share_keys(request)["shares"]  # the honest roster is fine
+
+
+def test_a_forged_advertisement_is_refused_by_a_verifying_server_and_by_clients() -> None:
+    run = Run(3)
+    forged = run.clients["site-1"].advertise()
+    forged["sig"] = b64(run.ids["site-2"].sign(b"something else"))
+    with pytest.raises(SecAggError, match="round 0: the keys of site-1 are not signed by it"):
+        run.server.receive_advertisement(forged)
+    lax = Run(3, server_verifies=False)
+    lax.server.receive_advertisement(dict(lax.clients["site-1"].advertise(), sig=forged["sig"]))
+    lax.advertise(["site-1"])
+    request = lax.server.share_keys_request()
+    with pytest.raises(SecAggError, match="site-1 are not signed by site-1"):
+        lax.clients["site-2"].share_keys(request)
+
+
+def test_a_party_cannot_open_shares_sealed_for_another() -> None:
+    run = Run(4, consistency_check=False)
+    run.advertise(), run.share()
+    requests = run.server.masked_input_requests()
+    # the server hands site-2 the envelope site-1 sealed for site-3, as if site-1's for site-2
+    requests["site-2"]["shares"]["site-1"] = requests["site-3"]["shares"]["site-1"]
+    for p, r in requests.items():
+        run.server.receive_masked_input(run.clients[p].masked_input(r, run.inputs[p]))
+    request = run.server.unmask_request()
+    with pytest.raises(SecAggError, match="shares from site-1 do not decrypt for site-2"):
+        run.clients["site-2"].unmask(request)
+
+
+def _chi_square_bytes(values: torch.Tensor) -> float:
+    counts = torch.bincount((values & 0xFF).to(torch.int64), minlength=256).double()
+    expected = values.numel() / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _ks_uniform(values: torch.Tensor, modulus: int) -> float:
+    u = (values.double() / modulus).sort().values
+    n = u.numel()
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    return float(torch.maximum(grid - u, u - (grid - 1 / n)).max())
+
+
+def test_a_masked_input_is_uniform_whatever_the_input() -> None:
+    """What the server sees of one party is uniform mod 2**k for very different inputs: the
+    byte histogram passes a χ² test and the whole value a KS test, at fixed seeds, where the
+    unmasked quantized inputs fail both by far."""
+    length = 30_000
+    critical_chi = 255 * (1 - 2 / (9 * 255) + 3.72 * math.sqrt(2 / (9 * 255))) ** 3  # p = 1e-4
+    critical_ks = 1.95 / math.sqrt(length)  # p = 1e-3
+    for seed, value in ((1, -1.0), (2, 1.0), (3, 0.0)):
+        run = Run(3, length=length, seed=seed, bits=13, consistency_check=False)
+        run.inputs["site-1"] = torch.full((length,), value, dtype=torch.float64)
+        run.advertise(), run.share()
+        request = run.server.masked_input_requests()["site-1"]
+        masked = run.clients["site-1"].masked_input(request, run.inputs["site-1"])["masked"]
+        modulus = run.config.quantizer(3).modulus
+        assert modulus == 2**16
+        assert _chi_square_bytes(masked) < critical_chi
+        assert _ks_uniform(masked, modulus) < critical_ks
+        plain = run.config.quantizer(3).quantize(run.inputs["site-1"])
+        assert _chi_square_bytes(plain) > 100 * critical_chi
+        assert _ks_uniform(plain, modulus) > 10 * critical_ks
+
+
+def test_the_worst_case_inputs_do_not_overflow_through_the_protocol() -> None:
+    for value in (1.0, 50.0, -1.0, -50.0):  # at the bound and far beyond it (clipped)
+        run = Run(10, length=8, bits=30)
+        run.inputs = {p: torch.full((8,), value, dtype=torch.float64) for p in run.parties}
+        result = run.run()
+        bound = run.config.quantizer(10).error_bound(10)
+        assert (result - math.copysign(10.0, value)).abs().max().item() <= bound
+
+
+def test_a_weighted_mean_through_the_protocol() -> None:
+    clip, n, length = 0.5, 6, 40
+    run = Run(n, length=length + 1, bits=28)
+    run.config = SecAggConfig(run.config.session, length + 1, weighted_bound(1.0), bits=28)
+    g = torch.Generator().manual_seed(9)
+    weights = {p: float(torch.rand(1, generator=g)) for p in run.parties}
+    updates = {p: (torch.rand(length, generator=g) * 2 - 1) * clip for p in run.parties}
+    run.inputs = {p: pack_weighted(updates[p], weights[p], clip) for p in run.parties}
+    wx, w = unpack_weighted(run.run(), clip)
+    assert w == pytest.approx(sum(weights.values()), abs=n / (2**28 - 1))
+    true = sum(weights[p] * updates[p].double() for p in run.parties)
+    assert (wx - true).abs().max().item() <= n * clip / (2**28 - 1) * (1 + 1e-9)
+    mean = wx / w
+    assert (mean - true / sum(weights.values())).abs().max().item() < 1e-6
+
+
+def test_stochastic_rounding_through_the_protocol() -> None:
+    run = Run(5, bits=12, stochastic_rounding=True)
+    result = run.run()
+    bound = run.config.quantizer(5).error_bound(5, stochastic=True)
+    assert (result - run.expected()).abs().max().item() <= bound
+
+
+def test_sessions_are_reproducible_with_seeded_randomness() -> None:
+    def masked(seed: int) -> torch.Tensor:
+        run = Run(3, seed=0)
+        run.clients["site-1"]._rng = random.Random(seed)
+        run.advertise(), run.share()
+        request = run.server.masked_input_requests()["site-1"]
+        return run.clients["site-1"].masked_input(request, run.inputs["site-1"])["masked"]
+
+    assert torch.equal(masked(1), masked(1))
+    assert not torch.equal(masked(1), masked(2))
+
+
+def test_bad_shares_in_round_3_are_detected() -> None:
+    run = Run(5, consistency_check=False)
+    run.advertise(), run.share(), run.mask(["site-5"])
+    request = run.server.unmask_request()
+    answers = {p: run.clients[p].unmask(request) for p in run.server.survivors}
+    # a well-formed wrong share (y + 1): it interpolates to a wrong key, not to garbage
+    y = shamir.decode_value(base64.b64decode(answers["site-1"]["s_shares"]["site-5"]))
+    answers["site-1"]["s_shares"]["site-5"] = b64(shamir.encode_value(y + 1))
+    for answer in answers.values():
+        run.server.receive_unmask(answer)
+    with pytest.raises(SecAggError, match="shares of site-5's mask key do not give the key it"):
+        run.server.result()
+    run = Run(5, consistency_check=False)
+    run.advertise(), run.share(), run.mask()
+    request = run.server.unmask_request()
+    answers = {p: run.clients[p].unmask(request) for p in run.server.survivors}
+    answers["site-1"]["b_shares"]["site-2"] = b64(shamir.encode_value(12345))  # garbage
+    for answer in answers.values():
+        run.server.receive_unmask(answer)
+    with pytest.raises(SecAggError, match="round 3: site-2's self-mask seed: .*inconsistent"):
+        run.server.result()
+
+
+# ------------------------------------------------------------ parameters and bad messages
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"session": ""}, "session id"),
+        ({"session": "a\nb"}, "session id"),
+        ({"session": "s" * 256}, "session id"),
+        ({"length": 0}, "length"),
+        ({"length": 2**31}, "length"),
+        ({"length": 3.0}, "length"),
+        ({"bound": 0}, "bound"),
+        ({"bits": 60}, "bits"),
+        ({"threshold": 1}, "threshold must be an integer ≥ 2"),
+        ({"threshold": 2.5}, "threshold"),
+        ({"neighbours": 3}, "even number"),
+        ({"neighbours": 0}, "even number"),
+        ({"neighbours": 4, "threshold": 6}, "more than a share group holds"),
+        ({"stochastic_rounding": 1}, "true or false"),
+        ({"consistency_check": "yes"}, "true or false"),
+    ],
+)
+def test_config_refuses_parameters_that_cannot_work(kwargs, match) -> None:
+    args = {"session": "s", "length": 10, "bound": 1.0} | kwargs
+    with pytest.raises(SecAggConfigError, match=match):
+        SecAggConfig(**args)
+
+
+def test_config_derives_group_threshold_and_quantizer_from_the_roster() -> None:
+    full = SecAggConfig("s", 10, 2.0, bits=16)
+    assert full.group_size(10) == 10 and full.threshold_for(10) == 6
+    assert full.quantizer(10) == Quantizer(2.0, 16, 10)
+    plus = SecAggConfig("s", 10, 2.0, neighbours=6, threshold=5)
+    assert plus.group_size(100) == 7 and plus.threshold_for(100) == 5
+    assert plus.group_size(5) == 5  # fewer parties than neighbours: everyone
+    assert plus.public()["neighbours"] == 6 and SecAggConfig(**plus.public()) == plus
+    with pytest.raises(SecAggConfigError, match="SecAggConfig"):
+        SecAggServer({"session": "s"})  # type: ignore[arg-type]
+    with pytest.raises(SecAggConfigError, match="SecAggConfig"):
+        SecAggClient("a", None, bytes, lambda *a: True)  # type: ignore[arg-type]
+    with pytest.raises(SecAggError, match="party id"):
+        SecAggClient("", full, bytes, lambda *a: True)
+
+
+def test_one_party_is_not_a_secure_aggregation() -> None:
+    run = Run(1)
+    with pytest.raises(SecAggError, match="round 0: 1 parties advertised keys, 2 are required"):
+        run.run()
+
+
+def test_the_server_refuses_messages_out_of_turn_twice_or_malformed() -> None:
+    run = Run(4, consistency_check=False)
+    server = run.server
+    ad = run.clients["site-1"].advertise()
+    for bad, match in [
+        ("not a mapping", "a message is a mapping"),
+        (dict(ad, kind="secagg/shares"), "expected a 'secagg/advertise' message"),
+        (dict(ad, session="other"), "for session 'other'"),
+        (dict(ad, extra=1), r"unexpected fields \['extra'\]"),
+        ({k: v for k, v in ad.items() if k != "sig"}, r"missing fields \['sig'\]"),
+        (dict(ad, c_pk="!!!"), "c_pk is not base64"),
+        (dict(ad, s_pk=b64(b"short")), "s_pk is 5 bytes, not 32"),
+        (dict(ad, s_pk=123), "must be a base64 string"),
+        (dict(ad, sig=""), "signature is 0 bytes"),
+        (dict(ad, sig="A" * 5000), "base64 string"),
+        (dict(ad, party="a\x00b"), "printable"),
+    ]:
+        with pytest.raises(SecAggError, match=match):
+            server.receive_advertisement(bad)
+    server.receive_advertisement(ad)
+    with pytest.raises(SecAggError, match="site-1 already advertised"):
+        server.receive_advertisement(ad)
+    with pytest.raises(SecAggError, match="round 1: out of turn"):
+        server.receive_shares({})
+    with pytest.raises(SecAggError, match="round 1: out of turn"):
+        server.masked_input_requests()
+    run.advertise(["site-1"])
+    request = server.share_keys_request()
+    assert server.pending == sorted(run.parties)
+    with pytest.raises(SecAggError, match="round 0: out of turn"):
+        server.receive_advertisement(ad)
+    shares = run.clients["site-1"].share_keys(request)
+    with pytest.raises(SecAggError, match="not in the roster"):
+        server.receive_shares(dict(shares, party="site-9"))
+    with pytest.raises(SecAggError, match="exactly its 3 neighbours"):
+        server.receive_shares(dict(shares, shares=dict(list(shares["shares"].items())[:2])))
+    with pytest.raises(SecAggError, match="bytes, not"):
+        server.receive_shares(dict(shares, shares=dict.fromkeys(shares["shares"], b64(b"x"))))
+    with pytest.raises(SecAggError, match="at most"):
+        server.receive_shares(dict(shares, shares=["site-2"]))
+    server.receive_shares(shares)
+    with pytest.raises(SecAggError, match="site-1 already sent its shares"):
+        server.receive_shares(shares)
+    for p in ("site-2", "site-3"):
+        server.receive_shares(run.clients[p].share_keys(request))
+    assert server.pending == ["site-4"] and server.shared == ["site-1", "site-2", "site-3"]
+    requests = server.masked_input_requests()  # site-4 dropped: it gets none
+    assert set(requests) == {"site-1", "site-2", "site-3"}
+    masked = run.clients["site-1"].masked_input(requests["site-1"], run.inputs["site-1"])
+    y = masked["masked"]
+    for bad, match in [
+        (dict(masked, party="site-4"), "site-4 did not take part in round 1"),
+        (dict(masked, masked=y.float()), "int64 tensor of shape"),
+        (dict(masked, masked=y[:-1]), "int64 tensor of shape"),
+        (dict(masked, masked=y.tolist()), "int64 tensor of shape"),
+        (dict(masked, masked=y - y - 1), r"outside \[0, 2\*\*23\)"),
+        (dict(masked, masked=y * 0 + 2**23), r"outside \[0, 2\*\*23\)"),
+    ]:
+        with pytest.raises(SecAggError, match=match):
+            server.receive_masked_input(bad)
+    server.receive_masked_input(masked)
+    with pytest.raises(SecAggError, match="already sent its masked input"):
+        server.receive_masked_input(masked)
+    for p in ("site-2", "site-3"):
+        server.receive_masked_input(run.clients[p].masked_input(requests[p], run.inputs[p]))
+    request = server.unmask_request()
+    assert server.dropped == [] and server.pending == ["site-1", "site-2", "site-3"]
+    answer = run.clients["site-1"].unmask(request)
+    with pytest.raises(SecAggError, match="site-4 is not a survivor"):
+        server.receive_unmask(dict(answer, party="site-4"))
+    with pytest.raises(SecAggError, match="exactly 3 survivors and 0 dropped"):
+        server.receive_unmask(dict(answer, b_shares={}))
+    with pytest.raises(SecAggError, match="66"):
+        server.receive_unmask(dict(answer, b_shares=dict.fromkeys(answer["b_shares"], b64(b"1"))))
+    server.receive_unmask(answer)
+    with pytest.raises(SecAggError, match="already sent its shares"):
+        server.receive_unmask(answer)
+    for p in ("site-2", "site-3"):  # t = 3 of the roster of 4
+        server.receive_unmask(run.clients[p].unmask(request))
+    run.check(server.result())
+    assert server.state == "done" and server.pending == []
+    with pytest.raises(SecAggError, match="out of turn .the session is at 'done'"):
+        server.result()
+
+
+def test_the_client_refuses_requests_out_of_turn_or_malformed() -> None:
+    run = Run(4, consistency_check=False)
+    client = run.clients["site-1"]
+    with pytest.raises(SecAggError, match="round 1: out of turn .this party is at 'new'"):
+        client.share_keys({})
+    run.advertise()
+    with pytest.raises(SecAggError, match="round 0: out of turn"):
+        client.advertise()
+    request = run.server.share_keys_request()
+    for bad, match in [
+        (dict(request, roster="x"), "roster must be a list"),
+        (dict(request, roster=[{"party": "x"}]), "a roster entry is"),
+        (dict(request, roster=["x"]), "a roster entry is"),
+    ]:
+        with pytest.raises(SecAggError, match=match):
+            client.share_keys(bad)
+    for p in run.parties:
+        run.server.receive_shares(run.clients[p].share_keys(request))
+    requests = run.server.masked_input_requests()
+    mine = requests["site-1"]
+    x = run.inputs["site-1"]
+    for bad, values, match in [
+        (dict(mine, shares={"site-9": "x"}), x, "site-9.*not a neighbour"),
+        (dict(mine, shares={"site-2": b64(b"x")}), x, "bytes, not"),
+        (dict(mine, shares={}), x, "round 2: 1 of the 3 required parties"),
+        (mine, x[:-1], "a tensor of 48 values, got 47"),
+        (mine, x.tolist(), "a tensor of 48 values, got list"),
+        (mine, x * math.nan, "NaN"),
+    ]:
+        with pytest.raises(SecAggError, match=match):
+            client.masked_input(bad, values)
+    masked = client.masked_input(mine, x.reshape(6, 8))  # any shape of 48 values
+    assert masked["masked"].shape == (48,)
+    run.server.receive_masked_input(masked)
+    with pytest.raises(SecAggError, match="round 2: out of turn"):
+        client.masked_input(mine, x)
+    for p in ("site-2", "site-3", "site-4"):
+        run.server.receive_masked_input(run.clients[p].masked_input(requests[p], run.inputs[p]))
+    request = run.server.unmask_request()
+    for bad, match in [
+        (dict(request, survivors=[*request["survivors"], "site-9"]), "site-9.*not in the roster"),
+        (dict(request, dropped=["site-9"]), "site-9.*not in the roster"),
+        (dict(request, survivors=["site-2", "site-3", "site-4"]), "not among the survivors"),
+        (dict(request, survivors=["site-1", "site-1"]), "names a party twice"),
+        (dict(request, survivors="site-1"), "must be a list"),
+        (dict(request, survivors=["site-1", "site-2", "site-3"]), "site-4, whose mask is in"),
+    ]:
+        with pytest.raises(SecAggError, match=match):
+            client.unmask(bad)
+    answer = client.unmask(request)
+    assert set(answer["b_shares"]) == set(run.parties) and answer["s_shares"] == {}
+    assert client.state == "done"
+    with pytest.raises(SecAggError, match="round 3: out of turn"):
+        client.unmask(request)  # once only: a second request could ask for the other kind
+
+
+def test_a_sign_callable_that_returns_no_signature_is_an_error() -> None:
+    config = SecAggConfig("s", 4, 1.0)
+    client = SecAggClient("a", config, lambda m: "sig", lambda *a: True)  # type: ignore[arg-type,return-value]
+    with pytest.raises(SecAggError, match="sign.. must return"):
+        client.advertise()
+
+
+def test_a_dropped_party_whose_neighbours_all_left_needs_no_unmasking() -> None:
+    run = Run(20, length=16, neighbours=4, threshold=2)
+    run.advertise()
+    request = run.server.share_keys_request()
+    lonely = run.server._roster.neighbours["site-1"]  # they leave before sharing
+    for p in run.server.roster:
+        if p not in lonely:
+            run.server.receive_shares(run.clients[p].share_keys(request))
+    run.mask(["site-1"]), run.confirm(), run.unmask()
+    run.check(run.server.result())
+    assert run.server.dropped == ["site-1"] and len(run.server.survivors) == 15
+
+
+def test_the_server_tracks_who_it_waits_for_and_caps_the_roster(monkeypatch) -> None:
+    run = Run(3)
+    run.advertise(), run.share()
+    requests = run.server.masked_input_requests()
+    assert run.server.pending == ["site-1", "site-2", "site-3"]
+    p = "site-2"
+    run.server.receive_masked_input(run.clients[p].masked_input(requests[p], run.inputs[p]))
+    assert run.server.pending == ["site-1", "site-3"]
+    p = "site-1"
+    run.server.receive_masked_input(run.clients[p].masked_input(requests[p], run.inputs[p]))
+    request = run.server.consistency_request()
+    assert run.server.pending == ["site-1", "site-2"]
+    run.server.receive_confirmation(run.clients["site-1"].confirm(request))
+    assert run.server.pending == ["site-2"]
+    run = Run(3)
+    monkeypatch.setattr("fedctl.privacy.secagg.protocol.MAX_PARTIES", 2)
+    with pytest.raises(SecAggError, match="at most 2 parties"):
+        run.advertise()
+
+
+def test_a_confirming_sign_callable_that_returns_no_signature_is_an_error() -> None:
+    run = Run(3)
+    run.advertise(), run.share(), run.mask()
+    request = run.server.consistency_request()
+    run.clients["site-1"]._sign = lambda m: None  # type: ignore[assignment,return-value]
+    with pytest.raises(SecAggError, match="consistency check: sign.. must return"):
+        run.clients["site-1"].confirm(request)
+
+
+def test_shares_of_a_secret_of_the_wrong_size_are_refused() -> None:
+    run = Run(3, consistency_check=False)
+    run.advertise(), run.share(), run.mask()
+    request = run.server.unmask_request()
+    x = run.server._roster.x
+    fake = dict(shamir.split(b"short", 3, 2, random.Random(0), xs=[x[p] for p in run.parties]))
+    for p in run.parties:
+        answer = run.clients[p].unmask(request)
+        answer["b_shares"]["site-2"] = b64(shamir.encode_value(fake[x[p]]))
+        run.server.receive_unmask(answer)
+    with pytest.raises(SecAggError, match="site-2's self-mask seed is 5 bytes, not 32"):
+        run.server.result()
+
+
+def test_with_neighbourhoods_each_share_group_must_sign_the_survivors() -> None:
+    """t signatures from anywhere would be easy to get twice in a sparse graph: what protects
+    a party is that t holders of its shares saw the same list."""
+    run = Run(20, length=8, neighbours=4)  # t = 3 of a group of 5
+    run.advertise(), run.share(), run.mask()
+    request = run.server.consistency_request()
+    group = sorted(run.server._roster.group("site-1"))
+    silent = group[:3]  # 2 of site-1's group sign, 15 parties elsewhere do
+    for p in run.server.survivors:
+        if p not in silent:
+            run.server.receive_confirmation(run.clients[p].confirm(request))
+    with pytest.raises(
+        SecAggError, match="consistency check: 2 of the 3 required signatures from site-1's share"
+    ):
+        run.server.unmask_request()
+    # a server that asks anyway is refused by the holders of site-1's shares
+    forged = {
+        "kind": "secagg/unmask",
+        "session": run.config.session,
+        "survivors": run.server.survivors,
+        "dropped": [],
+        "signatures": {p: b64(s) for p, s in run.server._confirmations.items()},
+    }
+    with pytest.raises(SecAggError, match="of the 3 required signatures on the list of survivors"):
+        run.clients[group[3]].unmask(forged)
