@@ -6,6 +6,8 @@
 * :func:`prg`: a seed expanded into ``length`` integers uniform in ``[0, 2**k)``: the ChaCha20
   keystream under the seed (a zero nonce: every seed keys exactly one stream), read as
   little-endian 64-bit words and reduced to their low ``k`` bits. About 50 ms for 10M values.
+  Sums of masks are taken on the raw words mod 2**64 and reduced mod 2**k once at the end
+  (the same result, since 2**k divides 2**64).
 * :func:`mask` and :func:`unmask`: ``y = v + PRG(b_u) + Σ_v ±PRG(s_uv) mod 2**k``, the sign
   ``+`` when ``u``'s id sorts before ``v``'s and ``-`` after, so the pair's masks cancel in a
   sum over both; the self-mask ``PRG(b_u)`` is what the server removes once it learns ``b_u``.
@@ -70,22 +72,29 @@ def _check(length: int, bits: int) -> None:
         raise SecAggError(f"mask modulus bits must be in 1..{MAX_MODULUS_BITS}, got {bits!r}")
 
 
-def prg(seed: bytes, length: int, bits: int) -> torch.Tensor:
-    """``length`` int64 values uniform in ``[0, 2**bits)``, a deterministic function of the
-    32-byte ``seed``."""
+def _keystream(seed: bytes, length: int, buf: bytearray | None = None) -> np.ndarray:
+    """The first ``length`` little-endian 64-bit words of the ChaCha20 keystream under
+    ``seed`` (a zero nonce), as uint64, written into ``buf`` (reused across calls) if given."""
     if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
         raise SecAggError(f"a mask seed is {SEED_BYTES} bytes")
-    _check(length, bits)
     total = 8 * length
-    out = bytearray(total + 16)  # update_into wants room for a block
-    view = memoryview(out)
+    if buf is None or len(buf) < total + 16:
+        buf = bytearray(total + 16)  # update_into wants room for a block
+    view = memoryview(buf)
     zeros = memoryview(bytes(min(_CHUNK, total)))
     stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
     for off in range(0, total, _CHUNK):
         n = min(_CHUNK, total - off)
         stream.update_into(zeros[:n], view[off : off + n + 16])
-    values = torch.from_numpy(np.frombuffer(out, dtype="<i8", count=length))
-    return values.bitwise_and_((1 << bits) - 1)
+    return np.frombuffer(buf, dtype="<u8", count=length)
+
+
+def prg(seed: bytes, length: int, bits: int) -> torch.Tensor:
+    """``length`` int64 values uniform in ``[0, 2**bits)``, a deterministic function of the
+    32-byte ``seed``."""
+    _check(length, bits)
+    words = _keystream(seed, length) & np.uint64((1 << bits) - 1)
+    return torch.from_numpy(words.view(np.int64))
 
 
 def sign(me: str, peer: str) -> int:
@@ -95,13 +104,26 @@ def sign(me: str, peer: str) -> int:
     return 1 if me < peer else -1
 
 
-def _accumulate(acc: torch.Tensor, seed: bytes, sgn: int, bits: int) -> None:
-    m = prg(seed, acc.numel(), bits)
-    if sgn > 0:
-        acc.add_(m)
-    else:
-        acc.sub_(m)
-    acc.bitwise_and_((1 << bits) - 1)
+class _Accumulator:
+    """A sum of masks mod ``2**bits``, kept mod 2**64 in uint64 (numpy wraps uint64 around,
+    and 2**bits divides 2**64) and reduced once at the end: one pass over the values a mask."""
+
+    def __init__(self, values: torch.Tensor, bits: int) -> None:
+        _check_values(values, bits)
+        self.bits = bits
+        self.acc = values.cpu().numpy().astype(np.uint64)  # a copy
+        self.buf = bytearray(8 * values.numel() + 16)
+
+    def add(self, seed: bytes, sgn: int) -> None:
+        words = _keystream(seed, self.acc.size, self.buf)
+        if sgn > 0:
+            np.add(self.acc, words, out=self.acc)
+        else:
+            np.subtract(self.acc, words, out=self.acc)
+
+    def result(self) -> torch.Tensor:
+        self.acc &= np.uint64((1 << self.bits) - 1)
+        return torch.from_numpy(self.acc.view(np.int64))
 
 
 def mask(
@@ -113,12 +135,12 @@ def mask(
 ) -> torch.Tensor:
     """``values + PRG(self_seed) + Σ sign(me, v)·PRG(pair_seeds[v]) mod 2**bits``: party
     ``me``'s masked input (``values``: a 1-D int64 tensor in ``[0, 2**bits)``)."""
-    _check_values(values, bits)
-    acc = values.clone()
-    _accumulate(acc, self_seed, 1, bits)
+    acc = _Accumulator(values, bits)
+    signs = {peer: sign(me, peer) for peer in pair_seeds}
+    acc.add(self_seed, 1)
     for peer, seed in pair_seeds.items():
-        _accumulate(acc, seed, sign(me, peer), bits)
-    return acc
+        acc.add(seed, signs[peer])
+    return acc.result()
 
 
 def unmask(
@@ -130,13 +152,13 @@ def unmask(
     """``total`` (a modular sum of masked inputs) with the given masks taken off: the
     self-masks of ``self_seeds`` (party → b_u) and, for each ``(u, v) → s_uv`` in
     ``pair_seeds``, the mask survivor ``u`` applied against party ``v`` who dropped."""
-    _check_values(total, bits)
-    acc = total.clone()
+    acc = _Accumulator(total, bits)
+    signs = {pair: sign(*pair) for pair in pair_seeds}
     for seed in self_seeds.values():
-        _accumulate(acc, seed, -1, bits)
-    for (u, v), seed in pair_seeds.items():
-        _accumulate(acc, seed, -sign(u, v), bits)
-    return acc
+        acc.add(seed, -1)
+    for pair, seed in pair_seeds.items():
+        acc.add(seed, -signs[pair])
+    return acc.result()
 
 
 def _check_values(values: torch.Tensor, bits: int) -> None:
