@@ -1118,3 +1118,50 @@ def test_with_neighbourhoods_each_share_group_must_sign_the_survivors() -> None:
     }
     with pytest.raises(SecAggError, match="of the 3 required signatures on the list of survivors"):
         run.clients[group[3]].unmask(forged)
+
+
+def test_components_of_the_survivors_graph() -> None:
+    parties = [f"p{i:02d}" for i in range(12)]
+    ring = {
+        p: frozenset({parties[(i - 1) % 12], parties[(i + 1) % 12]}) for i, p in enumerate(parties)
+    }
+    assert graph.components(ring, parties) == [parties]
+    cut = [p for i, p in enumerate(parties) if i not in (0, 6)]
+    assert graph.components(ring, cut) == [parties[1:6], parties[7:]]
+    assert graph.components(ring, []) == []
+
+
+def _ring_order(run: Run) -> list[str]:
+    roster = run.server._roster
+    entries = [(e.party, e.c_pk, e.s_pk) for e in roster.entries.values()]
+    seed = graph.roster_seed(run.config.session, entries)
+    key = lambda p: hashlib.sha256(seed + masking.encode_fields(p)).digest()  # noqa: E731
+    return sorted(roster.parties, key=key)
+
+
+def test_survivors_whose_masks_fall_apart_are_refused() -> None:
+    """With neighbourhoods, survivors that no mask joins could be unmasked group by group:
+    a server that declares the right parties dropped would learn sums of a few parties."""
+    run = Run(20, length=8, neighbours=4)  # a ring; each party masks with 2 on either side
+    run.advertise(), run.share()
+    ring = _ring_order(run)
+    cut = {ring[0], ring[1], ring[10], ring[11]}  # two gaps of 2: two halves of 8
+    run.mask(cut)
+    with pytest.raises(
+        SecAggError, match=r"round 2: the 16 survivors fall into 2 groups .*\(sizes 8, 8\)"
+    ):
+        run.server.consistency_request()
+    forged = {
+        "kind": "secagg/consistency",
+        "session": run.config.session,
+        "survivors": sorted(set(run.parties) - cut),
+    }
+    with pytest.raises(SecAggError, match="consistency check: the 16 survivors fall into 2"):
+        run.clients[ring[5]].confirm(forged)
+    # one gap leaves the ring in one piece: fine
+    run = Run(20, length=8, neighbours=4)
+    run.advertise(), run.share()
+    ring = _ring_order(run)
+    run.mask(ring[3:5]), run.confirm(), run.unmask()
+    run.check(run.server.result())
+    assert len(run.server.survivors) == 18

@@ -1,8 +1,8 @@
 """Who shares with and masks against whom: everyone (SecAgg) or a sparse k-regular graph
 (SecAgg+).
 
-The sparse graph is a Harary graph ``H(k, n)`` for an even degree ``k``: the parties are put on
-a ring in a pseudo-random order and each is joined to the ``k/2`` nearest on either side. The
+The sparse graph is a Harary graph ``H(d, n)`` for an even degree ``d``: the parties are put on
+a ring in a pseudo-random order and each is joined to the ``d/2`` nearest on either side. The
 order sorts the parties by ``SHA-256(seed || id)``; the seed is a hash of the session and the
 whole signed roster (:func:`roster_seed`), so every party computes the same graph from the
 roster it received and the server does not choose it (it can only choose whom to leave out).
@@ -44,3 +44,22 @@ def neighbourhoods(
     for i, p in enumerate(ring):
         out[p] = frozenset(ring[(i + d) % n] for d in range(-half, half + 1) if d)
     return out
+
+
+def components(neighbours: dict[str, frozenset[str]], members: Sequence[str]) -> list[list[str]]:
+    """The connected components of the graph restricted to ``members`` (sorted, largest
+    first). Pairwise masks join only neighbours, so from the masked inputs of ``members`` a
+    server can unmask the sum of each component, not only their total."""
+    left = set(members)
+    out = []
+    while left:
+        start = min(left)
+        seen, todo = {start}, [start]
+        while todo:
+            for q in neighbours[todo.pop()]:
+                if q in left and q not in seen:
+                    seen.add(q)
+                    todo.append(q)
+        left -= seen
+        out.append(sorted(seen))
+    return sorted(out, key=lambda c: (-len(c), c))

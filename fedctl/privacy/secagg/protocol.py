@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from fedctl.privacy.secagg import channel, masking, shamir
 from fedctl.privacy.secagg.errors import SecAggConfigError, SecAggError
-from fedctl.privacy.secagg.graph import neighbourhoods, roster_seed
+from fedctl.privacy.secagg.graph import components, neighbourhoods, roster_seed
 from fedctl.privacy.secagg.quantize import MAX_BITS, MAX_PARTIES, Quantizer
 
 #: message kinds, in the order of the rounds
@@ -83,8 +83,8 @@ class SecAggConfig:
     ``session``: unique per aggregation (e.g. job id and round), bound into every key, seed and
     signature. ``length``: values per input. ``bound`` (B) and ``bits`` (q): values are clipped
     to ``[-B, B]`` and quantized to q bits (see :mod:`.quantize`). ``threshold`` (t): shares
-    needed to rebuild a secret; default a majority of a share group. ``neighbours`` (k, even):
-    SecAgg+ — each party shares with and masks against k neighbours only; None: everyone.
+    needed to rebuild a secret; default a majority of a share group. ``neighbours`` (d, even):
+    SecAgg+ — each party shares with and masks against d neighbours only; None: everyone.
     ``stochastic_rounding``: unbiased rounding instead of nearest. ``consistency_check``: the
     extra round that stops an active server from equivocating about who survived.
     """
@@ -269,6 +269,7 @@ class _Roster:
         self.x = {p: i + 1 for i, p in enumerate(self.parties)}
         seed = roster_seed(config.session, [(e.party, e.c_pk, e.s_pk) for e in entries])
         self.neighbours = neighbourhoods(self.parties, config.neighbours, seed)
+        self.complete = config.group_size(self.n) == self.n
         self.quantizer = config.quantizer(self.n)
         self.bits = self.quantizer.modulus_bits
 
@@ -281,6 +282,19 @@ class _Roster:
 
     def s_pk(self, party: str) -> X25519PublicKey:
         return X25519PublicKey.from_public_bytes(self.entries[party].s_pk)
+
+    def split(self, survivors: list[str], where: str) -> None:
+        """Refuse survivors whose masks do not join them into one group: the server could
+        unmask the sum of each group on its own (only possible with neighbourhoods)."""
+        if self.complete:  # everyone masks against everyone: one group, always
+            return
+        parts = components(self.neighbours, survivors)
+        if len(parts) > 1:
+            raise SecAggError(
+                f"{where}: the {len(survivors)} survivors fall into {len(parts)} groups that "
+                f"share no masks (sizes {', '.join(str(len(c)) for c in parts)}): the sum of "
+                "each would be revealed on its own; refused"
+            )
 
     def known(self, parties: list[str], what: str) -> list[str]:
         unknown = [p for p in parties if p not in self.entries]
@@ -498,6 +512,7 @@ class SecAggClient:
                 f"{where}: {len(survivors)} survivors, fewer than the threshold "
                 f"{self._roster.t}: refused (the sum of so few inputs would reveal too much)"
             )
+        self._roster.split(survivors, where)
         return survivors
 
     def confirm(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -807,6 +822,7 @@ class SecAggServer:
                 f"{where}: {len(self._masked)} parties sent masked inputs, "
                 f"{roster.t} are required (the threshold)"
             )
+        roster.split(sorted(self._masked), where)
         self._survivors = sorted(self._masked)
         self._dropped = [p for p in self.shared if p not in self._masked]
 
