@@ -1065,7 +1065,7 @@ def test_the_server_tracks_who_it_waits_for_and_caps_the_roster(monkeypatch) -> 
     run.server.receive_confirmation(run.clients["site-1"].confirm(request))
     assert run.server.pending == ["site-2"]
     run = Run(3)
-    monkeypatch.setattr("fedctl.privacy.secagg.protocol.MAX_PARTIES", 2)
+    monkeypatch.setattr("fedctl.privacy.secagg.server.MAX_PARTIES", 2)
     with pytest.raises(SecAggError, match="at most 2 parties"):
         run.advertise()
 

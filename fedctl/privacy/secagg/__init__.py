@@ -8,21 +8,16 @@ Import it explicitly (``from fedctl.privacy.secagg import SecAggClient``): it lo
 ``cryptography``, which ``fedctl.privacy`` alone does not need.
 """
 
+from fedctl.privacy.secagg.client import SecAggClient
 from fedctl.privacy.secagg.errors import SecAggConfigError, SecAggError
-from fedctl.privacy.secagg.protocol import (
-    SecAggClient,
-    SecAggConfig,
-    SecAggServer,
-    Signer,
-    Verifier,
-    suggested_bits,
-)
+from fedctl.privacy.secagg.protocol import SecAggConfig, Signer, Verifier, suggested_bits
 from fedctl.privacy.secagg.quantize import (
     Quantizer,
     pack_weighted,
     unpack_weighted,
     weighted_bound,
 )
+from fedctl.privacy.secagg.server import SecAggServer
 
 __all__ = [
     "Quantizer",
