@@ -274,12 +274,18 @@ class DPRounds:
     def round_done(self, agg: DPAggregator, rnd: int, population: int) -> dict[str, float]:
         """Account the round (and move the clip norm, if adaptive); its privacy metrics."""
         used = self.clip
-        self.rounds = rnd + 1
-        self.last_epsilon = epsilon(self.dp, self.rounds, agg.expected, population)
+        out = self.account(rnd, agg.expected, population)
         if self.dp.adaptive:
             fraction = agg.noisy_fraction_within(self.dp.count_noise(agg.expected))
             self.clip *= math.exp(-self.dp.clip_lr * (fraction - self.dp.target_quantile))
-        return {"dp_epsilon": self.last_epsilon, "dp_clip": used}
+        return {**out, "dp_clip": used}
+
+    def account(self, rnd: int, expected: int, population: int) -> dict[str, float]:
+        """Account round ``rnd`` (``expected`` sites sampled of ``population``) with the
+        noise of ``z`` times the clip; its privacy metrics."""
+        self.rounds = rnd + 1
+        self.last_epsilon = epsilon(self.dp, self.rounds, expected, population)
+        return {"dp_epsilon": self.last_epsilon, "dp_clip": self.clip}
 
     def summary(self, sampled: int, population: int) -> dict[str, Any]:
         """What result.json and ``Run.extra["privacy"]`` report."""

@@ -109,6 +109,9 @@ class Recipe:
         "'result_out'}, ...] (docs/privacy.md)",
         "central_dp": "DP-FedAvg: {'noise_multiplier': z, 'clip': C, 'target_epsilon': ..., "
         "'delta': ..., 'adaptive': ...} (docs/privacy.md)",
+        "secure_aggregation": "true or {'clip': 8.0, 'bits': 32, 'max_weight': ..., "
+        "'neighbours': ..., 'threshold': ...}: the server sees only the sum of the updates "
+        "(docs/secagg.md)",
     }
     #: whether the kind's workflow can run with central_dp (its aggregation is a plain mean)
     supports_central_dp: ClassVar[bool] = True
@@ -140,6 +143,7 @@ class Recipe:
         cross_site_eval: bool = False,
         privacy: list[Any] | None = None,
         central_dp: dict[str, Any] | None = None,
+        secure_aggregation: bool | dict[str, Any] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else _caller_dir()
@@ -177,6 +181,7 @@ class Recipe:
         self.cross_site_eval = check_bool("cross_site_eval", cross_site_eval)
         self.privacy = self._check_privacy(privacy)
         self.central_dp = self._check_central_dp(central_dp)
+        self.secure_aggregation = self._check_secure_aggregation(secure_aggregation)
 
     # ------------------------------------------------------------------ validation
 
@@ -259,6 +264,38 @@ class Recipe:
         if parse_aggregator(self.aggregator)[0] != "mean":
             raise RecipeError("central_dp sums clipped updates: it takes no robust aggregator")
         return dp.spec()
+
+    def _check_secure_aggregation(self, spec: Any) -> dict[str, Any] | None:
+        from fedctl.errors import FedctlError
+        from fedctl.privacy.filters import FilterChain
+        from fedctl.workflows.secure import SecureAggregation, check_compatible
+
+        try:
+            sa = SecureAggregation.from_spec(spec)
+        except (FedctlError, TypeError) as exc:
+            raise RecipeError(str(exc)) from None
+        if sa is None:
+            return None
+        if not self.supports_central_dp:
+            raise RecipeError(
+                f"{self.kind} does not support secure_aggregation (its aggregation is not a "
+                "plain mean); use fedavg, fedprox, fedavgm or a fedopt recipe"
+            )
+        if self.central_dp is not None and self.central_dp.get("adaptive"):
+            raise RecipeError(
+                "adaptive clipping needs every update's norm: it does not go with "
+                "secure_aggregation (give central_dp a fixed clip)"
+            )
+        try:
+            check_compatible(
+                sa,
+                aggregator_name=parse_aggregator(self.aggregator)[0],
+                result_in=bool(FilterChain.from_specs(self.privacy).at("result_in")),
+                cross_site_eval=self.cross_site_eval,
+            )
+        except FedctlError as exc:
+            raise RecipeError(str(exc)) from None
+        return sa.spec()
 
     def _check_function(self, what: str, ref: Any) -> str | None:
         """A ``file.py:function`` reference to a file inside the recipe folder (or None)."""
@@ -370,6 +407,11 @@ class Recipe:
             "server_eval": server_eval,
             "cross_site_eval": self.cross_site_eval,
             **({"central_dp": self.central_dp} if self.central_dp is not None else {}),
+            **(
+                {"secure_aggregation": self.secure_aggregation}
+                if self.secure_aggregation is not None
+                else {}
+            ),
         }
 
     # ------------------------------------------------------------------ running

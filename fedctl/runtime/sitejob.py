@@ -56,6 +56,7 @@ from fedctl.codec.tensorfiles import lazy_model, save_file_hashed
 from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE, MAX_BLOB_BYTES
 from fedctl.errors import FedctlError
 from fedctl.privacy.filters import FilterChain, FilterContext
+from fedctl.privacy.secagg import keys as secagg_keys
 from fedctl.runtime.bundle import extract_bundle
 from fedctl.runtime.procs import terminate_group
 from fedctl.transport.local import listen_unix, socket_path
@@ -287,10 +288,49 @@ class SiteJob:
                         TaskFailed(job=self.job_id, task_id=task.task_id, error=error, traceback=tb)
                     )
 
+    def _secagg(self) -> Any:
+        """This site's side of secure aggregation (state in the job's folder, owner-only)."""
+        from fedctl.privacy.secagg.site import SiteSecAgg
+        from fedctl.runtime.identity import KitIdentity
+
+        return SiteSecAgg(KitIdentity(self.agent.kit), self.root / "secagg", seed=None)
+
+    def _answer_secagg(self, task: SiteTask) -> None:
+        """A secure-aggregation system task: answered here, the script is not involved."""
+        from fedctl.codec.model import FLModel, split_model
+
+        meta = task.header.get("meta")
+        msg = meta.get(secagg_keys.META) if isinstance(meta, dict) else None
+        kind = msg.get("kind") if isinstance(msg, dict) else None
+        reply = self._secagg().handle(meta)
+        self.agent.audit.record(
+            "secure_aggregation",
+            None,
+            job=self.job_id,
+            task=task.task_id,
+            round=task.header.get("current_round"),
+            step=str(kind)[:40],
+        )
+        header = split_model(
+            FLModel(params_type=None, current_round=task.header.get("current_round"), meta=reply)
+        )[0]
+        if task.task_id not in self.cancelled:
+            self.agent.send(
+                SiteResult(job=self.job_id, task_id=task.task_id, header=header, blob=None)
+            )
+
     def _run_task(self, task: SiteTask) -> None:
+        if task.name == secagg_keys.TASK:
+            self._answer_secagg(task)
+            return
         task_id = task.task_id
         path = base_file = None
         task_header = task.header
+        secagg_task = None
+        meta = task_header.get("meta")
+        if isinstance(meta, dict) and secagg_keys.wants_input(meta):
+            secagg_task = {k: meta[k] for k in secagg_keys.PRIVATE_META if k in meta}
+            task_header = {**task_header, "meta": secagg_keys.strip_private(meta)}
         if task.blob is not None:
             path = self.root / "blobs" / f"task.{safe_name(task_id)}.safetensors"
             self.agent.fetch(self.job_id, task.blob, path, MAX_BLOB_BYTES)
@@ -304,12 +344,29 @@ class SiteJob:
                 size=task.blob.size,
             )
             if self.filters.at("task_in"):
-                task_header = self._filter_file(path, task.header, "task_in", task, None)[0]
-            if self.filters.at("result_out"):
+                task_header = self._filter_file(path, task_header, "task_in", task, None)[0]
+            if self.filters.at("result_out") or secagg_task is not None:
                 # the model the script starts from, kept for its update (the script removes
                 # its own link to the file once it has read it)
                 base_file = path.with_suffix(".base")
                 _link_or_copy(path, base_file)
+        try:
+            self._run_script_task(task, task_header, path, base_file, secagg_task)
+        except BaseException:
+            if secagg_task is not None:  # this site drops out of the round
+                self._secagg().forget_task(secagg_task)
+            raise
+
+    def _run_script_task(
+        self,
+        task: SiteTask,
+        task_header: dict[str, Any],
+        path: Path | None,
+        base_file: Path | None,
+        secagg_task: dict[str, Any] | None,
+    ) -> None:
+        """Give the task to the client script, filter (and mask) its result, send it."""
+        task_id = task.task_id
         if self.proc is None or self.proc.poll() is not None:
             self.script_conn = None
             self._start_script()
@@ -336,14 +393,19 @@ class SiteJob:
             if self.root / "blobs" not in result_path.resolve().parents:
                 raise FrameError("script wrote its result outside the job's folder")
             sha = result.sha256
-            if self.filters.at("result_out"):
-                try:
+            try:
+                if self.filters.at("result_out"):
                     header, sha, filtered = self._filter_file(
                         result_path, result.header, "result_out", task, base_file
                     )
-                finally:
-                    if base_file is not None:
-                        base_file.unlink(missing_ok=True)
+                if secagg_task is not None:
+                    header, sha = self._mask_file(
+                        result_path, header, secagg_task, task_header, base_file
+                    )
+                    filtered = [*filtered, "secure_aggregation"]
+            finally:
+                if base_file is not None:
+                    base_file.unlink(missing_ok=True)
             blob = self.agent.push(self.job_id, task_id, result_path, sha)
             result_path.unlink(missing_ok=True)
             self.agent.audit.record(
@@ -391,6 +453,35 @@ class SiteJob:
         )
         return new_header, sha, names
 
+    def _mask_file(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        secagg_task: dict[str, Any],
+        task_header: dict[str, Any],
+        base: Path | None,
+    ) -> tuple[dict[str, Any], str]:
+        """Replace the result file ``path`` by the masked input of secure aggregation; returns
+        the new header and the file's SHA-256."""
+        from fedctl.codec.model import model_tensors, split_model
+
+        model = lazy_model(header, path, MAX_BLOB_BYTES)
+        base_params = lazy_model(task_header, base, MAX_BLOB_BYTES).params if base else None
+        masked, notes = self._secagg().masked_result(model, secagg_task, base_params)
+        new_header = split_model(replace(masked, params=None, optimizer_params=None))[0]
+        new_header["has_params"] = True
+        new_header["has_optimizer_params"] = False
+        tmp = path.with_name(path.name + ".masked")
+        _, sha = save_file_hashed(model_tensors(masked), tmp, durable=False)
+        os.replace(tmp, path)
+        if notes.get("clipped"):
+            log.warning(
+                "job %s: secure aggregation clamped %d coordinates of the update to the clip",
+                self.job_id,
+                notes["clipped"],
+            )
+        return new_header, sha
+
     def _recv_script(self, conn: FrameSocket, want: type[Any]) -> Any:
         """The script's next message of kind ``want``, relaying its records meanwhile."""
         while True:
@@ -432,6 +523,7 @@ class SiteJob:
             self.server_sock.close()
             self.sock_path.unlink(missing_ok=True)
         (self.root / SCRIPT_PID_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.root / "secagg", ignore_errors=True)  # secrets of unfinished rounds
 
 
 class _ScriptDied(Exception):

@@ -372,9 +372,7 @@ class SimCommunicator(Communicator):
                 sites = stream.take_batch(w)
                 if sites:
                     task = stream.task
-                    items = [
-                        WorkItem(s, self.index[s], task, task.site_meta.get(s)) for s in sites
-                    ]
+                    items = [WorkItem(s, self.index[s], task, task.site_meta.get(s)) for s in sites]
                     token = self.pool.submit(w, items, stream.model_id, [stream.handle])
                     self.busy[w] = _Batch(w, stream, items, token)
                     break

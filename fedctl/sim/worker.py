@@ -41,7 +41,9 @@ from fedctl.client import channel as client_channel
 from fedctl.client.channel import Channel, SiteInfo, derive_seed
 from fedctl.client.state import SiteState
 from fedctl.codec.model import FLModel, Task, TaskResult
+from fedctl.errors import FedctlError
 from fedctl.privacy.filters import FilterChain, FilterContext
+from fedctl.privacy.secagg import keys as secagg_keys
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "client.log"
@@ -149,6 +151,12 @@ class SimChannel(Channel):
         # fedctl.sim.transport), the JSON parts were copied by the client API.
         handle = None
         model = self.host.filter_result(model)  # the site's filters, as a real site runs them
+        if self.host.secagg_task is not None:
+            try:
+                model = self.host.secure_input(model)
+            except FedctlError as exc:
+                self._deliver(("failed", f"secure aggregation: {exc}", None))
+                return
         if model.params is not None:
             handle = self.host.transport.snapshot(dict(model.params))
         sent = replace(
@@ -161,13 +169,16 @@ class SimChannel(Channel):
             ),
         )
         self.save_state()
-        # the records made so far travel with this result; what the script logs after send()
-        # (each record names its round) goes with its next one
+        self._deliver(("result", sent, handle))
+
+    def _deliver(self, msg: tuple[Any, ...]) -> None:
+        """Hand the script's answer to its host. The records made so far travel with it; what
+        the script logs after send() (each record names its round) goes with its next one."""
         records, self.host.records = self.host.records, []
         if self.host.resident:
-            self.host.outbox.put(("result", sent, handle, records))
+            self.host.outbox.put((*msg, records))
         else:
-            self.host.sent = ("result", sent, handle, records)  # and its loop ends
+            self.host.sent = (*msg, records)  # and its loop ends
 
     def save_state(self) -> None:
         """Persist the site's state (at each send and when the job ends for the site), in the
@@ -220,6 +231,8 @@ class ScriptHost:
         )
         #: what the script started the current task from (updates are relative to it)
         self.base: Any = None
+        #: the secure-aggregation part of the current training task's meta (None: none)
+        self.secagg_task: dict[str, Any] | None = None
 
     @property
     def alive(self) -> bool:
@@ -231,9 +244,15 @@ class ScriptHost:
         seed = derive_seed(config.seed, self.info.site_index, rnd, point)
         return FilterContext(point, site=self.site, round=rnd, base=self.base, seed=seed)
 
-    def filter_task(self, model: FLModel) -> FLModel:
-        """The task's model through the ``task_in`` filters (before the script sees it)."""
-        self.base = model.params
+    def filter_task(self, model: FLModel, base: Any = None) -> FLModel:
+        """The task's model through the ``task_in`` filters (before the script sees it);
+        ``base``: the same params, read-only (the script may change its own copy)."""
+        self.base = base if base is not None else model.params
+        self.secagg_task = None
+        if secagg_keys.wants_input(model.meta):
+            meta = model.meta or {}
+            self.secagg_task = {k: meta[k] for k in secagg_keys.PRIVATE_META if k in meta}
+            model = replace(model, meta=secagg_keys.strip_private(meta))
         if model.params is None or not self.filters.at("task_in"):
             return model
         model = self.filters.apply("task_in", model, self._filter_context("task_in", model))
@@ -247,6 +266,46 @@ class ScriptHost:
         if model.params is None or not self.filters.at("result_out"):
             return model
         return self.filters.apply("result_out", model, self._filter_context("result_out", model))
+
+    def secagg(self) -> Any:
+        """This site's side of secure aggregation (its state lives in the site's folder)."""
+        from fedctl.privacy.secagg.site import SimulatedIdentity, SiteSecAgg
+
+        config = self.worker.config
+        return SiteSecAgg(SimulatedIdentity(self.site, config.seed), self.site_dir, config.seed)
+
+    def secure_input(self, model: FLModel) -> FLModel:
+        """The script's (filtered) result → the masked input of secure aggregation."""
+        import torch
+
+        assert self.secagg_task is not None
+        config, rnd = self.worker.config, model.current_round
+        seed = derive_seed(config.seed, self.info.site_index, rnd, "secagg_noise")
+        generator = torch.Generator().manual_seed(seed)
+        task, self.secagg_task = self.secagg_task, None
+        out, notes = self.secagg().masked_result(model, task, self.base, generator)
+        if notes.get("clipped"):
+            print(
+                f"fedctl: secure aggregation clamped {notes['clipped']} coordinates of the "
+                "update to the clip (secure_aggregation.clip)",
+                file=sys.stderr,
+            )
+        return out
+
+    def answer_system_task(self, task: Task) -> TaskResult:
+        """A secure-aggregation task, answered by the site's runtime (no script runs)."""
+        started = time.monotonic()
+        result = TaskResult(self.site, task.task_id)
+        try:
+            self.worker.make_site_dir(self.site_dir)
+            meta = self.secagg().handle(task.model.meta)
+            result.model = FLModel(
+                params_type=None, current_round=task.model.current_round, meta=meta
+            )
+        except FedctlError as exc:
+            result.error = f"secure aggregation: {exc}"
+        result.duration = time.monotonic() - started
+        return result
 
     def enter_context(self) -> None:
         """Per-process settings for this script (it is the only one running in the worker)."""
@@ -298,8 +357,13 @@ class ScriptHost:
             msg = self._run_inline(task)
         result = TaskResult(self.site, task.task_id)
         handle = None
+        if msg[0] != "result" and self.secagg_task is not None:
+            self.secagg().forget_task(self.secagg_task)  # dropped out of the round
+            self.secagg_task = None
         if msg[0] == "result":
             _, result.model, handle, result.records = msg
+        elif msg[0] == "failed":  # the script sent, its site could not pass it on
+            _, result.error, result.traceback, result.records = msg
         else:
             _, error, tb = msg
             result.error = error or "script finished without calling send()"
@@ -332,7 +396,7 @@ class ScriptHost:
                 # A resident script that ended on its own between tasks: start it again.
                 self.thread = None
                 continue
-            self.unsettled = msg[0] == "result"
+            self.unsettled = msg[0] in ("result", "failed")
             return msg
         return msg
 
@@ -424,7 +488,7 @@ class WorkerCore:
         """Run each item's task in turn; the global params come from ``handle_box[0]``."""
         out = []
         for item in items:
-            params = None
+            params = base = None
             if handle_box and handle_box[0] is not None:
                 base = self._global(model_id, handle_box[0])
                 params = {k: v.clone() for k, v in base.items()}  # the script's own copy
@@ -444,7 +508,10 @@ class WorkerCore:
                 host = ScriptHost(self, item.site, item.site_index)
                 if self.config.resident:
                     self.hosts[item.site] = host
-            model = host.filter_task(model)
+            if item.task.name == secagg_keys.TASK:
+                out.append((host.answer_system_task(replace(item.task, model=model)), None))
+                continue
+            model = host.filter_task(model, base)
             task = Task(item.task.name, model, item.task.task_id, item.task.job_id)
             self._settle()
             out.append(host.run(task))

@@ -30,6 +30,9 @@ cross_site_eval: after the last round, evaluate the global model and every site'
 central_dp:      DP-FedAvg settings (:mod:`fedctl.privacy.dp`): every update clipped and counted
                  equally, Gaussian noise on the sum, ε tracked per round (``dp_epsilon``) and
                  a ``target_epsilon`` that ends the job before the budget would be exceeded.
+secure_aggregation: True or settings (:mod:`fedctl.workflows.secure`): the server learns only
+                 the sum of the updates, masked by the sites; with central_dp the sites add
+                 the noise (distributed DP).
 
 Subclasses (FedProx, FedOpt, …) override the small hooks: :meth:`task_meta_for`,
 :meth:`task_params_for`, :meth:`weight_of`, :meth:`add_result`, :meth:`server_update`.
@@ -72,6 +75,7 @@ from fedctl.workflows.base import (
     Workflow,
     WorkflowContext,
 )
+from fedctl.workflows.secure import SecureAggregation, SecureRound, check_compatible
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +98,9 @@ def resolve_precision(precision: str, params: dict[str, torch.Tensor]) -> str:
 class FedAvg(Workflow):
     """Federated averaging; see the module docstring for the parameters."""
 
+    #: whether the workflow's aggregation is a mean of updates the sites can mask
+    supports_secure_aggregation = True
+
     def __init__(
         self,
         num_rounds: int,
@@ -110,6 +117,7 @@ class FedAvg(Workflow):
         server_eval: Callable[..., dict[str, float]] | None = None,
         cross_site_eval: bool = False,
         central_dp: dict[str, Any] | None = None,
+        secure_aggregation: bool | dict[str, Any] | None = None,
     ) -> None:
         self.num_rounds = num_rounds
         self.min_clients = min_clients
@@ -134,6 +142,22 @@ class FedAvg(Workflow):
             raise ValueError("central_dp sums clipped updates: it cannot use a robust aggregator")
         #: central DP across rounds (None when off)
         self.dp = DPRounds(dp) if dp is not None else None
+        #: secure aggregation's settings (None when off)
+        self.secure = SecureAggregation.from_spec(secure_aggregation)
+        if self.secure is not None:
+            if not self.supports_secure_aggregation:
+                raise ValueError(f"{type(self).__name__} cannot run with secure_aggregation")
+            if dp is not None and dp.adaptive:
+                raise ValueError(
+                    "adaptive clipping needs every update's norm: it does not go with "
+                    "secure_aggregation (give central_dp a fixed clip)"
+                )
+            check_compatible(
+                self.secure,
+                aggregator_name=parse_aggregator(aggregator)[0],
+                result_in=False,
+                cross_site_eval=cross_site_eval,
+            )
         #: the sites available in the current round (SCAFFOLD's N)
         self.round_sites: list[str] = []
         self._warned: set[tuple[str, str]] = set()
@@ -226,6 +250,12 @@ class FedAvg(Workflow):
                 model, start = resumed["params"], resumed["next_round"]
                 self.load_state(resumed.get("state", {}))
                 ctx.emit("resumed", round=start)
+        check_compatible(
+            self.secure,
+            aggregator_name=parse_aggregator(self.aggregator)[0],
+            result_in=bool(ctx.filters.at("result_in")),
+            cross_site_eval=self.cross_site_eval,
+        )
         ctx.emit(
             "run_started",
             num_rounds=self.num_rounds,
@@ -283,6 +313,8 @@ class FedAvg(Workflow):
         targets: list[str],
     ) -> tuple[dict[str, torch.Tensor], dict[str, float], GatherOutcome]:
         """One round: broadcast, aggregate as results arrive, update the global model."""
+        if self.secure is not None:
+            return self.secure_round(ctx, model, rnd, targets)
         task = ctx.new_task(
             TASK_TRAIN,
             FLModel(
@@ -322,6 +354,34 @@ class FedAvg(Workflow):
                 summary = self.dp.summary(len(targets), len(self.round_sites))
                 ctx.store.save_json("privacy.json", summary)
         return new_model, out, outcome
+
+    def secure_round(
+        self,
+        ctx: WorkflowContext,
+        model: dict[str, torch.Tensor],
+        rnd: int,
+        targets: list[str],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], GatherOutcome]:
+        """A round under secure aggregation (:mod:`fedctl.workflows.secure`)."""
+        assert self.secure is not None
+        secure = SecureRound(self.secure, ctx, self.policy, rnd, self.dp, self.min_clients)
+        aggregate, out = secure.run(
+            model,
+            self.task_params_for(ctx, model, rnd),
+            self.task_meta_for(ctx, rnd),
+            targets,
+            self.num_rounds,
+        )
+        new_model = self.server_update(ctx, model, aggregate, rnd)
+        check_finite(new_model, f"round {rnd + 1}: the new global model")
+        if self.dp is not None:
+            out.update(self.dp.account(rnd, len(targets), len(self.round_sites)))
+            if ctx.store is not None:
+                summary = self.dp.summary(len(targets), len(self.round_sites))
+                summary["mechanism"] = "DP-FedAvg (distributed noise under secure aggregation)"
+                summary["noise_per_site"] = secure.spec_for(model).noise_std
+                ctx.store.save_json("privacy.json", summary)
+        return new_model, out, secure.outcome
 
     # ------------------------------------------------------------------ evaluation
 

@@ -59,6 +59,9 @@ def _number(meta: dict[str, Any], key: str) -> float | None:
 class FedNova(FedAvg):
     """Normalised averaging; see the module docstring."""
 
+    #: its aggregation normalises each site's update by its own step count
+    supports_secure_aggregation = False
+
     def __init__(
         self, num_rounds: int, min_clients: int, *, local_momentum: float = 0.0, **kwargs: Any
     ) -> None:

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 class Personalized(FedAvg):
     """FedAvg over the shared parameters only; see the module docstring."""
 
+    #: sites keep personal parts the server aggregates separately
+    supports_secure_aggregation = False
+
     def __init__(
         self,
         num_rounds: int,

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 class Scaffold(FedAvg):
     """SCAFFOLD's server side; see the module docstring."""
 
+    #: its control variates are aggregated next to the model
+    supports_secure_aggregation = False
+
     def __init__(
         self, num_rounds: int, min_clients: int, *, server_lr: float = 1.0, **kwargs: Any
     ) -> None:

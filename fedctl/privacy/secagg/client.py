@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import random
 import secrets
 from collections.abc import Mapping
@@ -77,6 +79,77 @@ class SecAggClient:
         self._own: tuple[int, int] = (0, 0)
         self._inbound: dict[str, bytes] = {}
         self._confirmed: list[str] | None = None
+
+    #: the steps at which a party may be saved and restored (between two rounds)
+    STATES = ("new", "advertised", "shared", "masked", "confirmed", "done")
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything this party holds between two rounds, as JSON-able data, so a site runtime
+        can keep it in a file between tasks. It holds the party's secrets (its private keys,
+        its self-mask seed and the shares it received): store it like a private key."""
+        roster = self._roster
+        return {
+            "party": self.party,
+            "config": self.config.public(),
+            "state": self._state,
+            "c_sk": b64(self._c_sk.private_bytes_raw()) if self._c_sk else None,
+            "s_sk": b64(self._s_sk.private_bytes_raw()) if self._s_sk else None,
+            "roster": [e.public() for e in roster.entries.values()] if roster else None,
+            "b": b64(self._b),
+            "own": [b64(shamir.encode_value(y)) for y in self._own],
+            "inbound": {p: b64(v) for p, v in self._inbound.items()},
+            "confirmed": self._confirmed,
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        data: Mapping[str, Any],
+        sign: Signer,
+        verify: Verifier,
+        rng: random.Random | None = None,
+    ) -> SecAggClient:
+        """The party :meth:`export_state` saved (refused, one line, if the data is damaged)."""
+        where = "restoring a party"
+        try:
+            config = SecAggConfig(**data["config"])
+            client = cls(data["party"], config, sign, verify, rng)
+            state = data["state"]
+            if state not in cls.STATES:
+                raise SecAggError(f"{where}: unknown state {state!r:.40}")
+            keys = []
+            for name in ("c_sk", "s_sk"):
+                raw = data[name]
+                keys.append(
+                    None
+                    if raw is None
+                    else X25519PrivateKey.from_private_bytes(
+                        _unb64(raw, f"{where}: {name}", KEY_BYTES)
+                    )
+                )
+            client._c_sk, client._s_sk = keys
+            if data["roster"] is not None:
+                entries = [_Entry.parse(e, f"{where}: the roster") for e in data["roster"]]
+                client._roster = _Roster(config, entries)
+            client._b = base64_bytes(data["b"])
+            ys, yb = (shamir.decode_value(base64_bytes(v)) for v in data["own"])
+            client._own = (ys, yb)
+            client._inbound = {
+                p: _unb64(v, f"{where}: shares from {p}", channel.SEALED_BYTES)
+                for p, v in data["inbound"].items()
+            }
+            confirmed = data["confirmed"]
+            client._confirmed = None if confirmed is None else [str(p) for p in confirmed]
+            client._state = state
+        except SecAggError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SecAggError(f"{where}: damaged state ({type(exc).__name__}: {exc})") from None
+        if state != "new" and (client._c_sk is None or client._s_sk is None):
+            raise SecAggError(f"{where}: damaged state (keys missing at {state!r})")
+        if state in ("shared", "masked", "confirmed", "done") and client._roster is None:
+            raise SecAggError(f"{where}: damaged state (no roster at {state!r})")
+        return client
 
     @property
     def state(self) -> str:
@@ -365,3 +438,13 @@ class SecAggClient:
             "b_shares": b_shares,
             "s_shares": s_shares,
         }
+
+
+def base64_bytes(value: Any) -> bytes:
+    """Bytes of a base64 string (possibly empty), or a SecAggError."""
+    if not isinstance(value, str):
+        raise SecAggError("a saved value is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise SecAggError("a saved value is not base64") from None
