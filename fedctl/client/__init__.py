@@ -4,6 +4,7 @@ A tiny public surface over a hidden runtime: the same script runs in the simulat
 in production, and as a plain ``python client.py`` for debugging.
 """
 
+from fedctl.client import tracking  # flare.tracking.SummaryWriter
 from fedctl.client.api import (
     get_job_id,
     get_num_sites,
@@ -54,4 +55,5 @@ __all__ = [
     "receive",
     "send",
     "system_info",
+    "tracking",
 ]
