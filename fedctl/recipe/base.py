@@ -104,6 +104,8 @@ class Recipe:
         "'result_out'}, ...] (docs/privacy.md)",
         "central_dp": "DP-FedAvg: {'noise_multiplier': z, 'clip': C, 'target_epsilon': ..., "
         "'delta': ..., 'adaptive': ...} (docs/privacy.md)",
+        "tracking": "metrics sinks of this job: {'tensorboard': bool, 'mlflow': bool or "
+        "{'tracking_uri': ..., 'experiment': ...}}; None: the environment's (docs/tracking.md)",
     }
     #: whether the kind's workflow can run with central_dp (its aggregation is a plain mean)
     supports_central_dp: ClassVar[bool] = True
@@ -136,6 +138,7 @@ class Recipe:
         cross_site_eval: bool = False,
         privacy: list[Any] | None = None,
         central_dp: dict[str, Any] | None = None,
+        tracking: dict[str, Any] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else _caller_dir()
@@ -173,6 +176,7 @@ class Recipe:
         self.cross_site_eval = check_bool("cross_site_eval", cross_site_eval)
         self.privacy = self._check_privacy(privacy)
         self.central_dp = self._check_central_dp(central_dp)
+        self.tracking = self._check_tracking(tracking)
 
     # ------------------------------------------------------------------ validation
 
@@ -255,6 +259,15 @@ class Recipe:
         if parse_aggregator(self.aggregator)[0] != "mean":
             raise RecipeError("central_dp sums clipped updates: it takes no robust aggregator")
         return dp.spec()
+
+    def _check_tracking(self, spec: Any) -> dict[str, Any] | None:
+        from fedctl.tracking.sinks import check_job_tracking
+
+        try:
+            check_json(spec, "tracking")
+            return check_job_tracking(spec)
+        except (ValueError, CodecError) as exc:
+            raise RecipeError(str(exc)) from None
 
     def _check_function(self, what: str, ref: Any) -> str | None:
         """A ``file.py:function`` reference to a file inside the recipe folder (or None)."""
