@@ -16,6 +16,7 @@ from fedctl.cli import jobs as _jobs
 from fedctl.cli import poc as _poc
 from fedctl.cli import provision as _provision
 from fedctl.cli import recipe as _recipe
+from fedctl.cli import report as _report
 from fedctl.cli import runtime as _runtime
 from fedctl.cli import simulate as _simulate
 
@@ -51,6 +52,7 @@ _poc.register(app)
 _runtime.register(app)
 _jobs.register(app)
 _audit.register(app)
+_report.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
