@@ -24,6 +24,7 @@ from fedctl.client.api import (
 )
 from fedctl.client.evaluation import keep_local_model, local_model
 from fedctl.client.fedprox import proximal_term
+from fedctl.client.lightning import patch
 from fedctl.client.personalization import Personalization, personalize
 from fedctl.client.scaffold import Scaffold
 from fedctl.codec.keys import NUM_SAMPLES_KEY
@@ -50,6 +51,7 @@ __all__ = [
     "keep_local_model",
     "local_model",
     "log",
+    "patch",
     "personalize",
     "proximal_term",
     "receive",
