@@ -43,7 +43,8 @@ def find_run(ref: str, workspace: Path) -> tuple[Path, str | None]:
         if not runs:
             raise UsageError(f"{path} is not a run folder and holds none ({' or '.join(MARKERS)})")
         newest = max(runs, key=_activity)
-        return newest.resolve(), f"the newest of {len(runs)} runs in {path}"
+        which = f"the newest of {len(runs)} runs" if len(runs) > 1 else "the only run"
+        return newest.resolve(), f"{which} in {path}"
     if path.exists():
         raise UsageError(f"{path} is a file, not a run folder")
     candidate = workspace / ref
