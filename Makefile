@@ -12,14 +12,17 @@ PYTEST  := $(BIN)/python -m pytest
 install: $(STAMP)
 
 # torch is installed first and pinned by constraints.txt so pip never pulls a CUDA build.
+# Every optional extra is installed, so that the tests (and CI) cover the sinks, Lightning and PNGs.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,dp]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,dp,tensorboard,mlflow,lightning,report]'
 	touch $(STAMP)
 
+# The report is of the newest run in fedctl-runs: the one just made.
 demo: $(STAMP)
 	$(BIN)/fedctl simulate recipes/hello_pt --clients 8 --workspace fedctl-runs
+	$(BIN)/fedctl report fedctl-runs
 
 test: $(STAMP)
 	$(PYTEST) -q -m "not slow"
