@@ -308,7 +308,9 @@ def test_a_hung_sink_never_blocks_the_caller(tmp_path) -> None:
     assert time.monotonic() - started < 5.0
     assert any("records behind" in line for line in lines)
     assert any("did not finish within" in line for line in lines)
-    gate.set()
+    gate.set()  # the sink comes back: the thread writes what is queued and ends
+    hub._thread.join(10)
+    assert not hub._thread.is_alive()
 
 
 def test_records_from_sites_are_validated() -> None:

@@ -453,6 +453,8 @@ class SinkHub:
             try:
                 item = self._queue.get(timeout=1.0)
             except queue.Empty:
+                if self._closed:  # close() gave up waiting (a hung sink): stop once drained
+                    break
                 item = None
             if item is _END:
                 break
