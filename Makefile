@@ -15,16 +15,19 @@ PLUGIN  := recipes/fedclip-plugin
 
 # torch is installed first and pinned by constraints.txt so pip never pulls a CUDA build.
 # The example plugin (docs/plugins.md) is installed too: tests/test_plugins.py runs it in the
-# simulator and on a POC.
+# simulator and on a POC. Every optional extra is installed, so that the tests (and CI) cover
+# them: DP, the sinks, Lightning, PNG reports.
 $(STAMP): pyproject.toml constraints.txt $(PLUGIN)/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,dp]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,dp,tensorboard,mlflow,lightning,report]'
 	$(PIP) install -q -c constraints.txt -e $(PLUGIN)
 	touch $(STAMP)
 
+# The report is of the newest run in fedctl-runs: the one just made.
 demo: $(STAMP)
 	$(BIN)/fedctl simulate recipes/hello_pt --clients 8 --workspace fedctl-runs
+	$(BIN)/fedctl report fedctl-runs
 
 test: $(STAMP)
 	$(PYTEST) -q -m "not slow"

@@ -29,6 +29,9 @@ ENV_JOB_TOKEN = "FEDCTL_JOB_TOKEN"
 ENV_ADMIN_KIT = "FEDCTL_ADMIN_KIT"
 #: default POC workspace (`--poc-workspace`)
 ENV_POC_WORKSPACE = "FEDCTL_POC_WORKSPACE"
+#: the metrics sinks of the process that writes run folders (simulator, server): "auto", "none"
+#: or a comma list of "tensorboard", "mlflow" (docs/tracking.md)
+ENV_TRACKING = "FEDCTL_TRACKING"
 
 # ------------------------------------------------------------------ JSON and messages
 
@@ -53,3 +56,11 @@ MAX_WEIGHT = 1e12
 RESULT_FACTOR = 4
 #: ...and always at least this big (a result for a task that sent no model, say)
 MIN_RESULT_LIMIT = 64 * MiB
+
+# ------------------------------------------------------------------ tracking sinks
+
+#: records waiting for the sinks (TensorBoard, MLflow); beyond this they are dropped (and the
+#: run log says how many), so a stalled sink never holds training or the server's memory
+SINK_QUEUE_ITEMS = 200_000
+#: how long the end of a run waits for the sinks to write what is queued
+SINK_CLOSE_TIMEOUT = 60.0

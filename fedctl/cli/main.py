@@ -27,6 +27,7 @@ from fedctl.cli import output
 from fedctl.cli import poc as _poc
 from fedctl.cli import provision as _provision
 from fedctl.cli import recipe as _recipe
+from fedctl.cli import report as _report
 from fedctl.cli import runtime as _runtime
 from fedctl.cli import simulate as _simulate
 from fedctl.cli.common import APP_SETTINGS
@@ -62,6 +63,7 @@ _poc.register(app)
 _runtime.register(app)
 _jobs.register(app)
 _audit.register(app)
+_report.register(app)
 
 
 @cache

@@ -25,6 +25,7 @@ from fedctl.client.api import (
 from fedctl.client.dp import PrivateTraining, make_private
 from fedctl.client.evaluation import keep_local_model, local_model
 from fedctl.client.fedprox import proximal_term
+from fedctl.client.lightning import patch
 from fedctl.client.personalization import Personalization, personalize
 from fedctl.client.scaffold import Scaffold
 from fedctl.codec.keys import NUM_SAMPLES_KEY
@@ -53,6 +54,7 @@ __all__ = [
     "local_model",
     "log",
     "make_private",
+    "patch",
     "personalize",
     "proximal_term",
     "receive",

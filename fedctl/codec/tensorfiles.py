@@ -197,6 +197,28 @@ class LazyTensorFile(Mapping[str, "torch.Tensor"]):
     def stored_names(self) -> list[str]:
         return list(self._entries)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors this mapping exposes (from the header: nothing is read)."""
+        return sum(self._entries[stored].nbytes for stored in self._names.values())
+
+
+def payload_nbytes(params: Mapping[str, Any] | None) -> int:
+    """Bytes of a model's tensors (elements × element size), without reading lazy ones: what a
+    task or a result moves besides its small JSON header."""
+    if not params:
+        return 0
+    if isinstance(params, LazyTensorFile):
+        return params.nbytes
+    total = 0
+    for value in params.values():
+        numel, size = getattr(value, "numel", None), getattr(value, "element_size", None)
+        if callable(numel) and callable(size):
+            total += int(numel()) * int(size())
+        else:
+            total += int(getattr(value, "nbytes", 0) or 0)
+    return total
+
 
 class _FileKeeper:
     """Deletes a file when garbage-collected (shared by a LazyTensorFile and its views)."""

@@ -112,6 +112,8 @@ class Recipe:
         "secure_aggregation": "true or {'clip': 8.0, 'bits': 32, 'max_weight': ..., "
         "'neighbours': ..., 'threshold': ...}: the server sees only the sum of the updates "
         "(docs/secagg.md)",
+        "tracking": "metrics sinks of this job: {'tensorboard': bool, 'mlflow': bool or "
+        "{'tracking_uri': ..., 'experiment': ...}}; None: the environment's (docs/tracking.md)",
     }
     #: whether the kind's workflow can run with central_dp (its aggregation is a plain mean)
     supports_central_dp: ClassVar[bool] = True
@@ -144,6 +146,7 @@ class Recipe:
         privacy: list[Any] | None = None,
         central_dp: dict[str, Any] | None = None,
         secure_aggregation: bool | dict[str, Any] | None = None,
+        tracking: dict[str, Any] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else _caller_dir()
@@ -182,6 +185,7 @@ class Recipe:
         self.privacy = self._check_privacy(privacy)
         self.central_dp = self._check_central_dp(central_dp)
         self.secure_aggregation = self._check_secure_aggregation(secure_aggregation)
+        self.tracking = self._check_tracking(tracking)
 
     # ------------------------------------------------------------------ validation
 
@@ -296,6 +300,14 @@ class Recipe:
         except FedctlError as exc:
             raise RecipeError(str(exc)) from None
         return sa.spec()
+    def _check_tracking(self, spec: Any) -> dict[str, Any] | None:
+        from fedctl.tracking.sinks import check_job_tracking
+
+        try:
+            check_json(spec, "tracking")
+            return check_job_tracking(spec)
+        except (ValueError, CodecError) as exc:
+            raise RecipeError(str(exc)) from None
 
     def _check_function(self, what: str, ref: Any) -> str | None:
         """A ``file.py:function`` reference to a file inside the recipe folder (or None)."""

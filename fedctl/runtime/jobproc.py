@@ -67,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         key_metric_mode=job.key_metric_mode,
         checkpoint=True,
     )
+    store.start_tracking(
+        job.tracking,
+        job_id=args.job_id,
+        name=job.name,
+        kind=job.kind,
+        args=job.to_spec(),
+        mode="server",
+    )
     abort = threading.Event()
     comm = RuntimeCommunicator(
         ipc,

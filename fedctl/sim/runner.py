@@ -27,6 +27,7 @@ from fedctl.sim.pool import LocalPool, Pool, RayPool, SimCommunicator, available
 from fedctl.sim.worker import WorkerConfig
 from fedctl.tracking.display import Display
 from fedctl.tracking.run import Run, finish_run
+from fedctl.tracking.sinks import environment_choice
 from fedctl.tracking.store import RunStore
 from fedctl.workflows.base import WorkflowContext
 
@@ -148,6 +149,10 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     # what a server would refuse is refused here, with the server's message
     check_recipe(recipe)
     _check_gpus(env)
+    try:
+        environment_choice(os.environ)  # a bad FEDCTL_TRACKING: an error before anything runs
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if env.num_clients < recipe.min_clients:
         raise UsageError(
             f"{recipe.name} needs min_clients={recipe.min_clients} but the simulation has "
@@ -178,6 +183,14 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         key_metric=job.key_metric,
         key_metric_mode=job.key_metric_mode,
         checkpoint=env.checkpoint,
+    )
+    store.start_tracking(
+        job.tracking,
+        job_id=job_id,
+        name=job.name,
+        kind=job.kind,
+        args=job.to_spec(),
+        mode="simulation",
     )
     title = (
         f"{job.name} · simulation · {len(sites)} sites on {workers} "

@@ -137,6 +137,6 @@ def finish_run(
         extra={**extra, "best": store.best, **store.extra_outputs()},
     )
     store.log(status + (f": {reason}" if reason else ""))
-    store.close()
+    store.close(status)
     write_json_atomic(store.root / "result.json", jsonable(run.to_json()))
     return run

@@ -7,6 +7,8 @@ Layout (the same for simulation and for a job on a server)::
     metrics/global.jsonl       one line per round: aggregated metrics, who answered, duration
     metrics/sites.jsonl        one line per site result: metrics or error
     metrics/tracking.jsonl     what scripts logged (SummaryWriter, fedctl.client.log)
+    recipe.json                the job's kind, name and recipe arguments (for reports)
+    tb/, mlflow.json, mlruns/  what the TensorBoard and MLflow sinks write (docs/tracking.md)
     cross_site_eval.json       the cross-site evaluation matrix, when the recipe asks for it
     checkpoint/                last completed round (model + workflow state), when enabled
     run.log                    human-readable log, failed sites' tracebacks included
@@ -35,7 +37,11 @@ from fedctl.codec.tensorfiles import load_file, save_file
 from fedctl.jobs import user_round
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import torch
+
+    from fedctl.tracking.sinks import SinkHub
 
 
 def jsonable(value: Any) -> Any:
@@ -85,6 +91,46 @@ class RunStore:
             for name in ("global", "sites", "tracking")
         }
         self._log = open(self.root / "run.log", "a", buffering=1)  # noqa: SIM115
+        #: the TensorBoard/MLflow sinks (None until start_tracking)
+        self.sinks: SinkHub | None = None
+        # tensor bytes of the tasks sent and results received since the last completed round
+        self._bytes = {"sent": 0, "received": 0}
+        self._closed = False
+
+    # ------------------------------------------------------------------ sinks
+
+    def start_tracking(
+        self,
+        job_tracking: dict[str, Any] | None,
+        *,
+        job_id: str,
+        name: str,
+        kind: str,
+        args: dict[str, Any],
+        mode: str,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """Write ``recipe.json`` and start the sinks the job and the environment choose (see
+        :mod:`fedctl.tracking.sinks`); a sink's problems go to run.log, never to the job."""
+        from fedctl.tracking import sinks
+
+        args = jsonable(args)
+        write_json_atomic(self.root / "recipe.json", {"kind": kind, "name": name, "args": args})
+        choice = sinks.plan(job_tracking, os.environ if environ is None else environ)
+        for note in choice.notes:
+            self.log(f"tracking: {note}")
+        info = sinks.RunInfo(self.root, job_id, name, kind, mode, args)
+        hub = sinks.SinkHub(sinks.build(choice), info, self.log)
+        where = ", ".join(f"{s.name} ({s.where()})" for s in hub.sinks)
+        self.log(f"tracking: metrics/*.jsonl{', ' + where if where else ''}")
+        if hub.sinks:
+            self.sinks = hub.start()
+
+    def count_bytes(self, *, sent: int = 0, received: int = 0) -> None:
+        """Add tensor bytes sent to sites / received from them (reported per round)."""
+        with self._lock:
+            self._bytes["sent"] += sent
+            self._bytes["received"] += received
 
     # ------------------------------------------------------------------ logging
 
@@ -92,6 +138,8 @@ class RunStore:
         """Append a timestamped line to run.log."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with self._lock:
+            if self._closed:
+                return
             for i, line in enumerate(message.rstrip("\n").splitlines() or [""]):
                 self._log.write(f"{stamp} {line}\n" if i == 0 else f"    {line}\n")
 
@@ -115,6 +163,8 @@ class RunStore:
             if event.get("phase"):
                 record["phase"] = event["phase"]
             self._append("sites", record)
+            if self.sinks is not None and event["ok"] and isinstance(event.get("round"), int):
+                self._result_to_sinks(event)
             if not event["ok"]:
                 where = f"round {event['round'] + 1}" if event.get("round") is not None else ""
                 if event.get("phase"):
@@ -132,8 +182,14 @@ class RunStore:
                 "duration": round(event.get("duration") or 0.0, 4),
                 "time": event["time"],
             }
+            with self._lock:
+                record["bytes_sent"] = self._bytes["sent"]
+                record["bytes_received"] = self._bytes["received"]
+                self._bytes = {"sent": 0, "received": 0}
             self.history.append(record)
             self._append("global", record)
+            if self.sinks is not None:
+                self._round_to_sinks(event["round"], record)
             metrics = " ".join(f"{k}={v:.4g}" for k, v in record["metrics"].items())
             self.log(
                 f"round {event['round'] + 1} completed: {record['accepted']} results "
@@ -168,9 +224,41 @@ class RunStore:
 
     def add_records(self, site: str, records: list[dict[str, Any]]) -> None:
         """Append client tracking records (SummaryWriter, log) tagged with their site."""
+        if self.sinks is not None:
+            self.sinks.records(site, records)
         for rec in records:
             rec = {**rec, "round": user_round(rec["round"])} if "round" in rec else rec
             self._append("tracking", {"site": site, **rec})
+
+    def _round_to_sinks(self, rnd: int, record: dict[str, Any]) -> None:
+        from fedctl.tracking.sinks import GLOBAL, numbers
+
+        assert self.sinks is not None
+        values = numbers(record["metrics"])
+        values.update(
+            {
+                "fedctl/round_duration_s": record["duration"],
+                "fedctl/sites_accepted": record["accepted"],
+                "fedctl/sites_failed": len(record["failed"]),
+                "fedctl/sites_missing": len(record["missing"]),
+                "fedctl/bytes_sent": record["bytes_sent"],
+                "fedctl/bytes_received": record["bytes_received"],
+            }
+        )
+        self.sinks.scalars(GLOBAL, rnd + 1, values, record["time"])
+
+    def _result_to_sinks(self, event: dict[str, Any]) -> None:
+        from fedctl.tracking.sinks import numbers
+
+        assert self.sinks is not None
+        phase = event.get("phase")
+        if phase not in (None, "evaluate"):
+            return  # cross-site evaluation: its matrix is in cross_site_eval.json
+        prefix = "eval_" if phase == "evaluate" else ""
+        values = {f"{prefix}{k}": v for k, v in numbers(event.get("metrics")).items()}
+        if phase is None:
+            values["fedctl/result_duration_s"] = float(event.get("duration") or 0.0)
+        self.sinks.scalars(str(event["site"]), event["round"] + 1, values, event["time"])
 
     # ------------------------------------------------------------------ models
 
@@ -284,9 +372,15 @@ class RunStore:
         self.history = list(info.get("history") or [])
         return {"params": params, "next_round": int(info["next_round"]), "state": state}
 
-    def close(self) -> None:
-        """Flush and close the log and JSONL files."""
+    def close(self, status: str | None = None) -> None:
+        """Let the sinks write what is queued (closing their runs with the final ``status``;
+        None: the run goes on later, e.g. after a server restart), then close the files."""
+        if self._closed:
+            return
+        if self.sinks is not None:
+            self.sinks.close(status)
         with self._lock:
+            self._closed = True
             for fh in self._files.values():
                 fh.close()
             self._log.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedctl.codec.model import Task, TaskResult
+from fedctl.codec.tensorfiles import payload_nbytes
 from fedctl.errors import FedctlError, RunFailed
 from fedctl.privacy.filters import FilterChain, FilterContext
 
@@ -170,6 +171,9 @@ class WorkflowContext:
             self._sent[task.task_id] = task
             while len(self._sent) > 4:
                 self._sent.pop(next(iter(self._sent)))
+        if self.store is not None:  # the round's bytes moved: the model once per target
+            size = payload_nbytes(task.model.params) + payload_nbytes(task.model.optimizer_params)
+            self.store.count_bytes(sent=size * len(targets))
         return self.comm.broadcast(task, targets)
 
     def _notes(self, fctx: FilterContext, site: str | None, round_: int | None) -> None:
@@ -265,6 +269,11 @@ class WorkflowContext:
         error = result.error
         if error is None and result.model is None:
             error = "sent no model"
+        if self.store is not None and result.model is not None:
+            m = result.model
+            self.store.count_bytes(
+                received=payload_nbytes(m.params) + payload_nbytes(m.optimizer_params)
+            )
         if error is None and self.filters.at("result_in"):
             try:
                 result = self._filter_result(result, round_)
