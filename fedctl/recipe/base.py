@@ -300,6 +300,7 @@ class Recipe:
         except FedctlError as exc:
             raise RecipeError(str(exc)) from None
         return sa.spec()
+
     def _check_tracking(self, spec: Any) -> dict[str, Any] | None:
         from fedctl.tracking.sinks import check_job_tracking
 
