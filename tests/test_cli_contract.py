@@ -287,6 +287,7 @@ def _envelope_cases(tmp: Path) -> list[tuple[str, list[str], int]]:
         ("kit verify", ["kit", "verify", none], 4),
         ("audit verify", ["audit", "verify", none], 4),
         ("audit head", ["audit", "head", none], 4),
+        ("report", ["report", none], 4),
         ("poc prepare", ["poc", "prepare", "--workspace", str(tmp / "poc"), "-n", "0"], 2),
         ("poc prepare", ["poc", "prepare", "--workspace", str(tmp / "poc"), "-n", "1"], 0),
         ("poc status", ["poc", "status", "--workspace", str(tmp / "poc")], 1),

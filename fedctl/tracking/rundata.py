@@ -48,8 +48,11 @@ def find_run(ref: str, workspace: Path) -> tuple[Path, str | None]:
     if path.exists():
         raise UsageError(f"{path} is a file, not a run folder")
     candidate = workspace / ref
-    if "/" not in ref and "\\" not in ref and ref not in (".", "..") and is_run_folder(candidate):
+    job_id = "/" not in ref and "\\" not in ref and ref not in (".", "..")
+    if job_id and is_run_folder(candidate):
         return candidate.resolve(), None
+    if not job_id:  # a path: there is nothing else it could name
+        raise NotFound(f"no run folder {ref!r}")
     raise NotFound(
         f"no run folder {ref!r} (nor {candidate}); for a POC or production job, download it "
         f"first: fedctl job download {ref} -o {candidate}"
