@@ -380,3 +380,20 @@ def test_kit_identities_accept_project_sites_only(poc_ws) -> None:
     key = certs.load_key(admin.key_path.read_bytes())
     signed = certs.sign_bytes(key, b"k")
     assert not two.verifier({admin.name: admin_pem})(admin.name, b"k", signed)
+
+
+def test_a_site_policy_can_require_secure_aggregation(toy_recipe, tmp_path) -> None:
+    from fedctl.errors import ConfigError
+    from fedctl.privacy.policy import PrivacyPolicy
+
+    strict = {"require": {"secure_aggregation": True}}
+    policies = {"site-1": strict, "site-2": strict}
+    run = toy_recipe.run(_sim(tmp_path, "plain", 3, site_privacy=policies))
+    assert run.status == "FAILED"
+    assert "site-1 refused: its privacy policy requires secure aggregation" in run.reason
+    run = toy_recipe.with_overrides(num_rounds=1, secure_aggregation=True).run(
+        _sim(tmp_path, "secure", 3, site_privacy=policies)
+    )
+    assert run.ok and "refused" not in run.extra
+    with pytest.raises(ConfigError, match="require.secure_aggregation: must be true or false"):
+        PrivacyPolicy.from_data({"require": {"secure_aggregation": "yes"}})

@@ -13,6 +13,7 @@
       max_epsilon: 8           # ... whose budget (target_epsilon) is at most 8
       min_clients: 3           # no aggregate of fewer than 3 sites
       exclude_vars: ["head.*"] # the job itself keeps these parameters on the sites
+      secure_aggregation: true # the server sees only the sum of the updates
 
 A job cannot remove a site's filters: they run on everything the site sends, whatever the job
 asks for. A job that does not meet the requirements is refused by the site, with the reason,
@@ -36,7 +37,7 @@ from fedctl.errors import ConfigError
 from fedctl.privacy.dp import CentralDP, DPError
 from fedctl.privacy.filters import FilterChain, FilterError
 
-REQUIREMENTS = ("central_dp", "max_epsilon", "min_clients", "exclude_vars")
+REQUIREMENTS = ("central_dp", "max_epsilon", "min_clients", "exclude_vars", "secure_aggregation")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,11 @@ class PrivacyPolicy:
                 f"its privacy policy requires min_clients ≥ {need['min_clients']}; the job has "
                 f"{args.get('min_clients')}"
             )
+        if need.get("secure_aggregation") and not args.get("secure_aggregation"):
+            return (
+                "its privacy policy requires secure aggregation (secure_aggregation) and the job "
+                "has none"
+            )
         required = list(need.get("exclude_vars") or [])
         if required:
             excluded = FilterChain.from_specs(args.get("privacy")).excluded_patterns()
@@ -141,8 +147,9 @@ def _check_requirements(require: dict[str, Any], where: str) -> None:
         raise ConfigError(
             f"{where}: unknown requirement {unknown[0]!r} ({', '.join(REQUIREMENTS)})"
         )
-    if "central_dp" in require and not isinstance(require["central_dp"], bool):
-        raise ConfigError(f"{where}.central_dp: must be true or false")
+    for flag in ("central_dp", "secure_aggregation"):
+        if flag in require and not isinstance(require[flag], bool):
+            raise ConfigError(f"{where}.{flag}: must be true or false")
     if "max_epsilon" in require:
         v = require["max_epsilon"]
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:

@@ -228,6 +228,7 @@ def privacy_yaml(participant: str) -> str:
         "#  max_epsilon: 8                # whose budget (target_epsilon) is at most 8\n"
         "#  min_clients: 3                # no aggregate of fewer than 3 sites\n"
         '#  exclude_vars: ["classifier.*"] # the job keeps these parameters on the sites\n'
+        "#  secure_aggregation: true      # the server sees only the sum of the updates\n"
     )
 
 
