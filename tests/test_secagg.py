@@ -885,7 +885,7 @@ def test_config_derives_group_threshold_and_quantizer_from_the_roster() -> None:
 
 def test_one_party_is_not_a_secure_aggregation() -> None:
     run = Run(1)
-    with pytest.raises(SecAggError, match="round 0: 1 parties advertised keys, 2 are required"):
+    with pytest.raises(SecAggError, match="round 0: 1 party advertised keys, 2 are required"):
         run.run()
 
 

@@ -141,6 +141,11 @@ class SecAggConfig:
         return Quantizer(self.bound, self.bits, n)
 
 
+def count(n: int, one: str, many: str) -> str:
+    """``n`` with the noun in the number it needs (for messages)."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -262,7 +267,8 @@ class _Roster:
         self.t = config.threshold_for(self.n)
         if self.n < max(self.t, 2):
             raise SecAggError(
-                f"round 0: {self.n} parties advertised keys, {max(self.t, 2)} are required "
+                f"round 0: {count(self.n, 'party', 'parties')} advertised keys, "
+                f"{max(self.t, 2)} are required "
                 f"(the threshold t = {self.t}, and at least 2)"
             )
         self.x = {p: i + 1 for i, p in enumerate(self.parties)}

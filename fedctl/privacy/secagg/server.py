@@ -33,6 +33,7 @@ from fedctl.privacy.secagg.protocol import (
     _signature,
     _unb64,
     b64,
+    count,
     survivors_bytes,
 )
 
@@ -176,7 +177,7 @@ class SecAggServer:
         roster = self._turn("shares", where)
         if len(self._sealed) < roster.t:
             raise SecAggError(
-                f"{where}: {len(self._sealed)} parties sent their shares, "
+                f"{where}: {count(len(self._sealed), 'party', 'parties')} sent their shares, "
                 f"{roster.t} are required (the threshold)"
             )
         self._state = "masked"
@@ -223,7 +224,7 @@ class SecAggServer:
         assert roster
         if len(self._masked) < roster.t:
             raise SecAggError(
-                f"{where}: {len(self._masked)} parties sent masked inputs, "
+                f"{where}: {count(len(self._masked), 'party', 'parties')} sent masked inputs, "
                 f"{roster.t} are required (the threshold)"
             )
         roster.split(sorted(self._masked), where)
@@ -263,7 +264,8 @@ class SecAggServer:
             roster = self._turn("confirm", "consistency check")
             if len(self._confirmations) < roster.t:
                 raise SecAggError(
-                    f"consistency check: {len(self._confirmations)} survivors signed the list, "
+                    f"consistency check: "
+                    f"{count(len(self._confirmations), 'survivor', 'survivors')} signed the list, "
                     f"{roster.t} are required (the threshold)"
                 )
             # the clients will want t signatures from each share group they reveal shares of
