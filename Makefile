@@ -19,7 +19,7 @@ PLUGIN  := recipes/fedclip-plugin
 $(STAMP): pyproject.toml constraints.txt $(PLUGIN)/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,dp]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,dp,he]'
 	$(PIP) install -q -c constraints.txt -e $(PLUGIN)
 	touch $(STAMP)
 
