@@ -183,10 +183,10 @@ def load_context(data: bytes, *, need_secret: bool, source: str = "HE context") 
     Errors are one :class:`HEError` line naming ``source`` (garbage, a foreign format, another
     version, parameters that cannot work, a context that does not match its header).
     """
+    ts = tenseal()
     info, body = _split(data, source)
     if need_secret and not info.has_secret_key:
         raise HEError(f"{source}: {NO_SECRET}")
-    ts = tenseal()
     try:
         ctx = ts.context_from(bytes(body), n_threads=1)
     except Exception as exc:  # TenSEAL and SEAL raise ValueError, RuntimeError, TypeError...

@@ -188,18 +188,18 @@ def encrypt_params(
     """
     import torch
 
+    ts = tenseal()
     if isinstance(weight, bool) or not isinstance(weight, int | float):
         raise HEConfigError(f"weight must be a number, got {weight!r}")
     if not (math.isfinite(weight) and 0 <= weight <= MAX_WEIGHT):
         raise HEConfigError(f"weight must be within [0, {MAX_WEIGHT:.0e}], got {weight}")
     chosen = select_keys(params, keys)
-    ts = tenseal()
     native = ts._ts_cpp.CKKSVector  # takes a numpy array without two copies through lists
     slots, limit = ctx.params.slots, ctx.params.max_site_value
     out = dict(params)
     desc = describe_params(params, chosen, ctx, float(weight))
     for k in chosen:
-        x = params[k].detach().to("cpu", torch.float64).flatten()
+        x = params[k].detach().to("cpu", torch.float64, copy=True).flatten()  # never in place
         if weight != 1:
             x.mul_(weight)
         values = x.numpy()
@@ -229,6 +229,7 @@ def decrypt_params(
     import numpy as np
     import torch
 
+    tenseal()
     if not ctx.has_secret_key:
         raise HEError(NO_SECRET)
     desc = parse_description(description, ctx)
