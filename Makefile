@@ -59,7 +59,7 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: bench-algorithms bench-aggregators bench-privacy
+.PHONY: bench-algorithms bench-aggregators bench-privacy bench-he
 
 # Non-IID comparison of FedAvg, FedProx, SCAFFOLD, FedNova, FedAdam (docs/algorithms.md).
 bench-algorithms: $(STAMP)
@@ -72,3 +72,8 @@ bench-privacy: $(STAMP)
 # Memory and time of the weighted mean and the robust aggregators.
 bench-aggregators: $(STAMP)
 	$(BIN)/python bench/bench_aggregators.py
+
+# Per-round cost of homomorphic encryption against plain FedAvg, 1M and 10M parameters with
+# 10 and 100 sites (a few minutes; docs/he.md). `python bench/bench_he.py --quick` for a glance.
+bench-he: $(STAMP)
+	$(BIN)/python bench/bench_he.py
