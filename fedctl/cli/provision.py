@@ -45,9 +45,12 @@ def _print_result(result: Any, *, as_json: bool) -> None:
     for w in result.warnings:
         _warn(w)
     if any(k.status in ("created", "rebuilt") for k in result.kits):
+        held = "the CA key"
+        if result.project.homomorphic_encryption is not None:
+            held += " and the sites' HE secret key"
         typer.echo(
             f"Hand each participant its zip; keep {result.workspace / 'state'} private "
-            "(it holds the CA key)."
+            f"(it holds {held})."
         )
 
 
