@@ -16,7 +16,6 @@ context's scale.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fedctl.privacy.he.params import HEError
@@ -56,8 +55,9 @@ def pack(key_id: str, cts: list[bytes]) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
 
 
-def unpack(t: Any, ctx: HEContext, count: int, what: str) -> Iterator[memoryview]:
-    """The ``count`` ciphertexts of encrypted tensor ``t``, after checking its framing.
+def unpack(t: Any, ctx: HEContext, count: int, what: str) -> list[memoryview]:
+    """The ``count`` ciphertexts of encrypted tensor ``t`` (views, no copy), after checking its
+    framing.
 
     Checks that ``t`` is a 1-D uint8 tensor no larger than ``count`` ciphertexts can be, made
     under ``ctx``'s key, holding exactly ``count`` ciphertexts whose lengths add up.
@@ -77,7 +77,7 @@ def unpack(t: Any, ctx: HEContext, count: int, what: str) -> Iterator[memoryview
         )
     if t.numel() < _HEAD.size:
         raise HEError(f"{what}: {t.numel()} bytes, too short to be an encrypted tensor")
-    view = memoryview(t.contiguous().numpy().data).cast("B")
+    view = memoryview(t.detach().cpu().contiguous().numpy().data).cast("B")
     magic, key, n = _HEAD.unpack_from(view, 0)
     if magic != BLOB_MAGIC:
         raise HEError(f"{what}: not an encrypted tensor (bad magic)")
@@ -97,10 +97,11 @@ def unpack(t: Any, ctx: HEContext, count: int, what: str) -> Iterator[memoryview
             f"{what}: ciphertext lengths add up to {head + sum(lengths)} bytes, the tensor has "
             f"{len(view)} (truncated or padded)"
         )
-    pos = head
+    out, pos = [], head
     for length in lengths:
-        yield view[pos : pos + length]
+        out.append(view[pos : pos + length])
         pos += length
+    return out
 
 
 # --------------------------------------------------------------------------- TenSEAL wrapper

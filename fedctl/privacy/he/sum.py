@@ -86,7 +86,7 @@ class EncryptedSum:
                     continue
                 if name not in blobs:
                     spec = self.description.tensors[name]
-                    blobs[name] = list(unpack(params[name], self.ctx, spec.count, name))
+                    blobs[name] = unpack(params[name], self.ctx, spec.count, name)
                 vec = load_vector(self.ctx, blobs[name][i], self._sizes(name)[i], name)
                 self._sum[name][i].sub_(vec)
         except Exception as exc:  # cannot happen with the bytes that loaded a moment ago

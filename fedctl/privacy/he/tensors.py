@@ -241,8 +241,9 @@ def decrypt_params(
         what = f"parameter {k!r}"
         if k not in params:
             raise HEError(f"{what}: missing (the HE description lists it as encrypted)")
+        cts = unpack(params[k], ctx, spec.count, what)  # framing checked before allocating
         values = np.empty(spec.numel, dtype=np.float64)
-        for i, ct in enumerate(unpack(params[k], ctx, spec.count, what)):
+        for i, ct in enumerate(cts):
             n = min(slots, spec.numel - i * slots)
             vec = load_vector(ctx, ct, n, f"{what}, ciphertext {i}")
             try:
