@@ -20,7 +20,7 @@ PLUGIN  := recipes/fedclip-plugin
 $(STAMP): pyproject.toml constraints.txt $(PLUGIN)/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,dp,tensorboard,mlflow,lightning,report]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,dp,he,tensorboard,mlflow,lightning,report]'
 	$(PIP) install -q -c constraints.txt -e $(PLUGIN)
 	touch $(STAMP)
 
@@ -62,7 +62,7 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: bench-algorithms bench-aggregators bench-privacy
+.PHONY: bench-algorithms bench-aggregators bench-privacy bench-he
 
 # Non-IID comparison of FedAvg, FedProx, SCAFFOLD, FedNova, FedAdam (docs/algorithms.md).
 bench-algorithms: $(STAMP)
@@ -75,3 +75,8 @@ bench-privacy: $(STAMP)
 # Memory and time of the weighted mean and the robust aggregators.
 bench-aggregators: $(STAMP)
 	$(BIN)/python bench/bench_aggregators.py
+
+# Per-round cost of homomorphic encryption against plain FedAvg, 1M and 10M parameters with
+# 10 and 100 sites (a few minutes; docs/he.md). `python bench/bench_he.py --quick` for a glance.
+bench-he: $(STAMP)
+	$(BIN)/python bench/bench_he.py

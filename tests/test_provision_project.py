@@ -83,7 +83,8 @@ INVALID = [
         "unknown-top-level-key",
         "name: demo\nservr: {name: fl.example.org}\n",
         "2: servr: unknown key (did you mean 'server'? expected one of: api_version, name, "
-        "description, ca_valid_days, cert_valid_days, key_type, server, participants)",
+        "description, ca_valid_days, cert_valid_days, key_type, server, participants, "
+        "homomorphic_encryption)",
     ),
     (
         "unknown-participant-key",

@@ -45,9 +45,12 @@ def _print_result(result: Any, *, as_json: bool) -> None:
     for w in result.warnings:
         _warn(w)
     if any(k.status in ("created", "rebuilt") for k in result.kits):
+        held = "the CA key"
+        if result.project.homomorphic_encryption is not None:
+            held += " and the sites' HE secret key"
         typer.echo(
             f"Hand each participant its zip; keep {result.workspace / 'state'} private "
-            "(it holds the CA key)."
+            f"(it holds {held})."
         )
 
 
@@ -266,6 +269,14 @@ def kit_verify(
         "valid_until": kit.not_after.strftime("%Y-%m-%d") if kit.not_after else None,
         "verified": True,
     }
+    he = kit.he_info()
+    if he is not None:
+        out["homomorphic_encryption"] = {
+            **he.params.to_dict(),
+            "key_id": he.key_id,
+            "secret_key": he.has_secret_key,
+            "file": str(kit.he_context_path),
+        }
     check = None
     if connect:
         from fedctl.transport import tls
@@ -279,6 +290,8 @@ def kit_verify(
             f"ok       {kit.root}: {kit.identity} in project {kit.project!r}, server "
             f"{kit.server_address}, certificate valid until {out['valid_until']}"
         )
+        if he is not None:
+            typer.echo(f"ok       homomorphic encryption: {he.describe()}")
         if check is not None and check.ok:
             typer.echo(f"ok       {check.message}")
     if check is not None and not check.ok:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedctl.errors import NotFound, UsageError
+from fedctl.provision.he import workspace_context
 from fedctl.provision.identity import Identity, IdentityError, identity_from_name
 from fedctl.provision.kit import Kit, load_kit
 from fedctl.provision.kitfiles import read_kit_folder, read_kit_zip, write_kit_dir
@@ -178,8 +179,15 @@ def sign_csr(
             )
         if not force:
             _refuse_second_certificate(state, ident, request.public_key(), source)
+        he, _ = workspace_context(state.dir, project.homomorphic_encryption)
         issue = build_issue(
-            project, participant, ca_key, ca_cert, public_key=request.public_key(), status=CREATED
+            project,
+            participant,
+            ca_key,
+            ca_cert,
+            public_key=request.public_key(),
+            status=CREATED,
+            he=he,
         )
         records = write_issues(state, [issue], replace=True)
         save_state(state, project, [issue.record])

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from fedctl._fs import sha256_file
 from fedctl.errors import NotFound
+from fedctl.provision.he import check_kit_context, kit_context_file
 from fedctl.provision.identity import Identity, IdentityError
 from fedctl.provision.kitfiles import (
     atomic_write_dir,
@@ -52,6 +53,8 @@ from fedctl.provision.kitspec import (
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from fedctl.privacy.he import ContextInfo
+
 
 @dataclass(frozen=True)
 class Kit:
@@ -66,6 +69,9 @@ class Kit:
     listen_port: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     not_after: dt.datetime | None = None
+    #: the project's homomorphic-encryption context, if it has one: a site's secret context
+    #: (``startup/he_context.secret``) or the server's public one (``he_context.public``)
+    he_context_path: Path | None = None
 
     @property
     def name(self) -> str:
@@ -106,6 +112,13 @@ class Kit:
     @property
     def ca_path(self) -> Path:
         return self.startup_dir / CA_FILE
+
+    def he_info(self) -> ContextInfo | None:
+        """What the kit's HE context says (parameters, key id, secret or public), if any;
+        KitError if the file is of the wrong kind for this participant or unreadable."""
+        from fedctl.provision.he import check_kit_context
+
+        return check_kit_context(self.root, self.type)
 
     @property
     def server_address(self) -> str:
@@ -151,7 +164,9 @@ def verify_kit(
     Checks, in order: the signed manifest (signature by the kit's CA, and that CA is the one the
     manifest names), every listed file's hash, no unlisted file in ``startup/``, the certificate
     is issued by that CA for the participant in kit.json and is currently valid, and the key
-    matches the certificate and is not readable by others. ``ca_cert`` optionally pins the
+    matches the certificate and is not readable by others; an HE context, if any, is of the
+    participant's kind (secret for sites, public for the server) and a secret one is private.
+    ``ca_cert`` optionally pins the
     expected project CA (a kit from another project is then refused even if self-consistent).
     ``local/`` is not checked: sites may edit it.
     """
@@ -218,6 +233,7 @@ def load_kit(
                 )
         if require_key or (root / STARTUP / KEY_FILE).exists():
             _verify_key(root, cert)
+        check_kit_context(root, identity.type)
 
     return Kit(
         root=root,
@@ -229,6 +245,7 @@ def load_kit(
         listen_port=listen.get("port"),
         labels=labels,
         not_after=cert.not_valid_after_utc,
+        he_context_path=kit_context_file(root, identity.type),
     )
 
 

@@ -27,6 +27,7 @@ from fedctl.provision.kitspec import (
     CERT_FILE,
     CONFIG_FILE,
     DIRS,
+    HE_SECRET_FILE,
     KEY_FILE,
     KIT_VERSION,
     LOCAL,
@@ -91,7 +92,7 @@ def _script(identity: Identity, project: str, action: str) -> bytes:
     ).encode()
 
 
-def _readme(identity: Identity, project: str, server_address: str) -> bytes:
+def _readme(identity: Identity, project: str, server_address: str, he: bool = False) -> bytes:
     head = f"fedctl startup kit for {identity} in project {project!r}.\n\n"
     if identity.type == "server":
         use = (
@@ -109,12 +110,19 @@ def _readme(identity: Identity, project: str, server_address: str) -> bytes:
             "  fedctl submit job RECIPE --target prod --kit <this folder>\n"
             f"Commands connect to the server at {server_address}.\n"
         )
+    he_note = (
+        f"          startup/{HE_SECRET_FILE} is the project's homomorphic-encryption secret\n"
+        "          key, shared by the sites only: keep it secret too (mode 0600).\n"
+        if he and identity.type == "site"
+        else ""
+    )
     return (
         head + use + "\n"
         "startup/  identity and connection, signed by the project CA. Do not edit: a changed,\n"
         "          missing or extra file makes fedctl refuse the kit. startup/key.pem is this\n"
         "          participant's private key: keep it secret (mode 0600).\n"
-        "local/    this participant's own policy (authorization, privacy, resources):\n"
+        + he_note
+        + "local/    this participant's own policy (authorization, privacy, resources):\n"
         "          edit freely.\n"
         "transfer/ working area for jobs and results.\n"
         "\n"
@@ -132,11 +140,13 @@ def build_kit_files(
     key_pem: bytes | None,
     labels: Mapping[str, str] | None = None,
     resources: Mapping[str, Any] | None = None,
+    he_file: KitFile | None = None,
 ) -> list[KitFile]:
     """Every file of one kit, with the manifest signed by the CA key.
 
     ``key_pem`` is None for a kit whose key stays at the site (the CSR flow); such a kit is
-    completed there with :func:`assemble_kit`.
+    completed there with :func:`assemble_kit`. ``he_file`` is the project's HE context for
+    this participant (:meth:`fedctl.provision.he.HEMaterial.kit_file`), signed like the rest.
     """
     from fedctl.provision import policy
     from fedctl.provision.certs import cert_to_pem, fingerprint, sign_bytes, utcnow
@@ -152,6 +162,9 @@ def build_kit_files(
     if identity.type in ("server", "site"):
         add("start.sh", _script(identity, project.name, "start"), 0o755)
         add("stop.sh", _script(identity, project.name, "stop"), 0o755)
+    if he_file is not None:
+        _check_he_file(identity, he_file)
+        add(PurePosixPath(he_file.path).name, he_file.data, he_file.mode)
     manifest = {
         "manifest_version": KIT_VERSION,
         "project": project.name,
@@ -170,7 +183,12 @@ def build_kit_files(
     files = [
         KitFile(
             "README.txt",
-            _readme(identity, project.name, hostport(project.server.name, project.server.port)),
+            _readme(
+                identity,
+                project.name,
+                hostport(project.server.name, project.server.port),
+                he=he_file is not None,
+            ),
         )
     ]
     files += [startup[n] for n in sorted(startup)]
@@ -194,6 +212,21 @@ def build_kit_files(
             )
         )
     return files
+
+
+def _check_he_file(identity: Identity, he_file: KitFile) -> None:
+    """The last guard before a context lands in a kit: only a site's holds the secret key."""
+    from fedctl.privacy.he import context_info
+
+    secret = context_info(he_file.data).has_secret_key
+    name = PurePosixPath(he_file.path).name
+    if (
+        identity.type == "admin"
+        or secret != (identity.type == "site")
+        or (name != HE_SECRET_FILE if secret else name == HE_SECRET_FILE)
+    ):
+        kind = "secret" if secret else "public"
+        raise KitError(f"refusing to put the {kind} HE context in {identity}'s kit as {name}")
 
 
 def write_kit_dir(files: Iterable[KitFile], dest: Path) -> None:
@@ -268,7 +301,7 @@ def read_kit_zip(src: Path) -> tuple[str, list[KitFile]]:
                 continue
             rel = "/".join(pp.parts[1:])
             perm = stat.S_IMODE(mode) or 0o644
-            if rel == f"{STARTUP}/{KEY_FILE}":
+            if rel in (f"{STARTUP}/{KEY_FILE}", f"{STARTUP}/{HE_SECRET_FILE}"):
                 perm = 0o600
             files.append(KitFile(rel, zf.read(info), perm))
         if top is None:

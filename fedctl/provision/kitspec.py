@@ -10,6 +10,9 @@ A kit is a folder named after its participant::
         key.pem         its private key (mode 0600; never in the manifest: it is checked
                         against cert.pem instead, so a site-held key fits the same scheme)
         rootCA.pem      the project CA certificate
+        he_context.secret  sites, when the project uses homomorphic encryption: the CKKS
+                        context with its secret key (mode 0600); the server kit has
+                        he_context.public instead (no secret key); both are signed
         start.sh stop.sh  (server and sites)
         MANIFEST.json   SHA-256 of every other startup/ file, the CA's fingerprint
         MANIFEST.sig    the CA's signature over MANIFEST.json's exact bytes
@@ -33,6 +36,8 @@ CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
 CA_FILE = "rootCA.pem"
 MANIFEST_FILE = "MANIFEST.json"
+HE_SECRET_FILE = "he_context.secret"
+HE_PUBLIC_FILE = "he_context.public"
 SIGNATURE_FILE = "MANIFEST.sig"
 #: startup/ files the manifest does not list (the key is checked against the certificate).
 UNLISTED = frozenset({KEY_FILE, MANIFEST_FILE, SIGNATURE_FILE})

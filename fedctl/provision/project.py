@@ -116,6 +116,8 @@ class Project:
     cert_valid_days: int = DEFAULT_CERT_VALID_DAYS
     key_type: str = DEFAULT_KEY_TYPE
     api_version: int = API_VERSION
+    #: CKKS parameters of the project's homomorphic-encryption context, or None for none
+    homomorphic_encryption: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.participants, tuple):
@@ -127,6 +129,9 @@ class Project:
                 raise ProjectError(
                     f"must be a Site or an Admin, got {type(p).__name__}", key=f"participants[{i}]"
                 )
+        if self.homomorphic_encryption is not None:
+            he = Validator().homomorphic_encryption(self.homomorphic_encryption)
+            object.__setattr__(self, "homomorphic_encryption", he)
         Validator().project(self.to_dict())
 
     @classmethod
@@ -144,6 +149,8 @@ class Project:
         d["key_type"] = self.key_type
         d["server"] = self.server.to_dict()
         d["participants"] = [p.to_dict() for p in self.participants]
+        if self.homomorphic_encryption is not None:
+            d["homomorphic_encryption"] = dict(self.homomorphic_encryption)
         return d
 
     def to_yaml(self) -> str:
@@ -272,6 +279,7 @@ def _build(
         cert_valid_days=d.get("cert_valid_days", DEFAULT_CERT_VALID_DAYS),
         key_type=d.get("key_type", DEFAULT_KEY_TYPE),
         api_version=d.get("api_version", API_VERSION),
+        homomorphic_encryption=d.get("homomorphic_encryption"),
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from fedctl._fs import atomic_write
 from fedctl.errors import NotFound, UsageError
+from fedctl.provision import he as he_context
 from fedctl.provision.csr import (
     CertRequest,
     SignedRequest,
@@ -151,8 +152,9 @@ def _provision_new(project: Project, root: Path) -> ProvisionResult:
         )
         atomic_write(state.dir / CA_KEY, certs.key_to_pem(ca_key), mode=0o600)
         atomic_write(state.dir / CA_CERT, certs.cert_to_pem(ca_cert))
-        issues = [build_issue(project, project.server, ca_key, ca_cert)]
-        issues += [build_issue(project, p, ca_key, ca_cert) for p in project.participants]
+        he, _ = he_context.workspace_context(state.dir, project.homomorphic_encryption)
+        issues = [build_issue(project, project.server, ca_key, ca_cert, he=he)]
+        issues += [build_issue(project, p, ca_key, ca_cert, he=he) for p in project.participants]
         write_issues(state, issues, replace=False)
         save_state(state, project, [i.record for i in issues])
         try:
@@ -176,7 +178,9 @@ def _provision_new(project: Project, root: Path) -> ProvisionResult:
     return ProvisionResult(root, project, final.dir / CA_CERT, True, kits, [])
 
 
-def _stale_reason(state: State, project: Project, p: Participant | Server) -> str:
+def _stale_reason(
+    state: State, project: Project, p: Participant | Server, he: he_context.HEMaterial | None
+) -> str:
     """Why an existing kit no longer matches the project ('' if it does)."""
     from fedctl.provision import certs
 
@@ -206,6 +210,9 @@ def _stale_reason(state: State, project: Project, p: Participant | Server) -> st
                 reasons.append("server host names")
         except (OSError, ValueError):
             reasons.append("certificate")
+    he_reason = he_context.stale_reason(kit_dir, identity.type, he)
+    if he_reason:
+        reasons.append(he_reason)
     return ", ".join(reasons)
 
 
@@ -234,7 +241,11 @@ def _reprovision(project: Project, state: State, *, force: bool) -> ProvisionRes
         cert_valid_days=project.cert_valid_days,
         key_type=project.key_type,
         api_version=project.api_version,
+        homomorphic_encryption=project.homomorphic_encryption,
     )
+    he, he_warning = he_context.workspace_context(state.dir, merged.homomorphic_encryption)
+    if he_warning:
+        warnings.append(he_warning)
     if project.ca_valid_days != stored.ca_valid_days:
         warnings.append(
             "ca_valid_days changed: the existing CA keeps its lifetime "
@@ -250,7 +261,7 @@ def _reprovision(project: Project, state: State, *, force: bool) -> ProvisionRes
         kit_dir = state.kits / ident.name
         zip_path = state.kits / f"{ident.name}.zip"
         if rec and rec.get("key") == "site":
-            stale = _stale_reason(state, merged, p) if kit_dir.is_dir() else ""
+            stale = _stale_reason(state, merged, p, he) if kit_dir.is_dir() else ""
             note = "keeps its own key; sign a new CSR with `fedctl cert sign --force` to change it"
             if stale:
                 note = f"out of date ({stale}); " + note
@@ -259,11 +270,11 @@ def _reprovision(project: Project, state: State, *, force: bool) -> ProvisionRes
             )
             continue
         if rec is None or not kit_dir.is_dir():
-            issues.append(build_issue(merged, p, ca_key, ca_cert, status=CREATED))
+            issues.append(build_issue(merged, p, ca_key, ca_cert, status=CREATED, he=he))
         elif force:
-            issues.append(build_issue(merged, p, ca_key, ca_cert, status=REBUILT))
+            issues.append(build_issue(merged, p, ca_key, ca_cert, status=REBUILT, he=he))
         else:
-            stale = _stale_reason(state, merged, p)
+            stale = _stale_reason(state, merged, p, he)
             if stale:
                 records.append(
                     KitRecord(
@@ -297,7 +308,8 @@ def add_participant(workspace: str | Path, participant: Participant) -> Provisio
         project = state.project()
         _check_new_name(project, participant.identity)
         project = project.with_participant(participant)
-        issue = build_issue(project, participant, ca_key, ca_cert)
+        he, _ = he_context.workspace_context(state.dir, project.homomorphic_encryption)
+        issue = build_issue(project, participant, ca_key, ca_cert, he=he)
         records = write_issues(state, [issue], replace=False)
         save_state(state, project, [issue.record])
     return ProvisionResult(state.root, project, state.dir / CA_CERT, False, records, [])

@@ -45,11 +45,13 @@ _TOP_KEYS = (
     "key_type",
     "server",
     "participants",
+    "homomorphic_encryption",
 )
 _SERVER_KEYS = ("name", "host_names", "port", "org", "listen_host")
 _SITE_KEYS = ("type", "name", "org", "resources", "labels")
 _ADMIN_KEYS = ("type", "name", "org", "role")
 _RESOURCE_KEYS = ("max_concurrent_jobs", "gpus")
+_HE_KEYS = ("poly_modulus_degree", "coeff_mod_bit_sizes", "global_scale_bits")
 
 
 class ProjectError(ConfigError):
@@ -199,6 +201,8 @@ class Validator:
                 "key_type",
                 f"must be one of {', '.join(KEY_TYPES)}, got {_describe(d['key_type'])}",
             )
+        if "homomorphic_encryption" in d:
+            self.homomorphic_encryption(d["homomorphic_encryption"])
         if "server" not in d or d["server"] is None:
             raise self.fail("server", "missing (every project has one server)")
         self.server(d["server"])
@@ -321,3 +325,20 @@ class Validator:
                 )
             for i, g in enumerate(gpus):
                 self.integer(g, f"{key}.gpus[{i}]", 0, 1023)
+
+    def homomorphic_encryption(self, value: Any) -> dict[str, Any]:
+        """The section's CKKS parameters with defaults filled in (docs/he.md)."""
+        key = "homomorphic_encryption"
+        if not isinstance(value, Mapping):
+            raise self.fail(
+                key,
+                f"must be a mapping of CKKS parameters ({{}} for the defaults), got "
+                f"{_describe(value)}",
+            )
+        self.mapping(value, key, _HE_KEYS)
+        from fedctl.privacy.he.params import HEConfigError, HEParams
+
+        try:
+            return HEParams.check(**dict(value)).to_dict()
+        except HEConfigError as exc:
+            raise self.fail(f"{key}.{exc.field}" if exc.field else key, exc.problem) from None

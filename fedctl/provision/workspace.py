@@ -9,6 +9,8 @@ Layout::
         project.yml          the project as provisioned, including participants added later
         issued.json          every certificate issued (serial, fingerprint, validity, key origin)
         issued/<serial>.pem  copies of those certificates (for audit and future revocation)
+        he_context.secret    the project's CKKS context with its secret key (0600), and
+        he_context.public    its public form: only with homomorphic_encryption in project.yml
         .lock                one provisioning at a time
       kits/
         <name>/              one startup kit per participant (see fedctl.provision.kit)
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from fedctl.provision.certs import PrivateKey
+    from fedctl.provision.he import HEMaterial
 
 STATE, KITS = "state", "kits"
 CA_KEY, CA_CERT, PROJECT_FILE, ISSUED_FILE, ISSUED_DIR = (
@@ -226,8 +229,10 @@ def build_issue(
     *,
     public_key: Any = None,
     status: str = CREATED,
+    he: HEMaterial | None = None,
 ) -> Issue:
-    """Key (unless ``public_key`` comes from a CSR), certificate and kit files for a participant."""
+    """Key (unless ``public_key`` comes from a CSR), certificate and kit files for a participant;
+    ``he`` is the project's HE context (:func:`fedctl.provision.he.workspace_context`)."""
     from fedctl.provision import certs
 
     if isinstance(participant, Server):
@@ -262,6 +267,7 @@ def build_issue(
         key_pem=key_pem,
         labels=labels,
         resources=resources,
+        he_file=he.kit_file(identity.type) if he is not None else None,
     )
     record = issued_record(identity, cert, "workspace" if key_pem else "site")
     return Issue(identity, files, record, certs.cert_to_pem(cert), status)
