@@ -189,7 +189,7 @@ def test_local_policy_templates_parse(ws: Path) -> None:
     resources = yaml.safe_load((local / "resources.yaml").read_text())
     assert resources == {"version": 1, "max_concurrent_jobs": 2, "gpus": [0, 1]}
     privacy = yaml.safe_load((local / "privacy.yaml").read_text())
-    assert privacy == {"version": 1, "outgoing": [], "incoming": []}
+    assert privacy == {"version": 1, "filters": [], "require": {}}
 
 
 def test_default_authorization_is_conservative() -> None:
