@@ -255,11 +255,7 @@ def main() -> None:
             f"with the parameters): site ≈ {scaled['site_s']:.1f} s, server ≈ "
             f"{scaled['server_s']:.1f} s per round"
         )
-    ratio = {
-        key: rows[key]["site_s"] + rows[key]["server_s"]
-        for key in rows
-        if key[2] != "plain"
-    }
+    ratio = {key: rows[key]["site_s"] + rows[key]["server_s"] for key in rows if key[2] != "plain"}
     for (params, sites, label), t in ratio.items():
         plain = rows[(params, sites, "plain")]
         base = plain["site_s"] + plain["server_s"]
