@@ -57,6 +57,18 @@ RESULT_FACTOR = 4
 #: ...and always at least this big (a result for a task that sent no model, say)
 MIN_RESULT_LIMIT = 64 * MiB
 
+
+def result_limit(asked: int | None, task_bytes: int) -> int:
+    """The most bytes one result of a task may have: what the workflow asked (ciphertexts
+    are larger than the model), else RESULT_FACTOR × the task's model; at least
+    MIN_RESULT_LIMIT, at most MAX_BLOB_BYTES."""
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
+        limit = asked
+    else:
+        limit = RESULT_FACTOR * task_bytes
+    return min(max(limit, MIN_RESULT_LIMIT), MAX_BLOB_BYTES)
+
+
 # ------------------------------------------------------------------ tracking sinks
 
 #: records waiting for the sinks (TensorBoard, MLflow); beyond this they are dropped (and the

@@ -288,6 +288,7 @@ def _envelope_cases(tmp: Path) -> list[tuple[str, list[str], int]]:
         ("audit verify", ["audit", "verify", none], 4),
         ("audit head", ["audit", "head", none], 4),
         ("report", ["report", none], 4),
+        ("he decrypt", ["he", "decrypt", none, "--context", none, "-o", str(tmp / "x")], 4),
         ("poc prepare", ["poc", "prepare", "--workspace", str(tmp / "poc"), "-n", "0"], 2),
         ("poc prepare", ["poc", "prepare", "--workspace", str(tmp / "poc"), "-n", "1"], 0),
         ("poc status", ["poc", "status", "--workspace", str(tmp / "poc")], 1),

@@ -22,6 +22,7 @@ import typer
 
 from fedctl import __version__
 from fedctl.cli import audit as _audit
+from fedctl.cli import he as _he
 from fedctl.cli import jobs as _jobs
 from fedctl.cli import output
 from fedctl.cli import poc as _poc
@@ -64,6 +65,7 @@ _runtime.register(app)
 _jobs.register(app)
 _audit.register(app)
 _report.register(app)
+_he.register(app)
 
 
 @cache

@@ -29,6 +29,9 @@ def prepare(
     offline_grace: float = typer.Option(
         60.0, "--offline-grace", help="Seconds a site may be offline before its tasks fail."
     ),
+    he: bool = typer.Option(
+        False, "--he", help="Give the project a CKKS context (jobs with homomorphic_encryption)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> int:
     """Provision a localhost project: server, sites and an admin kit for each role."""
@@ -36,7 +39,13 @@ def prepare(
 
     names = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
     info = poc.prepare(
-        workspace, clients=clients, sites=names, port=port, force=force, offline_grace=offline_grace
+        workspace,
+        clients=clients,
+        sites=names,
+        port=port,
+        force=force,
+        offline_grace=offline_grace,
+        he=he,
     )
     if as_json:
         print_json(info)

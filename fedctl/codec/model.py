@@ -88,6 +88,9 @@ class Task:
     #: per-site additions to ``model.meta``, by site (a protocol's messages addressed to one
     #: site); each communicator merges a target's entry into the meta that site receives
     site_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the most bytes one site's result may have (None: a multiple of the task's model; a
+    #: workflow whose results are larger by design, e.g. ciphertexts, says so here)
+    result_bytes: int | None = None
 
 
 @dataclass

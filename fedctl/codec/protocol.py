@@ -415,6 +415,8 @@ class Dispatch(Message):
     blob_info: FileInfo | None = None
     #: what each target's task adds to the header's meta (a protocol's per-site messages)
     site_meta: dict[str, Obj] | None = None
+    #: the most bytes a result may have (None: the server's multiple of the model's size)
+    result_limit: int | None = None
 
 
 @kind("cancel", JOB, J2V)

@@ -14,6 +14,7 @@
       min_clients: 3           # no aggregate of fewer than 3 sites
       exclude_vars: ["head.*"] # the job itself keeps these parameters on the sites
       secure_aggregation: true # the server sees only the sum of the updates
+      homomorphic_encryption: true # ... or only ciphertexts of the updates
 
 A job cannot remove a site's filters: they run on everything the site sends, whatever the job
 asks for. A job that does not meet the requirements is refused by the site, with the reason,
@@ -37,7 +38,14 @@ from fedctl.errors import ConfigError
 from fedctl.privacy.dp import CentralDP, DPError
 from fedctl.privacy.filters import FilterChain, FilterError
 
-REQUIREMENTS = ("central_dp", "max_epsilon", "min_clients", "exclude_vars", "secure_aggregation")
+REQUIREMENTS = (
+    "central_dp",
+    "max_epsilon",
+    "min_clients",
+    "exclude_vars",
+    "secure_aggregation",
+    "homomorphic_encryption",
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,11 @@ class PrivacyPolicy:
                 "its privacy policy requires secure aggregation (secure_aggregation) and the job "
                 "has none"
             )
+        if need.get("homomorphic_encryption") and not args.get("homomorphic_encryption"):
+            return (
+                "its privacy policy requires homomorphic encryption (homomorphic_encryption) "
+                "and the job has none"
+            )
         required = list(need.get("exclude_vars") or [])
         if required:
             excluded = FilterChain.from_specs(args.get("privacy")).excluded_patterns()
@@ -147,7 +160,7 @@ def _check_requirements(require: dict[str, Any], where: str) -> None:
         raise ConfigError(
             f"{where}: unknown requirement {unknown[0]!r} ({', '.join(REQUIREMENTS)})"
         )
-    for flag in ("central_dp", "secure_aggregation"):
+    for flag in ("central_dp", "secure_aggregation", "homomorphic_encryption"):
         if flag in require and not isinstance(require[flag], bool):
             raise ConfigError(f"{where}.{flag}: must be true or false")
     if "max_epsilon" in require:

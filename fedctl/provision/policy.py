@@ -229,6 +229,7 @@ def privacy_yaml(participant: str) -> str:
         "#  min_clients: 3                # no aggregate of fewer than 3 sites\n"
         '#  exclude_vars: ["classifier.*"] # the job keeps these parameters on the sites\n'
         "#  secure_aggregation: true      # the server sees only the sum of the updates\n"
+        "#  homomorphic_encryption: true  # ... or only ciphertexts of the updates\n"
     )
 
 

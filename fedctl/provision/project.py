@@ -193,8 +193,10 @@ def poc_project(
     name: str = "poc",
     org: str = "poc",
     admin_domain: str = "poc.local",
+    homomorphic_encryption: Mapping[str, Any] | None = None,
 ) -> Project:
-    """A localhost project for POC: server ``localhost`` (+127.0.0.1), N sites, an admin per role.
+    """A localhost project for POC: server ``localhost`` (+127.0.0.1), N sites, an admin per role
+    (and a CKKS context for jobs with homomorphic_encryption, given its parameters; {}: defaults).
 
     Admins are named ``<role>@<admin_domain>`` (e.g. ``project_admin@poc.local``); everyone is in
     ``org``; the server listens on 127.0.0.1 only.
@@ -209,6 +211,7 @@ def poc_project(
         ),
         participants=tuple(participants),
         description="POC project on localhost",
+        homomorphic_encryption=homomorphic_encryption,
     )
 
 

@@ -112,14 +112,21 @@ class Recipe:
         "secure_aggregation": "true or {'clip': 8.0, 'bits': 32, 'max_weight': ..., "
         "'neighbours': ..., 'threshold': ...}: the server sees only the sum of the updates "
         "(docs/secagg.md)",
+        "homomorphic_encryption": "true or {'keys': [parameter names]}: those parameters travel "
+        "and are summed as CKKS ciphertexts the server cannot read (docs/he.md)",
         "tracking": "metrics sinks of this job: {'tensorboard': bool, 'mlflow': bool or "
         "{'tracking_uri': ..., 'experiment': ...}}; None: the environment's (docs/tracking.md)",
     }
     #: whether the kind's workflow can run with central_dp (its aggregation is a plain mean)
     supports_central_dp: ClassVar[bool] = True
+    #: whether the kind's new global model is the plain weighted mean (FedAvg, FedProx); not
+    #: inherited: a subclass that changes the aggregate must not get it by accident
+    supports_homomorphic_encryption: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "supports_homomorphic_encryption" not in cls.__dict__:
+            cls.supports_homomorphic_encryption = False
         register_builtin(cls)  # fedctl's own kinds; plugins register through their entry point
 
     def __init__(
@@ -146,6 +153,7 @@ class Recipe:
         privacy: list[Any] | None = None,
         central_dp: dict[str, Any] | None = None,
         secure_aggregation: bool | dict[str, Any] | None = None,
+        homomorphic_encryption: bool | dict[str, Any] | None = None,
         tracking: dict[str, Any] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -185,6 +193,7 @@ class Recipe:
         self.privacy = self._check_privacy(privacy)
         self.central_dp = self._check_central_dp(central_dp)
         self.secure_aggregation = self._check_secure_aggregation(secure_aggregation)
+        self.homomorphic_encryption = self._check_he(homomorphic_encryption)
         self.tracking = self._check_tracking(tracking)
 
     # ------------------------------------------------------------------ validation
@@ -300,6 +309,41 @@ class Recipe:
         except FedctlError as exc:
             raise RecipeError(str(exc)) from None
         return sa.spec()
+
+    def _check_he(self, spec: Any) -> dict[str, Any] | None:
+        from fedctl.errors import FedctlError
+        from fedctl.privacy.filters import FilterChain
+        from fedctl.workflows.he import HomomorphicEncryption, check_compatible
+
+        try:
+            he = HomomorphicEncryption.from_spec(spec)
+            if he is None:
+                return None
+            if not self.supports_homomorphic_encryption:
+                raise RecipeError(
+                    f"{self.kind} does not support homomorphic_encryption (its server changes "
+                    "the aggregate); use a fedavg or fedprox recipe"
+                )
+            chain = FilterChain.from_specs(self.privacy)
+            check_compatible(
+                he,
+                aggregator_name=parse_aggregator(self.aggregator)[0],
+                central_dp=self.central_dp is not None,
+                secure_aggregation=self.secure_aggregation is not None,
+                server_filters=bool(chain.at("result_in") or chain.at("aggregate_out")),
+                server_eval=self.server_eval is not None,
+                cross_site_eval=self.cross_site_eval,
+            )
+            if he.keys is not None and not isinstance(self.model, Path):
+                from fedctl.privacy.he import select_keys
+
+                select_keys(self.initial_params(), list(he.keys))
+        except FedctlError as exc:
+            msg = str(exc)
+            if not msg.startswith("homomorphic_encryption"):
+                msg = f"homomorphic_encryption: {msg}"
+            raise RecipeError(msg) from None
+        return he.spec()
 
     def _check_tracking(self, spec: Any) -> dict[str, Any] | None:
         from fedctl.tracking.sinks import check_job_tracking
@@ -423,6 +467,11 @@ class Recipe:
             **(
                 {"secure_aggregation": self.secure_aggregation}
                 if self.secure_aggregation is not None
+                else {}
+            ),
+            **(
+                {"homomorphic_encryption": self.homomorphic_encryption}
+                if self.homomorphic_encryption is not None
                 else {}
             ),
         }

@@ -23,6 +23,7 @@ class FedAvgRecipe(Recipe):
     """
 
     kind = "fedavg"
+    supports_homomorphic_encryption = True
     summary = "Federated averaging weighted by local steps (FULL or DIFF updates)."
     paper = (
         "McMahan et al., Communication-Efficient Learning of Deep Networks from "

@@ -18,6 +18,7 @@ class FedProxRecipe(FedAvgRecipe):
     """
 
     kind = "fedprox"
+    supports_homomorphic_encryption = True
     summary = "FedAvg plus a proximal term in local losses: limits drift on non-IID data."
     paper = (
         "Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, Federated Optimization in "

@@ -33,7 +33,7 @@ from fedctl.codec.protocol import (
     SitesChanged,
 )
 from fedctl.codec.tensorfiles import lazy_model, load_file, save_file_hashed
-from fedctl.constants import MIN_RESULT_LIMIT, RESULT_FACTOR
+from fedctl.constants import result_limit
 from fedctl.errors import CodecError, RunFailed
 from fedctl.jobs import natural_key
 from fedctl.workflows.base import Communicator, ResultStream
@@ -338,9 +338,10 @@ class RuntimeCommunicator(Communicator):
             blob=blob,
             blob_info=blob_info,
             site_meta=dict(task.site_meta) or None,
+            result_limit=task.result_bytes,
         )
         stream = RuntimeStream(self, dispatch)
-        stream.max_bytes = max(RESULT_FACTOR * nbytes, MIN_RESULT_LIMIT)
+        stream.max_bytes = result_limit(task.result_bytes, nbytes)
         self.streams[task.task_id] = stream
         self.post(dispatch)
         return stream

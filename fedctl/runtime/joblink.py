@@ -33,7 +33,7 @@ from fedctl.codec.protocol import (
     SiteTask,
     WorkflowEvent,
 )
-from fedctl.constants import MIN_RESULT_LIMIT, RESULT_FACTOR
+from fedctl.constants import result_limit
 from fedctl.errors import FedctlError
 from fedctl.jobs import ABORTED, RUNNING, TERMINAL, natural_key, user_round
 from fedctl.transport.local import listen_unix
@@ -159,7 +159,7 @@ class JobLink:
         with self.state.lock:  # a task may be sent again to a site that restarted
             owed = rt.outstanding.setdefault(msg.task_id, set())
             owed.update(set(msg.targets) & set(rt.rec.sites))
-            rt.result_limit[msg.task_id] = max(RESULT_FACTOR * size, MIN_RESULT_LIMIT)
+            rt.result_limit[msg.task_id] = result_limit(msg.result_limit, size)
         self.state.audit.record(
             "model_sent",
             None,

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-dir", required=True, type=Path)
     p.add_argument("--result-dir", required=True, type=Path)
     p.add_argument("--socket", required=True)
+    p.add_argument("--he-context", type=Path, default=None, help="the server kit's public context")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     log = logging.getLogger("fedctl.job")
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         abort=abort,
         filters=FilterChain.from_specs(job.privacy),
         secret_randomness=True,  # a real server's noise must not be predictable from the seed
+        he_public=args.he_context.read_bytes() if args.he_context else None,
     )
     started = time.monotonic()
     store.log(f"job {args.job_id} ({job.name}) on sites {', '.join(start.sites)}")

@@ -63,8 +63,10 @@ def prepare(
     port: int = DEFAULT_PORT,
     force: bool = False,
     offline_grace: float = 60.0,
+    he: bool = False,
 ) -> dict[str, Any]:
-    """Provision a localhost project (server, sites, one admin kit per role)."""
+    """Provision a localhost project (server, sites, one admin kit per role; with ``he``, a
+    CKKS context: sites get the secret one, the server the public one)."""
     from fedctl.provision import poc_project, provision
 
     ws = _ws(workspace)
@@ -78,7 +80,7 @@ def prepare(
             raise UsageError(f"{ws} is already prepared (use --force to start over)")
         stop(ws)
         shutil.rmtree(ws)
-    project = poc_project(names, port=port)
+    project = poc_project(names, port=port, homomorphic_encryption={} if he else None)
     result = provision(project, ws / "provision")
     kits = {rec.identity.name: str(rec.kit_dir) for rec in result.kits}
     admins = {

@@ -223,6 +223,9 @@ class Scheduler:
             "--socket",
             str(self.state.ipc_path),
         ]
+        he_context = self.state.kit.he_context_path
+        if he_context is not None and he_context.is_file():
+            cmd += ["--he-context", str(he_context)]
         with open(rt.folder / "job.log", "ab") as out:
             rt.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

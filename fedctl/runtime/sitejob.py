@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,13 +51,14 @@ from fedctl.codec.protocol import (
     SiteTask,
     TaskFailed,
 )
-from fedctl.codec.tensorfiles import lazy_model, save_file_hashed
 from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE, MAX_BLOB_BYTES
 from fedctl.errors import FedctlError
-from fedctl.privacy.filters import FilterChain, FilterContext
+from fedctl.privacy.filters import FilterChain
+from fedctl.privacy.he import model as he_model
 from fedctl.privacy.secagg import keys as secagg_keys
 from fedctl.runtime.bundle import extract_bundle
 from fedctl.runtime.procs import terminate_group
+from fedctl.runtime.sitesteps import ModelFileSteps
 from fedctl.transport.local import listen_unix, socket_path
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ SCRIPT_CONNECT_TIMEOUT = 300.0
 SCRIPT_PID_FILE = "script.pid"
 
 
-class SiteJob:
+class SiteJob(ModelFileSteps):
     """One job at this site (see the module docstring)."""
 
     def __init__(self, agent: SiteAgent, deploy: Deploy) -> None:
@@ -90,6 +90,7 @@ class SiteJob:
         self.log_lines: list[str] = []
         self.log_lock = threading.Lock()
         self.script_conn: FrameSocket | None = None
+        self._he: Any = None  # the kit's secret HE context, once a task needs it
 
     # ------------------------------------------------------------------ deployment
 
@@ -288,13 +289,6 @@ class SiteJob:
                         TaskFailed(job=self.job_id, task_id=task.task_id, error=error, traceback=tb)
                     )
 
-    def _secagg(self) -> Any:
-        """This site's side of secure aggregation (state in the job's folder, owner-only)."""
-        from fedctl.privacy.secagg.site import SiteSecAgg
-        from fedctl.runtime.identity import KitIdentity
-
-        return SiteSecAgg(KitIdentity(self.agent.kit), self.root / "secagg", seed=None)
-
     def _answer_secagg(self, task: SiteTask) -> None:
         """A secure-aggregation system task: answered here, the script is not involved."""
         from fedctl.codec.model import FLModel, split_model
@@ -325,9 +319,13 @@ class SiteJob:
             return
         task_id = task.task_id
         path = base_file = None
+        he_strip = False
         task_header = task.header
         secagg_task = None
         meta = task_header.get("meta")
+        he_keys = he_model.task_request(meta if isinstance(meta, dict) else None)
+        if he_keys is not None:
+            task_header = {**task_header, "meta": he_model.strip_request(meta)}
         if isinstance(meta, dict) and secagg_keys.wants_input(meta):
             secagg_task = {k: meta[k] for k in secagg_keys.PRIVATE_META if k in meta}
             task_header = {**task_header, "meta": secagg_keys.strip_private(meta)}
@@ -343,15 +341,19 @@ class SiteJob:
                 sha256=task.blob.sha256,
                 size=task.blob.size,
             )
+            task_header, encrypted = self._he_open_file(path, task_header)
+            he_strip = encrypted and he_keys is None
             if self.filters.at("task_in"):
                 task_header = self._filter_file(path, task_header, "task_in", task, None)[0]
-            if self.filters.at("result_out") or secagg_task is not None:
+            if self.filters.at("result_out") or secagg_task is not None or he_keys is not None:
                 # the model the script starts from, kept for its update (the script removes
                 # its own link to the file once it has read it)
                 base_file = path.with_suffix(".base")
                 _link_or_copy(path, base_file)
         try:
-            self._run_script_task(task, task_header, path, base_file, secagg_task)
+            self._run_script_task(
+                task, task_header, path, base_file, secagg_task, he_keys, he_strip
+            )
         except BaseException:
             if secagg_task is not None:  # this site drops out of the round
                 self._secagg().forget_task(secagg_task)
@@ -364,8 +366,11 @@ class SiteJob:
         path: Path | None,
         base_file: Path | None,
         secagg_task: dict[str, Any] | None,
+        he_keys: list[str] | None = None,
+        he_strip: bool = False,
     ) -> None:
-        """Give the task to the client script, filter (and mask) its result, send it."""
+        """Give the task to the client script, filter (and mask or encrypt) its result, send
+        it."""
         task_id = task.task_id
         if self.proc is None or self.proc.poll() is not None:
             self.script_conn = None
@@ -388,16 +393,23 @@ class SiteJob:
             path.unlink(missing_ok=True)
         blob = None
         header, filtered = result.header, list[str]()
-        if result.path:
-            result_path = Path(result.path)
-            if self.root / "blobs" not in result_path.resolve().parents:
-                raise FrameError("script wrote its result outside the job's folder")
+        result_path = Path(result.path) if result.path else None
+        if result_path and self.root / "blobs" not in result_path.resolve().parents:
+            raise FrameError("script wrote its result outside the job's folder")
+        if result_path and he_strip:  # an HE job's evaluation: no plain model leaves
+            header = self._he_strip_file(result_path, result.header)
+        elif result_path:
             sha = result.sha256
             try:
                 if self.filters.at("result_out"):
                     header, sha, filtered = self._filter_file(
                         result_path, result.header, "result_out", task, base_file
                     )
+                if he_keys is not None:
+                    header, sha = self._he_seal_file(
+                        result_path, header, he_keys, task_header, base_file
+                    )
+                    filtered = [*filtered, "homomorphic_encryption"]
                 if secagg_task is not None:
                     header, sha = self._mask_file(
                         result_path, header, secagg_task, task_header, base_file
@@ -423,64 +435,6 @@ class SiteJob:
         if task_id in self.cancelled:
             return
         self.agent.send(SiteResult(job=self.job_id, task_id=task_id, header=header, blob=blob))
-
-    def _filter_file(
-        self, path: Path, header: dict[str, Any], point: str, task: SiteTask, base: Path | None
-    ) -> tuple[dict[str, Any], str, list[str]]:
-        """Run ``point``'s filters on the model file ``path`` (rewritten in place, one tensor
-        at a time); returns the new header, the file's SHA-256 and the filters' names."""
-        from fedctl.codec.model import model_tensors, split_model
-
-        model = lazy_model(header, path, MAX_BLOB_BYTES)
-        base_params = lazy_model(task.header, base, MAX_BLOB_BYTES).params if base else None
-        ctx = FilterContext(
-            point,
-            site=self.agent.kit.name,
-            round=task.header.get("current_round"),
-            base=base_params,
-            seed=None,  # secret randomness on a real site
-        )
-        out = self.filters.apply(point, model, ctx)
-        new_header = split_model(replace(out, params=None, optimizer_params=None))[0]
-        new_header["has_params"] = out.params is not None
-        new_header["has_optimizer_params"] = out.optimizer_params is not None
-        tmp = path.with_name(path.name + ".filtered")
-        _, sha = save_file_hashed(model_tensors(out), tmp, durable=False)
-        os.replace(tmp, path)
-        names = self.filters.names(point)
-        log.info(
-            "job %s task %s: %s filters %s %s", self.job_id, task.task_id, point, names, ctx.notes
-        )
-        return new_header, sha, names
-
-    def _mask_file(
-        self,
-        path: Path,
-        header: dict[str, Any],
-        secagg_task: dict[str, Any],
-        task_header: dict[str, Any],
-        base: Path | None,
-    ) -> tuple[dict[str, Any], str]:
-        """Replace the result file ``path`` by the masked input of secure aggregation; returns
-        the new header and the file's SHA-256."""
-        from fedctl.codec.model import model_tensors, split_model
-
-        model = lazy_model(header, path, MAX_BLOB_BYTES)
-        base_params = lazy_model(task_header, base, MAX_BLOB_BYTES).params if base else None
-        masked, notes = self._secagg().masked_result(model, secagg_task, base_params)
-        new_header = split_model(replace(masked, params=None, optimizer_params=None))[0]
-        new_header["has_params"] = True
-        new_header["has_optimizer_params"] = False
-        tmp = path.with_name(path.name + ".masked")
-        _, sha = save_file_hashed(model_tensors(masked), tmp, durable=False)
-        os.replace(tmp, path)
-        if notes.get("clipped"):
-            log.warning(
-                "job %s: secure aggregation clamped %d coordinates of the update to the clip",
-                self.job_id,
-                notes["clipped"],
-            )
-        return new_header, sha
 
     def _recv_script(self, conn: FrameSocket, want: type[Any]) -> Any:
         """The script's next message of kind ``want``, relaying its records meanwhile."""

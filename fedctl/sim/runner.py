@@ -117,6 +117,22 @@ def ensure_ray(env: SimEnv, workers: int) -> bool:
     return True
 
 
+def sim_he_context(run_dir: Path) -> tuple[str, bytes]:
+    """A CKKS context for one simulated run (the sites' secret one, 0600, in ``run_dir/he``:
+    ``fedctl he decrypt`` reads the run's models with it); returns its path and the public
+    context the simulated server aggregates with."""
+    from fedctl._fs import atomic_write
+    from fedctl.privacy.he import generate_context, public_context
+
+    secret = generate_context()
+    public = public_context(secret)
+    folder = run_dir / "he"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(folder / "he_context.secret", secret, mode=0o600)
+    atomic_write(folder / "he_context.public", public)
+    return str(folder / "he_context.secret"), public
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not minutes, when a Ray cluster address does not answer."""
     import socket
@@ -218,6 +234,10 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         filters=list(job.privacy or []),
         site_filters={s: p.filters.specs() for s, p in policies.items()},
     )
+    he_public = None
+    if getattr(job, "homomorphic_encryption", None) is not None:
+        config.he_context, he_public = sim_he_context(run_dir)
+        store.log(f"homomorphic encryption: this run's CKKS context is in {run_dir / 'he'}")
     status, reason = FAILED, None
     ray_started = False
     pool: Pool | None = None
@@ -256,6 +276,7 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
                 store=store,
                 listeners=[store.listener, display.listener],
                 filters=FilterChain.from_specs(job.privacy),
+                he_public=he_public,
             )
             status, reason = run_workflow(job, ctx)
         except KeyboardInterrupt:  # while the pool starts

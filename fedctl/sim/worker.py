@@ -43,6 +43,7 @@ from fedctl.client.state import SiteState
 from fedctl.codec.model import FLModel, Task, TaskResult
 from fedctl.errors import FedctlError
 from fedctl.privacy.filters import FilterChain, FilterContext
+from fedctl.privacy.he import model as he_model
 from fedctl.privacy.secagg import keys as secagg_keys
 
 STATE_FILE = "state.safetensors"
@@ -68,6 +69,8 @@ class WorkerConfig:
     #: result_out as a real site runs them
     filters: list[dict[str, Any]] = field(default_factory=list)
     site_filters: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: the run's secret HE context file (jobs with homomorphic_encryption; the sites' key)
+    he_context: str | None = None
 
 
 @dataclass
@@ -151,6 +154,14 @@ class SimChannel(Channel):
         # fedctl.sim.transport), the JSON parts were copied by the client API.
         handle = None
         model = self.host.filter_result(model)  # the site's filters, as a real site runs them
+        if self.host.he_keys is not None:
+            try:
+                model = self.host.he_seal(model)
+            except FedctlError as exc:
+                self._deliver(("failed", f"homomorphic encryption: {exc}", None))
+                return
+        elif self.host.he_strip and model.params is not None:
+            model = he_model.without_params(model)  # never a plain model under HE
         if self.host.secagg_task is not None:
             try:
                 model = self.host.secure_input(model)
@@ -233,6 +244,10 @@ class ScriptHost:
         self.base: Any = None
         #: the secure-aggregation part of the current training task's meta (None: none)
         self.secagg_task: dict[str, Any] | None = None
+        #: the parameters the current training task asks to encrypt (None: none)
+        self.he_keys: list[str] | None = None
+        #: the current task's model was encrypted and its result is not: send no parameters
+        self.he_strip = False
 
     @property
     def alive(self) -> bool:
@@ -244,11 +259,15 @@ class ScriptHost:
         seed = derive_seed(config.seed, self.info.site_index, rnd, point)
         return FilterContext(point, site=self.site, round=rnd, base=self.base, seed=seed)
 
-    def filter_task(self, model: FLModel, base: Any = None) -> FLModel:
+    def filter_task(self, model: FLModel, base: Any = None, encrypted: bool = False) -> FLModel:
         """The task's model through the ``task_in`` filters (before the script sees it);
         ``base``: the same params, read-only (the script may change its own copy)."""
         self.base = base if base is not None else model.params
         self.secagg_task = None
+        self.he_keys = he_model.task_request(model.meta)
+        self.he_strip = encrypted and self.he_keys is None
+        if self.he_keys is not None:
+            model = replace(model, meta=he_model.strip_request(model.meta))
         if secagg_keys.wants_input(model.meta):
             meta = model.meta or {}
             self.secagg_task = {k: meta[k] for k in secagg_keys.PRIVATE_META if k in meta}
@@ -266,6 +285,12 @@ class ScriptHost:
         if model.params is None or not self.filters.at("result_out"):
             return model
         return self.filters.apply("result_out", model, self._filter_context("result_out", model))
+
+    def he_seal(self, model: FLModel) -> FLModel:
+        """The script's (filtered) result with the job's parameters encrypted."""
+        keys, self.he_keys = self.he_keys, None
+        assert keys is not None
+        return he_model.seal_result(model, keys, self.base, self.worker.he_context())
 
     def secagg(self) -> Any:
         """This site's side of secure aggregation (its state lives in the site's folder)."""
@@ -462,6 +487,19 @@ class WorkerCore:
         self._model: dict[str, Any] | None = None
         self._active: ScriptHost | None = None  # the host that ran last
         self.warned: dict[str, set[str]] = {}
+        self._he_context: Any = None
+        self._encrypted = False  # whether the current global model came encrypted
+
+    def he_context(self) -> Any:
+        """The run's secret HE context (loaded once per worker)."""
+        if self._he_context is None:
+            from fedctl.privacy.he import load_context
+
+            if self.config.he_context is None:
+                raise FedctlError("the job encrypts, but this run has no HE context")
+            data = Path(self.config.he_context).read_bytes()
+            self._he_context = load_context(data, need_secret=True, source="the run's HE context")
+        return self._he_context
 
     def make_site_dir(self, path: Path) -> None:
         """Create a site's folder once per worker (not once per task)."""
@@ -477,7 +515,11 @@ class WorkerCore:
         step builds new tensors; ``tests/test_algorithms.py`` pins it for every workflow)."""
         if model_id != self._model_id:
             self._model = None  # drop the previous round's model before fetching this one
-            self._model = self.transport.get(handle)
+            model = self.transport.get(handle)
+            self._encrypted = he_model.is_encrypted(model)
+            if self._encrypted:  # the sites' runtime decrypts, once per worker
+                model = he_model.open_params(model, self.he_context())
+            self._model = model
             self._model_id = model_id
         assert self._model is not None
         return self._model
@@ -511,7 +553,7 @@ class WorkerCore:
             if item.task.name == secagg_keys.TASK:
                 out.append((host.answer_system_task(replace(item.task, model=model)), None))
                 continue
-            model = host.filter_task(model, base)
+            model = host.filter_task(model, base, base is not None and self._encrypted)
             task = Task(item.task.name, model, item.task.task_id, item.task.job_id)
             self._settle()
             out.append(host.run(task))

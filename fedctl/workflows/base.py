@@ -125,6 +125,7 @@ class WorkflowContext:
     every result before the workflow sees it, ``aggregate_out`` on every model it broadcasts.
     ``secret_randomness`` (real servers) makes the noise of filters and of central DP
     unpredictable; otherwise (simulation) it is derived from ``seed``, reproducibly.
+    ``he_public`` is the public CKKS context jobs with ``homomorphic_encryption`` aggregate with.
     """
 
     def __init__(
@@ -138,6 +139,7 @@ class WorkflowContext:
         abort: threading.Event | None = None,
         filters: FilterChain | None = None,
         secret_randomness: bool = False,
+        he_public: bytes | None = None,
     ) -> None:
         self.comm = comm
         self.job_id = job_id
@@ -147,6 +149,8 @@ class WorkflowContext:
         self.abort = abort or threading.Event()
         self.filters = filters if filters is not None else FilterChain()
         self.secret_randomness = secret_randomness
+        #: the project's public HE context, serialized (None: this server has none)
+        self.he_public = he_public
         self._task_seq = 0
         #: tasks sent, by id (filters need the model a result's task carried)
         self._sent: dict[str, Task] = {}

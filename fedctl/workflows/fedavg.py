@@ -33,6 +33,9 @@ central_dp:      DP-FedAvg settings (:mod:`fedctl.privacy.dp`): every update cli
 secure_aggregation: True or settings (:mod:`fedctl.workflows.secure`): the server learns only
                  the sum of the updates, masked by the sites; with central_dp the sites add
                  the noise (distributed DP).
+homomorphic_encryption: True or ``{"keys": [...]}`` (:mod:`fedctl.workflows.he`): those
+                 parameters travel and are summed as CKKS ciphertexts; the server never holds
+                 them in plain.
 
 Subclasses (FedProx, FedOpt, …) override the small hooks: :meth:`task_meta_for`,
 :meth:`task_params_for`, :meth:`weight_of`, :meth:`add_result`, :meth:`server_update`.
@@ -75,6 +78,8 @@ from fedctl.workflows.base import (
     Workflow,
     WorkflowContext,
 )
+from fedctl.workflows.he import HERounds, HomomorphicEncryption
+from fedctl.workflows.he import check_compatible as check_he_compatible
 from fedctl.workflows.secure import SecureAggregation, SecureRound, check_compatible
 
 if TYPE_CHECKING:
@@ -118,6 +123,7 @@ class FedAvg(Workflow):
         cross_site_eval: bool = False,
         central_dp: dict[str, Any] | None = None,
         secure_aggregation: bool | dict[str, Any] | None = None,
+        homomorphic_encryption: bool | dict[str, Any] | None = None,
     ) -> None:
         self.num_rounds = num_rounds
         self.min_clients = min_clients
@@ -158,6 +164,23 @@ class FedAvg(Workflow):
                 result_in=False,
                 cross_site_eval=cross_site_eval,
             )
+        #: homomorphic encryption's settings (None when off)
+        self.he = HomomorphicEncryption.from_spec(homomorphic_encryption)
+        if self.he is not None and not self.aggregates_plain_mean():
+            raise ValueError(
+                f"{type(self).__name__} changes the aggregate on the server: it cannot run "
+                "with homomorphic_encryption (use FedAvg or FedProx)"
+            )
+        check_he_compatible(
+            self.he,
+            aggregator_name=parse_aggregator(aggregator)[0],
+            central_dp=dp is not None,
+            secure_aggregation=self.secure is not None,
+            server_filters=False,
+            server_eval=server_eval is not None,
+            cross_site_eval=cross_site_eval,
+        )
+        self._he_rounds: HERounds | None = None
         #: the sites available in the current round (SCAFFOLD's N)
         self.round_sites: list[str] = []
         self._warned: set[tuple[str, str]] = set()
@@ -169,6 +192,15 @@ class FedAvg(Workflow):
         self._warned.add((topic, site))
         log.warning(message)
         ctx.emit("warning", message=message)
+
+    @classmethod
+    def aggregates_plain_mean(cls) -> bool:
+        """Whether the new global model is the round's weighted mean of what sites sent (no
+        server-side change a ciphertext could not take: FedAvg, FedProx)."""
+        return all(
+            getattr(cls, name) is getattr(FedAvg, name)
+            for name in ("server_update", "add_result", "task_params_for", "weight_of")
+        )
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -256,6 +288,18 @@ class FedAvg(Workflow):
             result_in=bool(ctx.filters.at("result_in")),
             cross_site_eval=self.cross_site_eval,
         )
+        if self.he is not None:
+            check_he_compatible(
+                self.he,
+                aggregator_name=parse_aggregator(self.aggregator)[0],
+                central_dp=self.dp is not None,
+                secure_aggregation=self.secure is not None,
+                server_filters=bool(ctx.filters.at("result_in") or ctx.filters.at("aggregate_out")),
+                server_eval=self.server_eval is not None,
+                cross_site_eval=self.cross_site_eval,
+            )
+            self._he_rounds = HERounds(self.he, ctx)
+            self._he_rounds.prepare(model)
         ctx.emit(
             "run_started",
             num_rounds=self.num_rounds,
@@ -315,6 +359,8 @@ class FedAvg(Workflow):
         """One round: broadcast, aggregate as results arrive, update the global model."""
         if self.secure is not None:
             return self.secure_round(ctx, model, rnd, targets)
+        if self._he_rounds is not None:
+            return self.he_round(ctx, self._he_rounds, model, rnd, targets)
         task = ctx.new_task(
             TASK_TRAIN,
             FLModel(
@@ -382,6 +428,40 @@ class FedAvg(Workflow):
                 summary["noise_per_site"] = secure.spec_for(model).noise_std
                 ctx.store.save_json("privacy.json", summary)
         return new_model, out, secure.outcome
+
+    def he_round(
+        self,
+        ctx: WorkflowContext,
+        he: HERounds,
+        model: dict[str, torch.Tensor],
+        rnd: int,
+        targets: list[str],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], GatherOutcome]:
+        """A round under homomorphic encryption (:mod:`fedctl.workflows.he`)."""
+        task = ctx.new_task(
+            TASK_TRAIN,
+            FLModel(
+                params_type=ParamsType.FULL,
+                params=model,
+                current_round=rnd,
+                total_rounds=self.num_rounds,
+                start_round=0,
+                meta={**self.task_meta_for(ctx, rnd), **he.task_meta()},
+            ),
+        )
+        task.result_bytes = he.result_bytes(model)
+        agg = he.aggregator(model, resolve_precision(self.precision, model))
+        metrics = MetricsMean()
+
+        def on_result(result: TaskResult) -> None:
+            assert result.model is not None and result.model.params is not None
+            weight = self.weight_of(ctx, result)
+            he.check_result(result.model.meta, weight)
+            agg.add(result.model.params, weight, result.model.params_type)
+            metrics.add(scalar_metrics(result.model.metrics), weight)
+
+        outcome = ctx.gather(ctx.broadcast(task, targets), self.policy, on_result, round_=rnd)
+        return he.new_global(agg), metrics.result(), outcome
 
     # ------------------------------------------------------------------ evaluation
 

@@ -1,0 +1,147 @@
+"""What a site's runtime does to model files around its script: the job's and the site's
+privacy filters, homomorphic encryption (decrypt the task's model, encrypt the result) and
+secure aggregation's masking. Each step rewrites the file in place, one tensor at a time
+where the step allows, and returns the new header and the file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedctl.codec.model import model_tensors, split_model
+from fedctl.codec.tensorfiles import lazy_model, save_file_hashed
+from fedctl.constants import MAX_BLOB_BYTES
+from fedctl.privacy.filters import FilterChain, FilterContext
+from fedctl.privacy.he import model as he_model
+
+if TYPE_CHECKING:
+    from fedctl.codec.protocol import SiteTask
+    from fedctl.runtime.agent import SiteAgent
+
+log = logging.getLogger("fedctl.agent")
+
+
+class ModelFileSteps:
+    """The model-file steps of :class:`~fedctl.runtime.sitejob.SiteJob` (a mixin: it uses the
+    job's agent, id, folder and filters)."""
+
+    agent: SiteAgent
+    job_id: str
+    root: Path
+    filters: FilterChain
+    _he: Any
+
+    def _secagg(self) -> Any:
+        """This site's side of secure aggregation (state in the job's folder, owner-only)."""
+        from fedctl.privacy.secagg.site import SiteSecAgg
+        from fedctl.runtime.identity import KitIdentity
+
+        return SiteSecAgg(KitIdentity(self.agent.kit), self.root / "secagg", seed=None)
+
+    def _filter_file(
+        self, path: Path, header: dict[str, Any], point: str, task: SiteTask, base: Path | None
+    ) -> tuple[dict[str, Any], str, list[str]]:
+        """Run ``point``'s filters on the model file ``path`` (rewritten in place, one tensor
+        at a time); returns the new header, the file's SHA-256 and the filters' names."""
+        model = lazy_model(header, path, MAX_BLOB_BYTES)
+        base_params = lazy_model(task.header, base, MAX_BLOB_BYTES).params if base else None
+        ctx = FilterContext(
+            point,
+            site=self.agent.kit.name,
+            round=task.header.get("current_round"),
+            base=base_params,
+            seed=None,  # secret randomness on a real site
+        )
+        out = self.filters.apply(point, model, ctx)
+        new_header, sha = self._rewrite(path, out, ".filtered")
+        names = self.filters.names(point)
+        log.info(
+            "job %s task %s: %s filters %s %s", self.job_id, task.task_id, point, names, ctx.notes
+        )
+        return new_header, sha, names
+
+    def _mask_file(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        secagg_task: dict[str, Any],
+        task_header: dict[str, Any],
+        base: Path | None,
+    ) -> tuple[dict[str, Any], str]:
+        """Replace the result file ``path`` by the masked input of secure aggregation; returns
+        the new header and the file's SHA-256."""
+        model = lazy_model(header, path, MAX_BLOB_BYTES)
+        base_params = lazy_model(task_header, base, MAX_BLOB_BYTES).params if base else None
+        masked, notes = self._secagg().masked_result(model, secagg_task, base_params)
+        new_header, sha = self._rewrite(path, masked, ".masked")
+        if notes.get("clipped"):
+            log.warning(
+                "job %s: secure aggregation clamped %d coordinates of the update to the clip",
+                self.job_id,
+                notes["clipped"],
+            )
+        return new_header, sha
+
+    def _he_context(self) -> Any:
+        """The project's secret HE context from this site's kit (loaded once per job)."""
+        if self._he is None:
+            from fedctl.privacy.he import HEError, load_context
+
+            path = self.agent.kit.he_context_path
+            if path is None or not path.is_file():
+                raise HEError(
+                    "the job uses homomorphic_encryption, but this site's kit has no HE context "
+                    "(provision the project with a homomorphic_encryption: section)"
+                )
+            self._he = load_context(path.read_bytes(), need_secret=True, source=str(path))
+        return self._he
+
+    def _he_open_file(self, path: Path, header: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Decrypt an encrypted task model in place (before filters and the script see it);
+        returns the header and whether it was encrypted (a plain model passes unchanged)."""
+        model = lazy_model(header, path, MAX_BLOB_BYTES)
+        if not he_model.is_encrypted(model.params):
+            return header, False
+        assert model.params is not None
+        plain = he_model.open_params(model.params, self._he_context())
+        return self._rewrite(path, replace(model, params=plain), ".plain")[0], True
+
+    @staticmethod
+    def _he_strip_file(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+        """Drop a result's parameters (removing its file): an HE job's task that came
+        encrypted and asks for no encryption sends metrics only, never a plain model."""
+        out = he_model.without_params(lazy_model(header, path, MAX_BLOB_BYTES))
+        new = split_model(replace(out, params=None, optimizer_params=None))[0]
+        new["has_params"] = new["has_optimizer_params"] = False
+        path.unlink(missing_ok=True)
+        return new
+
+    def _he_seal_file(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        keys: list[str],
+        task_header: dict[str, Any],
+        base: Path | None,
+    ) -> tuple[dict[str, Any], str]:
+        """Replace the result file ``path`` by its encrypted form; returns the new header and
+        the file's SHA-256."""
+        model = lazy_model(header, path, MAX_BLOB_BYTES)
+        base_params = lazy_model(task_header, base, MAX_BLOB_BYTES).params if base else None
+        sealed = he_model.seal_result(model, keys, base_params, self._he_context())
+        return self._rewrite(path, sealed, ".sealed")
+
+    @staticmethod
+    def _rewrite(path: Path, model: Any, suffix: str) -> tuple[dict[str, Any], str]:
+        """Write ``model`` over the file ``path`` (through a temporary file and a rename)."""
+        header = split_model(replace(model, params=None, optimizer_params=None))[0]
+        header["has_params"] = model.params is not None
+        header["has_optimizer_params"] = model.optimizer_params is not None
+        tmp = path.with_name(path.name + suffix)
+        _, sha = save_file_hashed(model_tensors(model), tmp, durable=False)
+        os.replace(tmp, path)
+        return header, sha
