@@ -75,6 +75,20 @@ def test_a_simulated_run_equals_fedavg_and_the_server_holds_only_ciphertexts(
     assert he.metrics[0]["metrics"]["loss"] == pytest.approx(plain.metrics[0]["metrics"]["loss"])
 
 
+def test_the_ray_backend_with_per_round_scripts(toy_recipe, tmp_path, ray_cluster) -> None:
+    """Ray workers decrypt the global model and encrypt results as the local backend does,
+    with scripts that start again each round (more sites than workers)."""
+    recipe = toy_recipe.with_overrides(num_rounds=2, min_clients=3)
+    plain = recipe.run(_sim(tmp_path, "plain", 5))
+    env = SimEnv(
+        num_clients=5, workers=2, resident=False, workspace=tmp_path / "ray", display="none"
+    )
+    he = recipe.with_overrides(homomorphic_encryption=True).run(env)
+    assert he.ok, he.reason
+    decrypted = he_model.open_params(he.load_final(), _run_context(he))
+    assert _max_diff(decrypted, plain.load_final()) < 1e-6
+
+
 def test_evaluation_results_of_an_he_job_carry_no_plain_model(
     toy_recipe, tmp_path, monkeypatch
 ) -> None:
