@@ -12,6 +12,7 @@ import math
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedctl.codec.model import FLModel, LazyMap, ParamsType
@@ -42,7 +43,11 @@ class FilterContext:
 
     ``base`` is the model the task carried (a result's update is its params minus ``base``);
     ``seed`` None means secret randomness (real sites and servers), an int reproducible
-    randomness (simulation). Filters report what they did with :meth:`note`.
+    randomness (simulation). Filters report what they did with :meth:`note`. ``task`` is the
+    task's name (train, evaluate, submit_model) where it is known; ``state_dir`` is where a site
+    keeps what its filters carry from round to round (top-k's residual); a compression filter
+    at ``aggregate_out`` leaves the model it encoded in ``unencoded`` (the server's reference
+    for the results).
     """
 
     point: str
@@ -51,6 +56,9 @@ class FilterContext:
     base: Params | None = None
     seed: int | None = None
     notes: list[dict[str, Any]] = field(default_factory=list)
+    task: str | None = None
+    state_dir: Path | None = None
+    unencoded: FLModel | None = None
     _salt: bytes = field(default_factory=lambda: secrets.token_bytes(16))
 
     def generator(self, *tags: Any) -> torch.Generator:

@@ -114,6 +114,8 @@ class Recipe:
         "(docs/secagg.md)",
         "homomorphic_encryption": "true or {'keys': [parameter names]}: those parameters travel "
         "and are summed as CKKS ciphertexts the server cannot read (docs/he.md)",
+        "compression": "fewer bytes on the wire: {'result': 'fp16'|'bf16'|'int8'|{'codec': "
+        "'topk', 'ratio': 0.01}, 'task': 'fp16'|'bf16'|'int8'} (docs/compression.md)",
         "tracking": "metrics sinks of this job: {'tensorboard': bool, 'mlflow': bool or "
         "{'tracking_uri': ..., 'experiment': ...}}; None: the environment's (docs/tracking.md)",
     }
@@ -154,6 +156,7 @@ class Recipe:
         central_dp: dict[str, Any] | None = None,
         secure_aggregation: bool | dict[str, Any] | None = None,
         homomorphic_encryption: bool | dict[str, Any] | None = None,
+        compression: dict[str, Any] | None = None,
         tracking: dict[str, Any] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -194,6 +197,7 @@ class Recipe:
         self.central_dp = self._check_central_dp(central_dp)
         self.secure_aggregation = self._check_secure_aggregation(secure_aggregation)
         self.homomorphic_encryption = self._check_he(homomorphic_encryption)
+        self.compression = self._check_compression(compression)
         self.tracking = self._check_tracking(tracking)
 
     # ------------------------------------------------------------------ validation
@@ -344,6 +348,25 @@ class Recipe:
                 msg = f"homomorphic_encryption: {msg}"
             raise RecipeError(msg) from None
         return he.spec()
+
+    def _check_compression(self, spec: Any) -> dict[str, Any] | None:
+        from fedctl.privacy.compression import Compression, check_secure
+        from fedctl.privacy.filters import FilterError
+
+        try:
+            check_json(spec, "compression")
+            comp = Compression.from_spec(spec)
+            check_secure(comp, self.secure_aggregation is not None)
+        except (FilterError, CodecError) as exc:
+            raise RecipeError(str(exc)) from None
+        if comp is None:
+            return None
+        if self.homomorphic_encryption is not None:
+            raise RecipeError(
+                "compression does not go with homomorphic_encryption: ciphertexts do not compress "
+                "and the server cannot decode what it cannot read"
+            )
+        return comp.spec()
 
     def _check_tracking(self, spec: Any) -> dict[str, Any] | None:
         from fedctl.tracking.sinks import check_job_tracking

@@ -29,7 +29,7 @@ from fedctl.codec.frames import FrameSocket
 from fedctl.codec.protocol import Finished, JobAbort, JobHello, JobRefused, JobStart, WorkflowEvent
 from fedctl.constants import ENV_JOB_TOKEN
 from fedctl.jobs import EXIT_CODES
-from fedctl.privacy.filters import FilterChain
+from fedctl.privacy.compression import job_chain
 from fedctl.recipe.jobfolder import load_job
 from fedctl.recipe.runner import run_workflow
 from fedctl.runtime.communicator import RuntimeCommunicator, ServerLost
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         store=store,
         listeners=[store.listener, forward],
         abort=abort,
-        filters=FilterChain.from_specs(job.privacy),
+        filters=job_chain(job.privacy, job.compression, secure=job.secure_aggregation is not None),
         secret_randomness=True,  # a real server's noise must not be predictable from the seed
         he_public=args.he_context.read_bytes() if args.he_context else None,
     )

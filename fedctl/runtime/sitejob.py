@@ -53,7 +53,7 @@ from fedctl.codec.protocol import (
 )
 from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE, MAX_BLOB_BYTES
 from fedctl.errors import FedctlError
-from fedctl.privacy.filters import FilterChain
+from fedctl.privacy.compression import job_chain
 from fedctl.privacy.he import model as he_model
 from fedctl.privacy.secagg import keys as secagg_keys
 from fedctl.runtime.bundle import extract_bundle
@@ -131,9 +131,14 @@ class SiteJob(ModelFileSteps):
         why = self.agent.privacy.check_job(self.recipe.spec["args"], self.deploy_msg.num_sites)
         if why is not None:
             raise FedctlError(f"{self.agent.kit.name} refuses the job: {why}")
-        # the job's filters, then the site's own: they run last, a job cannot undo them
-        self.filters = FilterChain.from_specs(self.recipe.spec["args"].get("privacy")).then(
-            self.agent.privacy.filters
+        # the job's filters, then the site's own: they run last, a job cannot undo them; the
+        # job's compression decodes first and encodes last
+        args = self.recipe.spec["args"]
+        self.filters = job_chain(
+            args.get("privacy"),
+            args.get("compression"),
+            secure=bool(args.get("secure_aggregation")),
+            site=self.agent.privacy.filters,
         )
         (self.root / "work").mkdir(exist_ok=True)
         (self.root / "blobs").mkdir(exist_ok=True)

@@ -55,6 +55,8 @@ class ModelFileSteps:
             round=task.header.get("current_round"),
             base=base_params,
             seed=None,  # secret randomness on a real site
+            task=task.name,
+            state_dir=self.root,  # what filters keep across rounds (top-k's residual)
         )
         out = self.filters.apply(point, model, ctx)
         new_header, sha = self._rewrite(path, out, ".filtered")

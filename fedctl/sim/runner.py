@@ -17,7 +17,7 @@ from typing import Any
 
 from fedctl.errors import FedctlError, RecipeError, RunFailed, UsageError
 from fedctl.jobs import ABORTED, FAILED, new_job_id
-from fedctl.privacy.filters import FilterChain
+from fedctl.privacy.compression import job_chain
 from fedctl.recipe.base import Recipe
 from fedctl.recipe.jobfolder import load_job
 from fedctl.recipe.registry import check_recipe, server_code_refusal
@@ -233,6 +233,8 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         threads=max(1, available_cpus() // workers),
         filters=list(job.privacy or []),
         site_filters={s: p.filters.specs() for s, p in policies.items()},
+        compression=job.compression,
+        secure=job.secure_aggregation is not None,
     )
     he_public = None
     if getattr(job, "homomorphic_encryption", None) is not None:
@@ -275,7 +277,9 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
                 seed=env.seed,
                 store=store,
                 listeners=[store.listener, display.listener],
-                filters=FilterChain.from_specs(job.privacy),
+                filters=job_chain(
+                    job.privacy, job.compression, secure=job.secure_aggregation is not None
+                ),
                 he_public=he_public,
             )
             status, reason = run_workflow(job, ctx)

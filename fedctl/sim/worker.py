@@ -42,6 +42,7 @@ from fedctl.client.channel import Channel, SiteInfo, derive_seed
 from fedctl.client.state import SiteState
 from fedctl.codec.model import FLModel, Task, TaskResult
 from fedctl.errors import FedctlError
+from fedctl.privacy.compression import job_chain
 from fedctl.privacy.filters import FilterChain, FilterContext
 from fedctl.privacy.he import model as he_model
 from fedctl.privacy.secagg import keys as secagg_keys
@@ -71,6 +72,9 @@ class WorkerConfig:
     site_filters: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: the run's secret HE context file (jobs with homomorphic_encryption; the sites' key)
     he_context: str | None = None
+    #: the job's compression (docs/compression.md) and whether it runs secure aggregation
+    compression: dict[str, Any] | None = None
+    secure: bool = False
 
 
 @dataclass
@@ -153,7 +157,7 @@ class SimChannel(Channel):
         # Frozen now, in the script's thread: the tensors are copied before send() returns (see
         # fedctl.sim.transport), the JSON parts were copied by the client API.
         handle = None
-        model = self.host.filter_result(model)  # the site's filters, as a real site runs them
+        model = self.host.filter_result(model, task.name)  # as a real site runs its filters
         if self.host.he_keys is not None:
             try:
                 model = self.host.he_seal(model)
@@ -236,9 +240,13 @@ class ScriptHost:
         self.channel: SimChannel | None = None
         self.thread: threading.Thread | None = None
         config = worker.config
-        #: the job's filters, then this site's own (they run last: a job cannot undo them)
-        self.filters = FilterChain.from_specs(config.filters).then(
-            FilterChain.from_specs(config.site_filters.get(site))
+        #: the job's filters, then this site's own (they run last: a job cannot undo them),
+        #: inside the job's compression (decoding first, encoding last)
+        self.filters = job_chain(
+            config.filters,
+            config.compression,
+            secure=config.secure,
+            site=FilterChain.from_specs(config.site_filters.get(site)),
         )
         #: what the script started the current task from (updates are relative to it)
         self.base: Any = None
@@ -253,13 +261,18 @@ class ScriptHost:
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def _filter_context(self, point: str, model: FLModel) -> FilterContext:
-        """Reproducible randomness in simulation (from the run's seed, site, round, point)."""
+    def _filter_context(self, point: str, model: FLModel, task: str | None) -> FilterContext:
+        """Reproducible randomness in simulation (from the run's seed, site, round, point);
+        what filters keep across rounds lives in the site's folder."""
         config, rnd = self.worker.config, model.current_round
         seed = derive_seed(config.seed, self.info.site_index, rnd, point)
-        return FilterContext(point, site=self.site, round=rnd, base=self.base, seed=seed)
+        ctx = FilterContext(point, site=self.site, round=rnd, base=self.base, seed=seed)
+        ctx.task, ctx.state_dir = task, self.site_dir
+        return ctx
 
-    def filter_task(self, model: FLModel, base: Any = None, encrypted: bool = False) -> FLModel:
+    def filter_task(
+        self, model: FLModel, base: Any = None, encrypted: bool = False, task: str | None = None
+    ) -> FLModel:
         """The task's model through the ``task_in`` filters (before the script sees it);
         ``base``: the same params, read-only (the script may change its own copy)."""
         self.base = base if base is not None else model.params
@@ -274,17 +287,18 @@ class ScriptHost:
             model = replace(model, meta=secagg_keys.strip_private(meta))
         if model.params is None or not self.filters.at("task_in"):
             return model
-        model = self.filters.apply("task_in", model, self._filter_context("task_in", model))
+        model = self.filters.apply("task_in", model, self._filter_context("task_in", model, task))
         model = replace(model, params=dict(model.params or {}))
         self.base = dict(model.params or {})  # the script's copy may change: keep its start
         model = replace(model, params={k: v.clone() for k, v in self.base.items()})
         return model
 
-    def filter_result(self, model: FLModel) -> FLModel:
+    def filter_result(self, model: FLModel, task: str | None = None) -> FLModel:
         """The script's answer through the ``result_out`` filters (before it leaves)."""
         if model.params is None or not self.filters.at("result_out"):
             return model
-        return self.filters.apply("result_out", model, self._filter_context("result_out", model))
+        ctx = self._filter_context("result_out", model, task)
+        return self.filters.apply("result_out", model, ctx)
 
     def he_seal(self, model: FLModel) -> FLModel:
         """The script's (filtered) result with the job's parameters encrypted."""
@@ -553,7 +567,9 @@ class WorkerCore:
             if item.task.name == secagg_keys.TASK:
                 out.append((host.answer_system_task(replace(item.task, model=model)), None))
                 continue
-            model = host.filter_task(model, base, base is not None and self._encrypted)
+            model = host.filter_task(
+                model, base, base is not None and self._encrypted, item.task.name
+            )
             task = Task(item.task.name, model, item.task.task_id, item.task.job_id)
             self._settle()
             out.append(host.run(task))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedctl.codec.model import Task, TaskResult
 from fedctl.codec.tensorfiles import payload_nbytes
+from fedctl.constants import RESULT_FACTOR
 from fedctl.errors import FedctlError, RunFailed
 from fedctl.privacy.filters import FilterChain, FilterContext
 
@@ -165,14 +166,22 @@ class WorkflowContext:
     def broadcast(self, task: Task, targets: Sequence[str]) -> ResultStream:
         """Send ``task`` to ``targets`` through the ``aggregate_out`` filters (the one way
         workflows send models)."""
+        reference = task  # what results are against: the model before any compression
         if task.model.params is not None and self.filters.at("aggregate_out"):
             fctx = self.filter_context("aggregate_out", round_=task.model.current_round)
+            fctx.task = task.name
             model = self.filters.apply("aggregate_out", task.model, fctx)
             model = dataclasses.replace(model, params=dict(model.params or {}))  # computed once
             task = dataclasses.replace(task, model=model)
+            reference = task
+            if fctx.unencoded is not None:
+                reference = dataclasses.replace(task, model=fctx.unencoded)
+                if task.result_bytes is None:  # results are measured against the model itself
+                    unencoded = payload_nbytes(fctx.unencoded.params)
+                    task = dataclasses.replace(task, result_bytes=RESULT_FACTOR * unencoded)
             self._notes(fctx, None, task.model.current_round)
         if self.filters.at("result_in"):  # the last few tasks' models, for their results
-            self._sent[task.task_id] = task
+            self._sent[task.task_id] = reference
             while len(self._sent) > 4:
                 self._sent.pop(next(iter(self._sent)))
         if self.store is not None:  # the round's bytes moved: the model once per target
