@@ -153,16 +153,33 @@ class RayPool(Pool):
             options["num_gpus"] = gpus / size
         self._actor_cls = ray.remote(**options)(SimWorkerActor)
         self.actors: list[Any] = [None] * size
+        #: the Ray node each worker runs on
+        self.nodes: list[str] = [""] * size
         for w in range(size):
-            self.actors[w] = self._actor_cls.remote(config)
+            self.actors[w] = self._new_actor(w)
         self._ready(range(size))
+
+    def _new_actor(self, w: int) -> Any:
+        """Worker ``w``, placed round-robin over the cluster's live nodes (Ray puts zero-CPU
+        actors on one node otherwise, even with its SPREAD strategy; a soft affinity fell back
+        to the head node in one run of three here). A worker restarted after its node died goes
+        to a node alive then."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+        if len(nodes) < 2:
+            return self._actor_cls.remote(self.config)
+        where = NodeAffinitySchedulingStrategy(nodes[w % len(nodes)], soft=False)
+        return self._actor_cls.options(scheduling_strategy=where).remote(self.config)
 
     def _ready(self, which: Sequence[int]) -> None:
         import ray
 
         refs = [self.actors[w].ready.remote() for w in which]
         try:
-            ray.get(refs, timeout=START_TIMEOUT)
+            for w, (_, node) in zip(which, ray.get(refs, timeout=START_TIMEOUT), strict=True):
+                self.nodes[w] = node
         except ray.exceptions.GetTimeoutError:
             raise RunFailed(
                 f"simulator workers did not start within {START_TIMEOUT:.0f}s"
@@ -197,7 +214,7 @@ class RayPool(Pool):
             ray.kill(self.actors[w], no_restart=True)
         except Exception:  # already dead
             pass
-        self.actors[w] = self._actor_cls.remote(self.config)
+        self.actors[w] = self._new_actor(w)
         self._ready([w])
 
     def close(self) -> None:

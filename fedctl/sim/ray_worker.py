@@ -15,9 +15,11 @@ class SimWorkerActor:
     def __init__(self, config: WorkerConfig) -> None:
         self.core = WorkerCore(config, RayTransport())
 
-    def ready(self) -> int:
-        """Returns the worker's PID once it has started."""
-        return os.getpid()
+    def ready(self) -> tuple[int, str]:
+        """The worker's PID and Ray node, once it has started."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def run_batch(self, items: list[WorkItem], model_id: str, box: list[Any]) -> list[Any]:
         """Run a batch of work items (see WorkerCore.run_batch)."""

@@ -96,7 +96,10 @@ def ensure_ray(env: SimEnv, workers: int) -> bool:
     }
     try:
         if env.ray_address:
-            ray.init(address=env.ray_address, **common)
+            host = env.ray_address.rsplit(":", 1)[0]
+            quiet = _loopback_node_ip() if host in ("127.0.0.1", "localhost") else _nothing()
+            with quiet:  # a cluster on this machine: no probing for the machine's address
+                ray.init(address=env.ray_address, **common)
         else:
             with _loopback_node_ip():
                 ray.init(
@@ -131,6 +134,22 @@ def sim_he_context(run_dir: Path) -> tuple[str, bytes]:
     atomic_write(folder / "he_context.secret", secret, mode=0o600)
     atomic_write(folder / "he_context.public", public)
     return str(folder / "he_context.secret"), public
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def cluster_workers(env: SimEnv, num_sites: int) -> int | None:
+    """The pool's size on a cluster joined with ``ray_address`` and no ``workers``: one worker
+    per CPU the cluster has, at most one per site (None: not such a run)."""
+    if env.backend != "ray" or not env.ray_address or env.workers is not None:
+        return None
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(num_sites, cpus))
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -266,7 +285,15 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             if env.backend == "ray":
                 ray_started = ensure_ray(env, workers)
                 timings["ray_start_s"] = time.monotonic() - t0
+                sized = cluster_workers(env, len(sites))
+                if sized is not None and sized != workers:
+                    workers = sized
+                    if env.resident is None:
+                        resident = config.resident = len(sites) <= workers
+                    store.log(f"the cluster has room for {workers} workers")
                 pool = RayPool(config, workers, env.gpus)
+                nodes = len(set(pool.nodes))
+                store.log(f"{workers} workers on {nodes} Ray {'node' if nodes == 1 else 'nodes'}")
             else:
                 pool = LocalPool(config)
             timings["startup_s"] = time.monotonic() - t0
@@ -317,6 +344,7 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             "num_clients": len(all_sites),
             **({"refused": refused} if refused else {}),
             "workers": workers,
+            **({"ray_nodes": len(set(pool.nodes))} if isinstance(pool, RayPool) else {}),
             "resident": resident,
             "seed": env.seed,
             "timings": {k: round(v, 3) for k, v in timings.items()},
