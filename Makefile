@@ -62,7 +62,7 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: bench-algorithms bench-aggregators bench-privacy bench-he
+.PHONY: bench-algorithms bench-aggregators bench-privacy bench-he bench-compression soak
 
 # Non-IID comparison of FedAvg, FedProx, SCAFFOLD, FedNova, FedAdam (docs/algorithms.md).
 bench-algorithms: $(STAMP)
@@ -80,3 +80,12 @@ bench-aggregators: $(STAMP)
 # 10 and 100 sites (a few minutes; docs/he.md). `python bench/bench_he.py --quick` for a glance.
 bench-he: $(STAMP)
 	$(BIN)/python bench/bench_he.py
+
+# Bytes on the wire, time per round and accuracy of each compression setting (docs/compression.md).
+bench-compression: $(STAMP)
+	$(BIN)/python bench/bench_compression.py
+
+# Long jobs must not grow: 1,000 rounds in simulation and 300 on a POC, RSS, files and threads
+# of every long-lived process with their slope (about 10 minutes; not in CI).
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
