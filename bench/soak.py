@@ -10,7 +10,8 @@ thread reads the number of completed rounds from the run's metrics file and, at 
 records for every process of the run: the driver and its whole tree (Ray's daemons and
 workers) in simulation; the server, the job process, the site agents and their client scripts
 on the POC (each POC process and its descendants, by role). The slope is a least-squares fit
-over the rounds after the first 10 % (warm-up: imports, caches, allocator arenas). Not a unit
+over the rounds after the first 10 % (warm-up: imports, caches, allocator arenas), without the
+last sample (it may catch the job's processes exiting). Not a unit
 test: it prints figures, measured in this run, and says "flat" when a role's RSS grows less
 than 1 MiB per 100 rounds (noise here is a few MiB, up and down).
 """
@@ -109,7 +110,8 @@ def report(title: str, rows: list[tuple[int, dict[str, dict[str, float]]]], seco
         for role, values in sample.items():
             series[role].append((rnd, values))
     for role, points in series.items():
-        steady = points[warm:] or points
+        # the last sample may catch the job ending (scripts exiting): not steady state
+        steady = points[warm:-1] if len(points) > warm + 2 else points
         s = slope([(r, v["rss"]) for r, v in steady]) * 100
         first, last = steady[0][1], steady[-1][1]
         verdict = "flat" if abs(s) < FLAT_MIB_PER_100 else "GROWS" if s > 0 else "shrinks"
@@ -137,7 +139,21 @@ def soak_sim(rounds: int, tmp: Path) -> None:
         runs = sorted(ws.glob("*/metrics/global.jsonl"))
         return runs[-1] if runs else None
 
-    sampler = Sampler(metrics, lambda: {"simulation (driver + Ray tree)": ([me], True)})
+    def roles() -> dict[str, tuple[list[Any], bool]]:
+        try:
+            tree = me.children(recursive=True)
+            names = {p: " ".join(p.cmdline()[:1]) for p in tree}
+        except psutil.Error:
+            return {}
+        workers = [p for p, n in names.items() if n.startswith("ray::")]
+        daemons = [p for p in tree if p not in workers]
+        return {
+            "driver (the workflow, the run store)": ([me], False),
+            "simulator workers (Ray actors)": (workers, False),
+            "Ray's daemons (GCS, raylet, agents)": (daemons, False),
+        }
+
+    sampler = Sampler(metrics, roles)
     sampler.start()
     t0 = time.monotonic()
     run = recipe.run(SimEnv(num_clients=8, workspace=ws, display="none"))

@@ -107,8 +107,13 @@ def ensure_ray(env: SimEnv, workers: int) -> bool:
                     num_gpus=int(env.gpus or 0),
                     _node_ip_address="127.0.0.1",
                     # Release freed objects promptly: with the default (1 s) a fast stream of
-                    # small results keeps ~1 s of dead objects resident in shared memory.
-                    _system_config={"free_objects_period_milliseconds": 20},
+                    # small results keeps ~1 s of dead objects resident in shared memory. No
+                    # task events: Ray's daemons keep them for its dashboard, which fedctl does
+                    # not start, and grew ~23 MiB per 1,000 rounds with them (bench/soak.py).
+                    _system_config={
+                        "free_objects_period_milliseconds": 20,
+                        "task_events_report_interval_ms": 0,
+                    },
                     **common,
                 )
     except Exception as exc:
