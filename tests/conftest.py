@@ -8,6 +8,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def local_sim(tmp_path: Path, name: str, n: int = 3, **kw: Any) -> Any:
+    """A quiet in-process simulation of ``n`` sites with its workspace in ``tmp_path / name``."""
+    from fedctl.recipe import SimEnv
+
+    return SimEnv(num_clients=n, backend="local", workspace=tmp_path / name, display="none", **kw)
+
+
+def max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The largest difference between two models with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -5,28 +5,22 @@ on a POC (the same model, bit for bit), and fewer bytes on the wire."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import local_sim, max_diff
 
 from fedctl.codec.model import FLModel, ParamsType
 from fedctl.errors import RecipeError
 from fedctl.privacy.codecs import INDEX, META_KEY, SCALE
 from fedctl.privacy.compression import RESIDUAL_FILE, Compression, job_chain
 from fedctl.privacy.context import FilterContext, FilterFailed
-from fedctl.recipe import SimEnv, load_recipe
+from fedctl.recipe import load_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _sim(tmp_path: Path, name: str, n: int = 3, **kw) -> SimEnv:
-    return SimEnv(num_clients=n, backend="local", workspace=tmp_path / name, display="none", **kw)
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+_sim, _max_diff = local_sim, max_diff
 
 
 def _trip(spec, params, base, state_dir=None, task="train", rnd=0):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import local_sim, max_diff
 
 pytest.importorskip("tenseal")
 
@@ -25,13 +26,7 @@ from fedctl.recipe import SimEnv, load_recipe
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _sim(tmp_path: Path, name: str, n: int = 3, **kw) -> SimEnv:
-    return SimEnv(num_clients=n, backend="local", workspace=tmp_path / name, display="none", **kw)
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+_sim, _max_diff = local_sim, max_diff
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:

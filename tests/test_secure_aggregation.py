@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import local_sim, max_diff
 
 from fedctl.codec.model import FLModel, ParamsType
 from fedctl.errors import RecipeError
@@ -27,12 +28,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _sim(tmp_path: Path, name: str, n: int = 4, **kw) -> SimEnv:
-    return SimEnv(num_clients=n, backend="local", workspace=tmp_path / name, display="none", **kw)
+    return local_sim(tmp_path, name, n, **kw)
 
 
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+_max_diff = max_diff
 
 
 # ---------------------------------------------------------------------- the site's side
