@@ -11,8 +11,6 @@ dies (Linux), and a new agent stops any script an earlier one left behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -20,7 +18,6 @@ import queue
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -177,6 +174,8 @@ class SiteJob(ModelFileSteps):
             "PYTHONUNBUFFERED": "1",
         }
         cmd = [sys.executable, str(script), *shlex.split(self.recipe.train_args)]
+        if sys.platform.startswith("linux"):
+            cmd = [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
         self.proc = subprocess.Popen(
             cmd,
             cwd=self.root / "work",
@@ -184,7 +183,6 @@ class SiteJob(ModelFileSteps):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         _record_script(self.root, self.proc.pid)
         threading.Thread(target=self._pump_output, args=(self.proc,), daemon=True).start()
@@ -491,16 +489,19 @@ class _ScriptDied(Exception):
 
 # ---------------------------------------------------------------------- no orphaned scripts
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-def _die_with_parent() -> None:
-    """In the script's process before it runs: the kernel sends it SIGKILL when the agent
-    (the thread that started it) dies, however the agent dies. Linux only; elsewhere the next
-    agent's :func:`stop_leftover_scripts` does it."""
-    if sys.platform.startswith("linux"):
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+#: Run first in the script's process (Linux): ask the kernel for SIGKILL when the agent's thread
+#: that started it dies, however the agent dies; leave at once if the agent is already gone; then
+#: become the script (``execv``: the same PID, the setting kept). Not a ``preexec_fn``: Python
+#: code between fork and exec in a process running gRPC can die with gRPC's poller on closed
+#: descriptors ("epoll_wait error: Bad file descriptor", SIGABRT), seen once in the test suite.
+#: Elsewhere the next agent's :func:`stop_leftover_scripts` stops leftover scripts.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
