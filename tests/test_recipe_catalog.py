@@ -15,6 +15,7 @@ from fedctl.cli.main import main
 from fedctl.errors import RecipeError
 from fedctl.recipe import (
     REGISTRY,
+    CyclicRecipe,
     FedAdagradRecipe,
     FedAdamRecipe,
     FedAvgMRecipe,
@@ -39,6 +40,7 @@ KINDS = {
     "scaffold",
     "fedbn",
     "fedper",
+    "cyclic",
 }
 
 
@@ -119,6 +121,7 @@ def test_recipe_catalog_does_not_import_torch() -> None:
         (ScaffoldRecipe, {"server_lr": 0.7, "aggregator": {"name": "krum", "f": 1}}),
         (FedBNRecipe, {"local": ["head.*"], "cross_site_eval": True}),
         (PartialSharingRecipe, {"shared": ["fc.*"], "server_eval": "evaluate.py:evaluate"}),
+        (CyclicRecipe, {"order": "random"}),
     ],
 )
 def test_every_kind_exports_and_loads_back_equal(tmp_path: Path, cls, extra) -> None:
@@ -169,6 +172,9 @@ def test_server_eval_is_loaded_from_the_recipe_folder(tmp_path: Path) -> None:
         (PartialSharingRecipe, {"shared": []}, "keep every parameter local"),
         (PartialSharingRecipe, {}, "fedper needs shared or local patterns"),
         (PartialSharingRecipe, {"local": "head.*"}, "local must be a list of glob patterns"),
+        (CyclicRecipe, {"order": "backwards"}, "order must be 'fixed' or 'random'"),
+        (CyclicRecipe, {"aggregator": "median"}, "cyclic does not take aggregator"),
+        (CyclicRecipe, {"central_dp": {"noise_multiplier": 1, "clip": 1}}, "take central_dp"),
     ],
 )
 def test_bad_algorithm_arguments_are_one_line_errors(tmp_path: Path, cls, extra, message) -> None:

@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from fedctl.recipe.base import ExecEnv, Recipe
+from fedctl.recipe.cyclic import CyclicRecipe
 from fedctl.recipe.fedavg import FedAvgRecipe
 from fedctl.recipe.fedavgm import FedAvgMRecipe
 from fedctl.recipe.fednova import FedNovaRecipe
@@ -41,6 +42,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "REGISTRY",
+    "CyclicRecipe",
     "ExecEnv",
     "FedAdagradRecipe",
     "FedAdamRecipe",
