@@ -10,6 +10,9 @@ Cases (issue #2):
   c) 4 clients × 3 rounds, ~100M-parameter MLP: wall time and peak memory; targets ≤ 1.3× the
      reference's wall time and ≤ 1.5× its peak memory.
   d) ``fedctl --help`` < 0.3 s.
+  o) orchestration-bound (issue #15): the ~100k-parameter MLP with one local step per round,
+     8 clients × 20 rounds and 64 clients × 5 rounds: wall time (start-up included) and peak
+     memory of the whole tree; targets ≤ 2× the reference's wall time and ≤ 0.8 GB peak.
 
 The reference is a plain sequential loop in one process with the same model, data, mini-batches
 (same seeds) and FedAvg (running weighted sum). Every implementation runs in a fresh child
@@ -44,6 +47,8 @@ CASES: dict[str, dict[str, Any]] = {
     "b64": dict(size="small", clients=64, rounds=5, args="--trivial"),
     "b1000": dict(size="small", clients=1000, rounds=5, args="--trivial"),
     "c": dict(size="large", clients=4, rounds=3, args="--samples 160 --batch-size 16"),
+    "o8": dict(size="small", clients=8, rounds=20, args="--samples 32 --batch-size 32"),
+    "o64": dict(size="small", clients=64, rounds=5, args="--samples 32 --batch-size 32"),
 }
 QUICK = {
     "a": dict(rounds=5, args="--samples 1024 --batch-size 32"),
@@ -51,6 +56,8 @@ QUICK = {
     "b1000": dict(clients=300, rounds=3),
     "b64": dict(rounds=3),
     "c": dict(rounds=1, args="--samples 32 --batch-size 16"),
+    "o8": dict(rounds=5),
+    "o64": dict(clients=16, rounds=2),
 }
 
 
@@ -405,6 +412,27 @@ def main() -> int:
             f"peak memory {n_big} vs 64 clients = {mem_ratio:.2f}× (target ≤ 1.5)",
         )
         report["b"] = {**res, "mem_ratio": mem_ratio}
+
+    if "o" in wanted:
+        for name in ("o8", "o64"):
+            case = cases[name]
+            print(
+                f"\n(o) {case['clients']} clients × {case['rounds']} rounds, ~100k-parameter "
+                "model, one local step (orchestration-bound)"
+            )
+            ref = run_child("reference", name, case, 0.25)
+            fed = run_child("fedctl", name, case, 0.25)
+            t_ratio = fed["wall"] / ref["wall"]
+            line("reference wall / peak PSS", f"{ref['wall']:.2f} s / {gib(ref['peak_pss'])}")
+            line("fedctl wall / peak PSS", f"{fed['wall']:.2f} s / {gib(fed['peak_pss'])}")
+            line(
+                "fedctl Ray start-up / pool start-up",
+                f"{fed['timings']['ray_start_s']:.2f} s / {fed['timings']['startup_s']:.2f} s",
+            )
+            verdict(f"{name}.wall", t_ratio <= 2.0, f"wall-time ratio = {t_ratio:.2f} (target ≤ 2)")
+            peak_gb = fed["peak_pss"] / 1e9
+            verdict(f"{name}.mem", peak_gb <= 0.8, f"peak = {peak_gb:.2f} GB (target ≤ 0.8 GB)")
+            report[name] = {"reference": ref, "fedctl": fed, "time_ratio": t_ratio}
 
     if "c" in wanted:
         print("\n(c) 4 clients × 3 rounds, ~100M-parameter model")
