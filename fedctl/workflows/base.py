@@ -385,3 +385,14 @@ class Workflow(ABC):
         self, ctx: WorkflowContext, initial: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Run the whole job; raise RunFailed (with the reason) when it cannot complete."""
+
+    def resume(
+        self, ctx: WorkflowContext, initial: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], int, dict[str, Any]]:
+        """The model and round to start from: the run's last checkpoint (announced with a
+        ``resumed`` event) or ``initial`` and 0; with the workflow state the checkpoint kept."""
+        resumed = ctx.store.load_checkpoint() if ctx.store is not None else None
+        if resumed is None:
+            return initial, 0, {}
+        ctx.emit("resumed", round=resumed["next_round"])
+        return resumed["params"], resumed["next_round"], resumed.get("state", {})

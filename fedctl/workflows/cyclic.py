@@ -67,12 +67,7 @@ class Cyclic(Workflow):
         self, ctx: WorkflowContext, initial: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Run the cycles from ``initial`` (or from a checkpoint); return the last site's model."""
-        model, start = initial, 0
-        if ctx.store is not None:
-            resumed = ctx.store.load_checkpoint()
-            if resumed is not None:
-                model, start = resumed["params"], resumed["next_round"]
-                ctx.emit("resumed", round=start)
+        model, start, _ = self.resume(ctx, initial)
         ctx.emit(
             "run_started",
             num_rounds=self.num_rounds,

@@ -270,13 +270,9 @@ class FedAvg(Evaluation, Workflow):
         self, ctx: WorkflowContext, initial: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Run the rounds from ``initial`` (or from a checkpoint); return the final model."""
-        model, start = initial, 0
-        if ctx.store is not None:
-            resumed = ctx.store.load_checkpoint()
-            if resumed is not None:
-                model, start = resumed["params"], resumed["next_round"]
-                self.load_state(resumed.get("state", {}))
-                ctx.emit("resumed", round=start)
+        model, start, state = self.resume(ctx, initial)
+        if start:
+            self.load_state(state)
         check_compatible(
             self.secure,
             aggregator_name=parse_aggregator(self.aggregator)[0],
