@@ -344,8 +344,10 @@ class SiteJob(ModelFileSteps):
                 sha256=task.blob.sha256,
                 size=task.blob.size,
             )
-            task_header, encrypted = self._he_open_file(path, task_header)
-            he_strip = encrypted and he_keys is None
+            if self.recipe.spec["args"].get("homomorphic_encryption") is not None:
+                # only an HE job's models can be encrypted: other jobs skip reading the header
+                task_header, encrypted = self._he_open_file(path, task_header)
+                he_strip = encrypted and he_keys is None
             if self.filters.at("task_in"):
                 task_header = self._filter_file(path, task_header, "task_in", task, None)[0]
             if self.filters.at("result_out") or secagg_task is not None or he_keys is not None:
