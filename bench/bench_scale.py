@@ -1,0 +1,128 @@
+"""Scale benchmark (issue 15): 10,000 virtual clients beside 1,000, 100 sampled per round.
+
+Both runs are the SCAFFOLD recipe of ``recipes/scaffold`` (per-site control variates kept in
+``fedctl.client.get_state()``) with ``sample_clients=100`` for 20 rounds on the default
+``SimEnv`` (Ray). Each run is a fresh child process; the parent samples the PSS of the child's
+whole process tree (Ray's daemons and workers included). Printed, measured in this one run:
+
+* peak memory of 10,000 clients ÷ peak of 1,000 (target ≤ 1.5);
+* mean round time of 10,000 ÷ that of 1,000, rounds 2…N (target: independent of the total,
+  here ≤ 1.25, which is within this machine's run-to-run noise);
+* what the run folder holds: per-site state files (one per site ever sampled, none for the
+  others) and their size on disk, so no per-site state is held in RAM for all sites.
+
+    python bench/bench_scale.py                 # 1,000 and 10,000 clients × 20 rounds (~2 min)
+    python bench/bench_scale.py --rounds 5      # a glance
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RECIPE = HERE.parent / "recipes" / "scaffold"
+SAMPLED = 100
+
+
+def child(clients: int, rounds: int) -> dict[str, Any]:
+    """One run of the SCAFFOLD recipe with ``clients`` virtual sites, 100 sampled per round."""
+    from fedctl.recipe import SimEnv
+    from fedctl.recipe.loader import load_recipe
+
+    recipe = load_recipe(RECIPE).recipe.with_overrides(
+        num_rounds=rounds, min_clients=SAMPLED, sample_clients=SAMPLED, train_args="--epochs 1"
+    )
+    workspace = Path(tempfile.mkdtemp(prefix="fedctl-scale-"))
+    try:
+        run = recipe.run(SimEnv(num_clients=clients, workspace=workspace, display="none"))
+        if not run.ok:
+            raise SystemExit(f"run with {clients} clients failed: {run.reason}")
+        states = list(run.result_dir.glob("sites/*/state.safetensors"))
+        return {
+            "round_times": [r["duration"] for r in run.metrics],
+            "accepted": [r["accepted"] for r in run.metrics],
+            "timings": run.extra["timings"],
+            "state_files": len(states),
+            "state_bytes": sum(p.stat().st_size for p in states),
+            "site_folders": sum(1 for _ in run.result_dir.glob("sites/*")),
+        }
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def measure(clients: int, rounds: int) -> dict[str, Any]:
+    """Run ``child`` in a fresh process; wall time and peak tree PSS from outside."""
+    sys.path.insert(0, str(HERE))
+    from bench_sim import tree_pss
+
+    cmd = [sys.executable, __file__, "--child", str(clients), "--rounds", str(rounds)]
+    peak = 0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, tree_pss(proc.pid))
+            stop.wait(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{clients} clients: exit code {proc.returncode}")
+    data: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    data.update(wall=time.perf_counter() - t0, peak_pss=peak)
+    return data
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.rounds)))
+        return 0
+    res = {n: measure(n, args.rounds) for n in (1000, 10_000)}
+    print(f"SCAFFOLD, {SAMPLED} sampled sites per round, {args.rounds} rounds, default SimEnv")
+    for n, r in res.items():
+        later = r["round_times"][1:] or r["round_times"]
+        print(
+            f"  {n:>6} clients: wall {r['wall']:.1f} s, peak PSS {r['peak_pss'] / 2**30:.2f} GiB, "
+            f"mean round {sum(later) / len(later) * 1000:.0f} ms, "
+            f"{r['state_files']} state files ({r['state_bytes'] / 2**20:.1f} MiB on disk), "
+            f"{r['site_folders']} site folders"
+        )
+    small, big = res[1000], res[10_000]
+    mem = big["peak_pss"] / small["peak_pss"]
+
+    def mean_round(r: dict[str, Any]) -> float:
+        later = r["round_times"][1:] or r["round_times"]
+        return sum(later) / len(later)
+
+    per_round = mean_round(big) / mean_round(small)
+    full = all(a == SAMPLED for r in res.values() for a in r["accepted"])
+    print(f"  {'PASS' if mem <= 1.5 else 'SHORT'} peak memory 10,000 / 1,000 = {mem:.2f} (≤ 1.5)")
+    print(
+        f"  {'PASS' if per_round <= 1.25 else 'SHORT'} mean round time 10,000 / 1,000 = "
+        f"{per_round:.2f} (≤ 1.25: set by the sampled sites, not the total)"
+    )
+    print(f"  {'PASS' if full else 'SHORT'} every round aggregated {SAMPLED} sites")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
