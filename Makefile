@@ -64,7 +64,7 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: bench-algorithms bench-aggregators bench-privacy bench-he bench-compression bench-scale soak
+.PHONY: bench-algorithms bench-aggregators bench-privacy bench-he bench-compression bench-scale bench-async soak
 
 # Non-IID comparison of FedAvg, FedProx, SCAFFOLD, FedNova, FedAdam (docs/algorithms.md).
 bench-algorithms: $(STAMP)
@@ -91,6 +91,11 @@ bench-compression: $(STAMP)
 # (about 1 minute; docs/simulation.md).
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_scale.py
+
+# Simulated time to 75% accuracy of FedAvg, FedBuff and FedAsync with a tenfold spread of site
+# speeds (about 15 seconds; docs/algorithms.md).
+bench-async: $(STAMP)
+	$(BIN)/python bench/bench_async.py
 
 # Long jobs must not grow: 1,000 rounds in simulation and 300 on a POC, RSS, files and threads
 # of every long-lived process with their slope (about 10 minutes; not in CI).

@@ -219,6 +219,8 @@ EXAMPLES = [
     ("personalization", 3),
     ("personalization/fedper.py", 3),
     ("evaluation", 3),
+    ("async/fedbuff.py", 4),
+    ("async/fedasync.py", 4),
 ]
 
 

@@ -41,6 +41,8 @@ KINDS = {
     "fedbn",
     "fedper",
     "cyclic",
+    "fedbuff",
+    "fedasync",
 }
 
 

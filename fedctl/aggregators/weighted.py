@@ -192,6 +192,17 @@ class WeightedAggregator:
         self.count += 1
         self.total_weight += weight
 
+    def add_zero_diff(self, weight: float) -> None:
+        """Count ``weight`` for an all-zero DIFF update: it shrinks the step from the global
+        model without a pass over any tensor (FedBuff's staleness discount)."""
+        if weight <= 0:
+            return
+        for name, g in self.global_params.items():
+            if g.is_floating_point():
+                self._w[name] = self._w.get(name, 0.0) + weight
+                self._w_diff[name] = self._w_diff.get(name, 0.0) + weight
+        self.total_weight += weight
+
     def _check_overflow(
         self, params: Mapping[str, torch.Tensor], weight: float
     ) -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fedctl.recipe.asynchronous import FedAsyncRecipe, FedBuffRecipe
 from fedctl.recipe.base import ExecEnv, Recipe
 from fedctl.recipe.cyclic import CyclicRecipe
 from fedctl.recipe.fedavg import FedAvgRecipe
@@ -46,9 +47,11 @@ __all__ = [
     "ExecEnv",
     "FedAdagradRecipe",
     "FedAdamRecipe",
+    "FedAsyncRecipe",
     "FedAvgMRecipe",
     "FedAvgRecipe",
     "FedBNRecipe",
+    "FedBuffRecipe",
     "FedNovaRecipe",
     "FedProxRecipe",
     "FedYogiRecipe",

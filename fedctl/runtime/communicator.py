@@ -168,7 +168,8 @@ class RuntimeCommunicator(Communicator):
         self.offline_since: dict[str, float] = {}
         #: seconds a site may be offline before its outstanding tasks count as failed
         self.offline_grace = offline_grace
-        self._old_blobs: list[str] = []
+        #: each task's model file, by task id, kept while a site may still fetch it
+        self._blobs: dict[str, str] = {}
         self._cond = threading.Condition()
         self.closed = False
         #: the server process went away (as opposed to asking this job to stop)
@@ -322,14 +323,18 @@ class RuntimeCommunicator(Communicator):
         blob = None
         blob_info = None
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        for old in self._old_blobs:  # earlier tasks' models: their rounds are over
-            (self.blob_dir / old).unlink(missing_ok=True)
-        self._old_blobs.clear()
+        for task_id, old in list(self._blobs.items()):
+            # a finished task's model: no site fetches it any more (an asynchronous workflow
+            # has several tasks in flight, whose sites may still fetch or fetch again)
+            stream = self.streams.get(task_id)
+            if stream is None or stream.done or stream.cancelled:
+                (self.blob_dir / old).unlink(missing_ok=True)
+                del self._blobs[task_id]
         if tensors:
             blob = f"task.{task.task_id.replace(':', '_')}.safetensors"
             size, sha = save_file_hashed(tensors, self.blob_dir / blob, durable=False)
             blob_info = FileInfo(size, sha)
-            self._old_blobs.append(blob)
+            self._blobs[task.task_id] = blob
         dispatch = Dispatch(
             task_id=task.task_id,
             name=task.name,

@@ -12,6 +12,7 @@ from fedctl.errors import UsageError
 if TYPE_CHECKING:
     from fedctl.privacy.policy import PrivacyPolicy
     from fedctl.tracking.run import Run
+    from fedctl.workflows.clock import SpeedModel
 
 
 @dataclass
@@ -26,6 +27,9 @@ class SimEnv:
     ``gpus`` is the number of GPUs shared by the pool's workers. ``site_privacy`` gives sites
     their own privacy policy, as ``local/privacy.yaml`` does on a real site: a mapping of site
     name to the policy (a mapping, or the path of a YAML file); see docs/privacy.md.
+    ``speeds`` gives sites simulated speeds, latency and dropout driving a virtual clock
+    (``fedctl.workflows.clock``): results are then taken in simulated-time order and each
+    round's ``sim_time`` is recorded; see docs/algorithms.md.
     """
 
     num_clients: int = 2
@@ -40,6 +44,7 @@ class SimEnv:
     checkpoint: bool = False
     sites: list[str] | None = None
     site_privacy: dict[str, Any] | None = None
+    speeds: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.sites is not None:
@@ -62,6 +67,7 @@ class SimEnv:
             raise UsageError("display must be auto, rich, plain or none")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise UsageError(f"seed must be an integer, got {self.seed!r}")
+        self.speed_model()  # validated now, like the policies
         self.policies()  # validated now: a bad policy is a one-line error before anything runs
 
     def policies(self) -> dict[str, PrivacyPolicy]:
@@ -78,6 +84,13 @@ class SimEnv:
             else:
                 out[site] = PrivacyPolicy.from_data(policy, f"site_privacy[{site!r}]")
         return out
+
+    def speed_model(self) -> SpeedModel:
+        """The validated speed model (without ``speeds``: every site equally fast, no dropout,
+        so asynchronous workflows still take results in a reproducible order)."""
+        from fedctl.workflows.clock import SpeedModel
+
+        return SpeedModel.from_spec(self.speeds or {}, self.site_names())
 
     def site_names(self) -> list[str]:
         """The virtual sites' names."""

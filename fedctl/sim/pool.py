@@ -29,6 +29,7 @@ from fedctl.errors import RunFailed, UsageError
 from fedctl.sim.transport import LocalTransport, RayTransport
 from fedctl.sim.worker import WorkerConfig, WorkerCore, WorkItem
 from fedctl.workflows.base import Communicator, ResultStream
+from fedctl.workflows.clock import DROPPED, VirtualClock
 
 BATCH_BYTES = 16 * 1024 * 1024
 MAX_BATCH = 32
@@ -266,6 +267,7 @@ class SimStream(ResultStream):
     _pending: set[str] = field(default_factory=set)
     buffer: collections.deque[TaskResult] = field(default_factory=collections.deque)
     cancelled: bool = False
+    finish: dict[str, float] = field(default_factory=dict)
 
     @property
     def pending(self) -> set[str]:
@@ -329,8 +331,11 @@ class SimCommunicator(Communicator):
         sites: Sequence[str],
         resident: bool,
         all_sites: Sequence[str] | None = None,
+        clock: VirtualClock | None = None,
     ) -> None:
         self.pool = pool
+        #: the run's simulated time (``SimEnv(speeds=...)``), None: no speed model
+        self.clock = clock
         self._sites = list(sites)
         # a site's index is its place among all the run's sites, also when some refused the job
         self.index = {s: i for i, s in enumerate(all_sites if all_sites is not None else sites)}
@@ -370,6 +375,11 @@ class SimCommunicator(Communicator):
             _pending=set(targets),
         )
         for site in targets:
+            if self.clock is not None:
+                stream.finish[site], lost = self.clock.schedule(site)
+                if lost:  # the site never runs it; the workflow learns so at its finish time
+                    stream.deliver(TaskResult(site, task.task_id, error=DROPPED))
+                    continue
             if self.resident:
                 w = self.index[site] % self.pool.size
                 stream.pinned.setdefault(w, collections.deque()).append(site)

@@ -30,6 +30,7 @@ from fedctl.tracking.run import Run, finish_run
 from fedctl.tracking.sinks import environment_choice
 from fedctl.tracking.store import RunStore
 from fedctl.workflows.base import WorkflowContext
+from fedctl.workflows.clock import VirtualClock
 
 log = logging.getLogger("fedctl.sim")
 
@@ -302,7 +303,8 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             else:
                 pool = LocalPool(config)
             timings["startup_s"] = time.monotonic() - t0
-            comm = SimCommunicator(pool, sites, resident, all_sites)
+            clock = VirtualClock(env.speed_model(), env.seed)
+            comm = SimCommunicator(pool, sites, resident, all_sites, clock)
             ctx = WorkflowContext(
                 comm,
                 job_id=job_id,

@@ -182,6 +182,8 @@ class RunStore:
                 "duration": round(event.get("duration") or 0.0, 4),
                 "time": event["time"],
             }
+            if event.get("sim_time") is not None:  # simulated time (SimEnv speeds)
+                record["sim_time"] = round(event["sim_time"], 6)
             with self._lock:
                 record["bytes_sent"] = self._bytes["sent"]
                 record["bytes_received"] = self._bytes["received"]

@@ -15,6 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from fedctl.codec.model import Task, TaskResult
@@ -26,6 +27,8 @@ from fedctl.privacy.filters import FilterChain, FilterContext
 if TYPE_CHECKING:
     import torch
 
+    from fedctl.workflows.clock import VirtualClock
+
 log = logging.getLogger("fedctl.workflow")
 
 
@@ -33,6 +36,8 @@ class ResultStream(ABC):
     """Results of one broadcast, delivered as they arrive."""
 
     targets: tuple[str, ...]
+    #: each target's virtual finish time (simulation with a speed model; empty otherwise)
+    finish: Mapping[str, float] = MappingProxyType({})
 
     @abstractmethod
     def next(self, timeout: float | None) -> TaskResult | None:
@@ -153,8 +158,13 @@ class WorkflowContext:
         #: the project's public HE context, serialized (None: this server has none)
         self.he_public = he_public
         self._task_seq = 0
-        #: tasks sent, by id (filters need the model a result's task carried)
+        #: tasks sent, by id (filters need the model a result's task carried), the last
+        #: ``sent_window`` of them (workflows with more tasks in flight raise it)
         self._sent: dict[str, Task] = {}
+        self.sent_window = 4
+        #: simulated time (``SimEnv(speeds=...)``): results are taken in virtual-time order and
+        #: round events carry ``sim_time``; None in POC and production (the wall clock)
+        self.clock: VirtualClock | None = getattr(comm, "clock", None)
 
     def filter_context(
         self, point: str, *, site: str | None = None, round_: int | None = None, base: Any = None
@@ -182,7 +192,7 @@ class WorkflowContext:
             self._notes(fctx, None, task.model.current_round)
         if self.filters.at("result_in"):  # the last few tasks' models, for their results
             self._sent[task.task_id] = reference
-            while len(self._sent) > 4:
+            while len(self._sent) > self.sent_window:
                 self._sent.pop(next(iter(self._sent)))
         if self.store is not None:  # the round's bytes moved: the model once per target
             size = payload_nbytes(task.model.params) + payload_nbytes(task.model.optimizer_params)
@@ -203,6 +213,8 @@ class WorkflowContext:
     def emit(self, event: str, **data: Any) -> None:
         """Tell listeners (live display, job status, run log) what happened."""
         record = {"event": event, "time": time.time(), **data}
+        if self.clock is not None and event == "round_completed":
+            record.setdefault("sim_time", self.clock.now)
         for listener in self.listeners:
             try:
                 listener(record)
@@ -256,6 +268,8 @@ class WorkflowContext:
                 result = stream.next(timeout=max(wait, 0.0))
                 if result is None:
                     continue
+                if self.clock is not None:  # a synchronous round ends with its last result
+                    self.clock.advance_to(stream.finish.get(result.site))
                 self._take(result, on_result, outcome, round_, phase)
                 if min_at is None and len(outcome.accepted) >= policy.min_responses:
                     min_at = time.monotonic()
