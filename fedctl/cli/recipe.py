@@ -93,8 +93,9 @@ def register(app: typer.Typer) -> None:
             return
         common = {p["name"] for p in catalog[0]["parameters"]} if catalog else set()
         table = Table(box=None, pad_edge=False)
-        for column in ("kind", "class", "purpose", "own parameters"):
+        for column in ("kind", "class", "purpose"):
             table.add_column(column, overflow="fold")
+        table.add_column("own parameters", overflow="fold", max_width=40)  # the purpose first
         for entry in catalog:
             own = [p["name"] for p in entry["parameters"] if p["name"] not in common]
             summary = entry["summary"]
