@@ -64,7 +64,7 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: bench-algorithms bench-aggregators bench-privacy bench-he bench-compression bench-scale bench-async soak
+.PHONY: bench-algorithms bench-aggregators bench-privacy bench-he bench-compression bench-scale bench-async bench-swarm soak
 
 # Non-IID comparison of FedAvg, FedProx, SCAFFOLD, FedNova, FedAdam (docs/algorithms.md).
 bench-algorithms: $(STAMP)
@@ -96,6 +96,10 @@ bench-scale: $(STAMP)
 # speeds (about 15 seconds; docs/algorithms.md).
 bench-async: $(STAMP)
 	$(BIN)/python bench/bench_async.py
+
+# Swarm learning's relay cost on a local POC against server aggregation (about a minute).
+bench-swarm: $(STAMP)
+	$(BIN)/python bench/bench_swarm.py
 
 # Long jobs must not grow: 1,000 rounds in simulation and 300 on a POC, RSS, files and threads
 # of every long-lived process with their slope (about 10 minutes; not in CI).

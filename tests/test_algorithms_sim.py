@@ -221,6 +221,8 @@ EXAMPLES = [
     ("evaluation", 3),
     ("async/fedbuff.py", 4),
     ("async/fedasync.py", 4),
+    ("swarm", 3),
+    ("cyclic", 3),
 ]
 
 

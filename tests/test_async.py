@@ -255,7 +255,7 @@ def test_what_an_asynchronous_job_cannot_take_is_refused(job, cls, changes, matc
         _recipe(cls, job, **changes)
 
 
-def test_poc_runs_fedbuff_and_survives_a_site_killed_mid_run(job, tmp_path) -> None:
+def test_poc_runs_fedasync_and_fedbuff_which_survives_a_site_killed_mid_run(job, tmp_path) -> None:
     from conftest import free_port
 
     from fedctl.runtime import poc
@@ -274,7 +274,11 @@ def test_poc_runs_fedbuff_and_survives_a_site_killed_mid_run(job, tmp_path) -> N
             round_timeout=60,
             train_args=str(poc.status(ws)["processes"]["site-3"]["pid"]),  # site-3's agent
         )
-        run = recipe.run(PocEnv(workspace=ws, display="none", results=tmp_path / "res"))
+        env = PocEnv(workspace=ws, display="none", results=tmp_path / "res")
+        mixed = _recipe(FedAsyncRecipe, job, num_rounds=6, min_clients=3, max_staleness=2).run(env)
+        assert mixed.ok, mixed.reason  # FedAsync: every update a new model, in arrival order
+        assert [m["accepted"] for m in mixed.metrics] == [1] * 6
+        run = recipe.run(env)
         assert run.ok, run.reason
         assert len(run.metrics) == 8 and all(m["accepted"] == 2 for m in run.metrics)
         records = [

@@ -43,6 +43,7 @@ KINDS = {
     "cyclic",
     "fedbuff",
     "fedasync",
+    "swarm",
 }
 
 

@@ -23,6 +23,7 @@ from fedctl.recipe.jobfolder import REGISTRY, load_job
 from fedctl.recipe.loader import load_recipe
 from fedctl.recipe.personalization import FedBNRecipe, PartialSharingRecipe
 from fedctl.recipe.scaffold import ScaffoldRecipe
+from fedctl.recipe.swarm import SwarmRecipe
 from fedctl.tracking.run import Run
 
 #: environments re-exported for users, by the module that defines them (imported on first use;
@@ -62,6 +63,7 @@ __all__ = [
     "Run",
     "ScaffoldRecipe",
     "SimEnv",
+    "SwarmRecipe",
     "load_job",
     "load_recipe",
 ]

@@ -38,7 +38,7 @@ class CyclicRecipe(Recipe):
         "Chang, Balachandar, Lam, Yi, Brown, Beers, Rosen, Rubin, Kalpathy-Cramer, Distributed "
         "deep learning networks among institutions for medical imaging (JAMIA 2018)"
     )
-    example = "recipes/hello_pt (with CyclicRecipe)"
+    example = "recipes/cyclic"
     param_docs = {"order": "'fixed' (sorted site names) or 'random' (shuffled per round)"}
 
     def __init__(

@@ -57,6 +57,7 @@ from fedctl.runtime.bundle import extract_bundle
 from fedctl.runtime.procs import terminate_group
 from fedctl.runtime.sitesteps import ModelFileSteps
 from fedctl.transport.local import listen_unix, socket_path
+from fedctl.workflows import swarm_site
 
 if TYPE_CHECKING:
     from fedctl.runtime.agent import SiteAgent
@@ -320,6 +321,9 @@ class SiteJob(ModelFileSteps):
         if task.name == secagg_keys.TASK:
             self._answer_secagg(task)
             return
+        if task.name == swarm_site.TASK:
+            self._answer_swarm(task)
+            return
         task_id = task.task_id
         path = base_file = None
         he_strip = False
@@ -332,6 +336,9 @@ class SiteJob(ModelFileSteps):
         if isinstance(meta, dict) and secagg_keys.wants_input(meta):
             secagg_task = {k: meta[k] for k in secagg_keys.PRIVATE_META if k in meta}
             task_header = {**task_header, "meta": secagg_keys.strip_private(meta)}
+        swarm_spec = (
+            meta[swarm_site.META] if isinstance(meta, dict) and swarm_site.is_train(meta) else None
+        )
         if task.blob is not None:
             path = self.root / "blobs" / f"task.{safe_name(task_id)}.safetensors"
             self.agent.fetch(self.job_id, task.blob, path, MAX_BLOB_BYTES)
@@ -348,6 +355,8 @@ class SiteJob(ModelFileSteps):
                 # only an HE job's models can be encrypted: other jobs skip reading the header
                 task_header, encrypted = self._he_open_file(path, task_header)
                 he_strip = encrypted and he_keys is None
+            if swarm_spec is not None:  # the model sealed for this site, opened
+                task_header = self._swarm_open_file(path, task_header, swarm_spec)
             if self.filters.at("task_in"):
                 task_header = self._filter_file(path, task_header, "task_in", task, None)[0]
             if self.filters.at("result_out") or secagg_task is not None or he_keys is not None:
@@ -357,7 +366,7 @@ class SiteJob(ModelFileSteps):
                 _link_or_copy(path, base_file)
         try:
             self._run_script_task(
-                task, task_header, path, base_file, secagg_task, he_keys, he_strip
+                task, task_header, path, base_file, secagg_task, he_keys, he_strip, swarm_spec
             )
         except BaseException:
             if secagg_task is not None:  # this site drops out of the round
@@ -373,6 +382,7 @@ class SiteJob(ModelFileSteps):
         secagg_task: dict[str, Any] | None,
         he_keys: list[str] | None = None,
         he_strip: bool = False,
+        swarm_spec: dict[str, Any] | None = None,
     ) -> None:
         """Give the task to the client script, filter (and mask or encrypt) its result, send
         it."""
@@ -420,6 +430,9 @@ class SiteJob(ModelFileSteps):
                         result_path, header, secagg_task, task_header, base_file
                     )
                     filtered = [*filtered, "secure_aggregation"]
+                if swarm_spec is not None:
+                    header, sha = self._swarm_seal_file(result_path, header, swarm_spec)
+                    filtered = [*filtered, "swarm_sealed"]
             finally:
                 if base_file is not None:
                     base_file.unlink(missing_ok=True)

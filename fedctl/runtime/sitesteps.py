@@ -33,6 +33,7 @@ class ModelFileSteps:
     job_id: str
     root: Path
     filters: FilterChain
+    cancelled: set[str]
     _he: Any
 
     def _secagg(self) -> Any:
@@ -147,3 +148,82 @@ class ModelFileSteps:
         _, sha = save_file_hashed(model_tensors(model), tmp, durable=False)
         os.replace(tmp, path)
         return header, sha
+
+    # ------------------------------------------------------------------------- swarm learning
+
+    def _swarm(self) -> Any:
+        """This site's side of swarm learning (its key from its kit; state in the job's folder)."""
+        from fedctl.runtime.identity import KitIdentity
+        from fedctl.workflows.swarm_site import SwarmSite
+
+        return SwarmSite(KitIdentity(self.agent.kit), self.root / "swarm", self.job_id)
+
+    def _swarm_open_file(
+        self, path: Path, header: dict[str, Any], spec: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Open the model sealed for this site in place (before filters and the script)."""
+        from fedctl.workflows import swarm_site
+
+        model = lazy_model(header, path, MAX_BLOB_BYTES)
+        params = self._swarm().open_model(model.params or {}, spec)
+        meta = swarm_site.strip(model.meta)
+        return self._rewrite(path, replace(model, params=params, meta=meta), ".opened")[0]
+
+    def _swarm_seal_file(
+        self, path: Path, header: dict[str, Any], spec: dict[str, Any]
+    ) -> tuple[dict[str, Any], str]:
+        """Replace the result file ``path`` by the update sealed for the round's aggregator."""
+        model = lazy_model(header, path, MAX_BLOB_BYTES)
+        assert model.params is not None
+        sealed = self._swarm().seal_result(dict(model.params), spec)
+        return self._rewrite(path, replace(model, params=sealed), ".sealed")
+
+    def _answer_swarm(self, task: SiteTask) -> None:
+        """A swarm system task (keys, aggregate, reseal, final): answered here, no script."""
+        from fedctl._fs import safe_name
+        from fedctl.codec.model import FLModel
+        from fedctl.codec.protocol import SiteResult
+        from fedctl.workflows import swarm_site
+
+        meta = task.header.get("meta")
+        spec = meta.get(swarm_site.META) if isinstance(meta, dict) else None
+        if not isinstance(spec, dict):
+            raise swarm_site.E2EError("the task carries no swarm step")
+        params = None
+        if task.blob is not None:
+            path = self.root / "blobs" / f"task.{safe_name(task.task_id)}.safetensors"
+            self.agent.fetch(self.job_id, task.blob, path, MAX_BLOB_BYTES)
+            try:
+                params = dict(lazy_model(task.header, path, MAX_BLOB_BYTES).params or {})
+                reply, out = self._swarm().handle(spec, params)
+            finally:
+                path.unlink(missing_ok=True)
+        else:
+            reply, out = self._swarm().handle(spec, None)
+        self.agent.audit.record(
+            "swarm",
+            None,
+            job=self.job_id,
+            task=task.task_id,
+            round=task.header.get("current_round"),
+            step=str(spec.get("kind"))[:40],
+        )
+        model = FLModel(
+            params_type=None,
+            params=out,
+            current_round=task.header.get("current_round"),
+            meta={swarm_site.META: reply},
+        )
+        blob = None
+        if out:
+            result = self.root / "blobs" / f"result.{safe_name(task.task_id)}.safetensors"
+            result.parent.mkdir(parents=True, exist_ok=True)
+            header, sha = self._rewrite(result, model, ".new")
+            blob = self.agent.push(self.job_id, task.task_id, result, sha)
+            result.unlink(missing_ok=True)
+        else:
+            header = split_model(model)[0]
+        if task.task_id not in self.cancelled:
+            self.agent.send(
+                SiteResult(job=self.job_id, task_id=task.task_id, header=header, blob=blob)
+            )

@@ -46,6 +46,8 @@ from fedctl.privacy.compression import job_chain
 from fedctl.privacy.filters import FilterChain, FilterContext
 from fedctl.privacy.he import model as he_model
 from fedctl.privacy.secagg import keys as secagg_keys
+from fedctl.sim.hoststeps import HostSteps
+from fedctl.workflows import swarm_site
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "client.log"
@@ -172,6 +174,12 @@ class SimChannel(Channel):
             except FedctlError as exc:
                 self._deliver(("failed", f"secure aggregation: {exc}", None))
                 return
+        if self.host.swarm_task is not None:
+            try:
+                model = self.host.swarm_seal(model)
+            except FedctlError as exc:
+                self._deliver(("failed", f"swarm: {exc}", None))
+                return
         if model.params is not None:
             handle = self.host.transport.snapshot(dict(model.params))
         sent = replace(
@@ -212,7 +220,7 @@ class SimChannel(Channel):
         return self._state
 
 
-class ScriptHost:
+class ScriptHost(HostSteps):
     """One site's script: a thread running it, with queues to hand it tasks and take results."""
 
     def __init__(self, worker: WorkerCore, site: str, site_index: int) -> None:
@@ -285,6 +293,11 @@ class ScriptHost:
             meta = model.meta or {}
             self.secagg_task = {k: meta[k] for k in secagg_keys.PRIVATE_META if k in meta}
             model = replace(model, meta=secagg_keys.strip_private(meta))
+        self.swarm_task = None
+        if swarm_site.is_train(model.meta):
+            model = self.swarm_open(model)
+            self.base = dict(model.params or {})
+            model = replace(model, params={k: v.clone() for k, v in self.base.items()})
         if model.params is None or not self.filters.at("task_in"):
             return model
         model = self.filters.apply("task_in", model, self._filter_context("task_in", model, task))
@@ -299,52 +312,6 @@ class ScriptHost:
             return model
         ctx = self._filter_context("result_out", model, task)
         return self.filters.apply("result_out", model, ctx)
-
-    def he_seal(self, model: FLModel) -> FLModel:
-        """The script's (filtered) result with the job's parameters encrypted."""
-        keys, self.he_keys = self.he_keys, None
-        assert keys is not None
-        return he_model.seal_result(model, keys, self.base, self.worker.he_context())
-
-    def secagg(self) -> Any:
-        """This site's side of secure aggregation (its state lives in the site's folder)."""
-        from fedctl.privacy.secagg.site import SimulatedIdentity, SiteSecAgg
-
-        config = self.worker.config
-        return SiteSecAgg(SimulatedIdentity(self.site, config.seed), self.site_dir, config.seed)
-
-    def secure_input(self, model: FLModel) -> FLModel:
-        """The script's (filtered) result → the masked input of secure aggregation."""
-        import torch
-
-        assert self.secagg_task is not None
-        config, rnd = self.worker.config, model.current_round
-        seed = derive_seed(config.seed, self.info.site_index, rnd, "secagg_noise")
-        generator = torch.Generator().manual_seed(seed)
-        task, self.secagg_task = self.secagg_task, None
-        out, notes = self.secagg().masked_result(model, task, self.base, generator)
-        if notes.get("clipped"):
-            print(
-                f"fedctl: secure aggregation clamped {notes['clipped']} coordinates of the "
-                "update to the clip (secure_aggregation.clip)",
-                file=sys.stderr,
-            )
-        return out
-
-    def answer_system_task(self, task: Task) -> TaskResult:
-        """A secure-aggregation task, answered by the site's runtime (no script runs)."""
-        started = time.monotonic()
-        result = TaskResult(self.site, task.task_id)
-        try:
-            self.worker.make_site_dir(self.site_dir)
-            meta = self.secagg().handle(task.model.meta)
-            result.model = FLModel(
-                params_type=None, current_round=task.model.current_round, meta=meta
-            )
-        except FedctlError as exc:
-            result.error = f"secure aggregation: {exc}"
-        result.duration = time.monotonic() - started
-        return result
 
     def enter_context(self) -> None:
         """Per-process settings for this script (it is the only one running in the worker)."""
@@ -564,8 +531,9 @@ class WorkerCore:
                 host = ScriptHost(self, item.site, item.site_index)
                 if self.config.resident:
                     self.hosts[item.site] = host
-            if item.task.name == secagg_keys.TASK:
-                out.append((host.answer_system_task(replace(item.task, model=model)), None))
+            if item.task.name in (secagg_keys.TASK, swarm_site.TASK):
+                result, sent = host.answer_system_task(replace(item.task, model=model))
+                out.append((result, self.transport.snapshot(sent) if sent else None))
                 continue
             model = host.filter_task(
                 model, base, base is not None and self._encrypted, item.task.name
