@@ -9,7 +9,7 @@ PIP     := $(BIN)/python -m pip
 # that need it instead of skipping them (FEDCTL_REQUIRE_HE: tests/test_he.py).
 PYTEST  := FEDCTL_REQUIRE_HE=1 $(BIN)/python -m pytest
 
-.PHONY: install demo test test-slow test-docs test-all fuzz lint bench bench-quick clean
+.PHONY: install install-flower demo test test-slow test-docs test-all test-flower fuzz lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -45,14 +45,30 @@ test-docs: $(STAMP)
 test-all: $(STAMP)
 	$(PYTEST) -q
 
+# Flower apps through fedctl (tests_flower/, docs/flower.md) in their own virtual environment:
+# flwr[simulation] brings its own pins (protobuf, ray, typer), which must not move the core's.
+FVENV   := .venv-flower
+FSTAMP  := $(FVENV)/.installed-stamp
+
+$(FSTAMP): pyproject.toml constraints.txt
+	test -x $(FVENV)/bin/python || $(PY) -m venv $(FVENV)
+	$(FVENV)/bin/python -m pip install -q torch==2.13.0
+	$(FVENV)/bin/python -m pip install -q -c constraints.txt -e '.[dev,flower]'
+	touch $(FSTAMP)
+
+install-flower: $(FSTAMP)
+
+test-flower: $(FSTAMP)
+	$(FVENV)/bin/python -m pytest -q tests_flower -p no:cacheprovider
+
 # tests/test_fuzz.py with a much larger budget (thousands of examples a target, the failures
 # Hypothesis finds kept in .hypothesis/ and replayed first next time); `make test` runs it small.
 fuzz: $(STAMP)
 	FEDCTL_FUZZ=long $(PYTEST) -q tests/test_fuzz.py --timeout=3600
 
 lint: $(STAMP)
-	$(BIN)/ruff check fedctl tests bench recipes
-	$(BIN)/ruff format --check fedctl tests bench recipes
+	$(BIN)/ruff check fedctl tests tests_flower bench recipes
+	$(BIN)/ruff format --check fedctl tests tests_flower bench recipes
 	$(BIN)/mypy
 
 bench: $(STAMP)
@@ -62,7 +78,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python bench/bench_sim.py --quick
 
 clean:
-	rm -rf $(VENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(FVENV) fedctl-runs .pytest_cache .ruff_cache *.egg-info
 
 .PHONY: bench-algorithms bench-aggregators bench-privacy bench-he bench-compression bench-scale bench-async bench-swarm soak
 

@@ -44,6 +44,7 @@ KINDS = {
     "fedbuff",
     "fedasync",
     "swarm",
+    "flower",
 }
 
 

@@ -19,6 +19,7 @@ from fedctl.recipe.fedavgm import FedAvgMRecipe
 from fedctl.recipe.fednova import FedNovaRecipe
 from fedctl.recipe.fedopt import FedAdagradRecipe, FedAdamRecipe, FedYogiRecipe
 from fedctl.recipe.fedprox import FedProxRecipe
+from fedctl.recipe.flower import FlowerRecipe
 from fedctl.recipe.jobfolder import REGISTRY, load_job
 from fedctl.recipe.loader import load_recipe
 from fedctl.recipe.personalization import FedBNRecipe, PartialSharingRecipe
@@ -56,6 +57,7 @@ __all__ = [
     "FedNovaRecipe",
     "FedProxRecipe",
     "FedYogiRecipe",
+    "FlowerRecipe",
     "PartialSharingRecipe",
     "PocEnv",
     "ProdEnv",

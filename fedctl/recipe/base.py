@@ -511,6 +511,10 @@ class Recipe:
 
     # ------------------------------------------------------------------ job folders
 
+    def generated_code(self) -> dict[str, str]:
+        """Files fedctl writes into the job's code besides the recipe folder's (name → text)."""
+        return {}
+
     def code_files(self) -> list[Path]:
         """Files of the recipe folder that go into a job (relative paths), size-checked."""
         files: list[Path] = []

@@ -70,6 +70,10 @@ def write_job(recipe: Recipe, job_dir: str | os.PathLike[str], *, overwrite: boo
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(recipe.base_dir / rel, dst)
             files[f"code/{rel.as_posix()}"] = sha256_file(dst)
+        for name, text in recipe.generated_code().items():  # e.g. a Flower app's client script
+            dst = tmp / "code" / name
+            dst.write_text(text)
+            files[f"code/{name}"] = sha256_file(dst)
         # a .pt model is read here, on the user's machine, and leaves only as safetensors
         _, files[MODEL_FILE] = save_file_hashed(recipe.initial_params(), tmp / MODEL_FILE)
         spec = {

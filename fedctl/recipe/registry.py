@@ -172,10 +172,14 @@ def server_code_refusal(recipe: Any) -> str | None:
 
     The server refuses with exactly this message; the simulator, which runs everything on the
     user's machine, warns with it."""
-    code = getattr(recipe, "server_eval", None)
-    if not code:
-        return None
+    describe = getattr(recipe, "server_code", None)
+    what = describe() if callable(describe) else None
+    if what is None:
+        code = getattr(recipe, "server_eval", None)
+        if not code:
+            return None
+        what = f"server_eval={code!r}"
     return (
-        f"this server does not run code from jobs (server_eval={code!r}); "
+        f"this server does not run code from jobs ({what}); "
         "an operator can allow it with `fedctl server start --allow-server-code`"
     )
