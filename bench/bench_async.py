@@ -1,12 +1,12 @@
 """Asynchronous aggregation benchmark (issue 16): simulated time to a target accuracy.
 
-The non-IID task of ``recipes/async`` (10 sites, Dirichlet α = 0.3) with site speeds spread
-tenfold (``SimEnv(speeds={"spread": 10})``: each site's factor is log-uniform in [1, 10], a
-task takes ``factor`` virtual seconds). FedAvg waits for its slowest site every round; FedBuff
-(K = 3) and FedAsync (α = 0.6, polynomial staleness a = 0.5) never wait. The same number of
-client updates (tasks) is given to each, and the server evaluates every new global model on a
-balanced test set. Printed: simulated time and updates until the accuracy first reaches the
-target, the best accuracy, and the run's wall time on this machine.
+The non-IID task of ``recipes/async`` (fedopt's client and data; 10 sites, Dirichlet α = 0.3)
+with site speeds spread tenfold (``SimEnv(speeds={"spread": 10})``: each site's factor is
+log-uniform in [1, 10], a task takes ``factor`` virtual seconds). FedAvg waits for its slowest
+site every round; FedBuff (K = 3) and FedAsync (α = 0.6, polynomial staleness a = 0.5) never
+wait. The same number of client updates (tasks) is given to each, and the server evaluates every
+new global model on a balanced test set. Printed: simulated time and updates until the accuracy
+first reaches the target, the best accuracy, and the run's wall time on this machine.
 
     python bench/bench_async.py                  # target 0.75, 300 updates each (~1 minute)
     python bench/bench_async.py --target 0.7 --updates 150
@@ -37,6 +37,7 @@ def run_one(kind: str, updates: int, seed: int, workspace: Path) -> dict[str, An
         "min_clients": 3,
         "model": base.model,
         "train_script": "client.py",
+        "train_args": base.train_args,
         "base_dir": base.base_dir,
         "server_eval": "evaluate.py:evaluate",
         "key_metric": "server_accuracy",

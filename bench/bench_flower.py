@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,26 +33,10 @@ raise SystemExit(0 if run.ok else f"fedctl failed: {run.reason}")
 def measure(cmd: list[str], cwd: Path) -> tuple[float, int]:
     """Wall time and peak PSS of the process tree of ``cmd``."""
     sys.path.insert(0, str(HERE))
-    from bench_sim import tree_pss
+    from bench_sim import measure_tree
 
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HOME": str(cwd / "home")}
-    peak = 0
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL)
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, tree_pss(proc.pid))
-            stop.wait(0.25)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    code = proc.wait()
-    wall = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
+    code, _, wall, peak = measure_tree(cmd, cwd=cwd, env=env)
     if code != 0:
         raise SystemExit(f"{cmd[1]} exited with {code}")
     return wall, peak

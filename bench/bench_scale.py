@@ -20,11 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,29 +59,14 @@ def child(clients: int, rounds: int) -> dict[str, Any]:
 def measure(clients: int, rounds: int) -> dict[str, Any]:
     """Run ``child`` in a fresh process; wall time and peak tree PSS from outside."""
     sys.path.insert(0, str(HERE))
-    from bench_sim import tree_pss
+    from bench_sim import measure_tree
 
     cmd = [sys.executable, __file__, "--child", str(clients), "--rounds", str(rounds)]
-    peak = 0
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, tree_pss(proc.pid))
-            stop.wait(0.25)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, _ = proc.communicate()
-    stop.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{clients} clients: exit code {proc.returncode}")
+    code, stdout, wall, peak = measure_tree(cmd)
+    if code != 0:
+        raise SystemExit(f"{clients} clients: exit code {code}")
     data: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
-    data.update(wall=time.perf_counter() - t0, peak_pss=peak)
+    data.update(wall=wall, peak_pss=peak)
     return data
 
 

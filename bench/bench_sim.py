@@ -217,22 +217,20 @@ def tree_pss(pid: int) -> int:
     return total
 
 
-def run_child(impl: str, case_name: str, case: dict[str, Any], interval: float) -> dict[str, Any]:
-    """Run one implementation in a fresh process; wall time and peak tree PSS from outside."""
-    out = Path(tempfile.mkdtemp(prefix="bench-")) / "final.safetensors"
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        impl,
-        "--case-json",
-        json.dumps(case),
-        "--out",
-        str(out),
-    ]
+def measure_tree(
+    cmd: list[str],
+    interval: float = 0.25,
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[int, str, float, int]:
+    """Run ``cmd`` in a fresh process: (exit code, its stdout, wall time, peak PSS of its whole
+    process tree, sampled every ``interval`` seconds from outside)."""
     peak = 0
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, cwd=cwd, env=env or {**os.environ}
+    )
     stop = threading.Event()
 
     def sample() -> None:
@@ -247,8 +245,25 @@ def run_child(impl: str, case_name: str, case: dict[str, Any], interval: float) 
     wall = time.perf_counter() - t0
     stop.set()
     sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{impl} {case_name} failed with exit code {proc.returncode}")
+    return proc.returncode, stdout, wall, peak
+
+
+def run_child(impl: str, case_name: str, case: dict[str, Any], interval: float) -> dict[str, Any]:
+    """Run one implementation in a fresh process; wall time and peak tree PSS from outside."""
+    out = Path(tempfile.mkdtemp(prefix="bench-")) / "final.safetensors"
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        "--case-json",
+        json.dumps(case),
+        "--out",
+        str(out),
+    ]
+    code, stdout, wall, peak = measure_tree(cmd, interval)
+    if code != 0:
+        raise SystemExit(f"{impl} {case_name} failed with exit code {code}")
     data = json.loads(stdout.strip().splitlines()[-1])
     data.update(wall=wall, peak_pss=peak, model=str(out))
     return data

@@ -45,14 +45,16 @@ def isolated_imports(folder: str | os.PathLike[str]) -> Iterator[None]:
     """Make ``folder``'s modules importable, shadowing same-named ones, for the duration."""
     folder = Path(folder).resolve()
     names = _top_level_names(folder)
+    # sys.modules.copy(): one step in C, so a script importing in another thread meanwhile (the
+    # in-process simulator runs scripts while an asynchronous workflow evaluates) cannot break it
     hidden = {
         n: m
-        for n, m in list(sys.modules.items())
+        for n, m in sys.modules.copy().items()
         if n.split(".")[0] in names and not _module_in(m, folder)
     }
     for n in hidden:
-        del sys.modules[n]
-    before = set(sys.modules)
+        sys.modules.pop(n, None)
+    before = set(sys.modules.copy())
     sys.path.insert(0, str(folder))
     try:
         yield
@@ -61,9 +63,9 @@ def isolated_imports(folder: str | os.PathLike[str]) -> Iterator[None]:
             sys.path.remove(str(folder))
         except ValueError:
             pass
-        for n, m in list(sys.modules.items()):
+        for n, m in sys.modules.copy().items():
             if n not in before and _module_in(m, folder):
-                del sys.modules[n]
+                sys.modules.pop(n, None)
         for n, m in hidden.items():
             sys.modules.setdefault(n, m)
 

@@ -164,16 +164,17 @@ def test_stale_updates_beyond_max_staleness_are_dropped_and_logged(job, tmp_path
 
 
 def test_fedbuff_with_every_site_and_equal_speeds_is_fedavg_bit_for_bit(tmp_path) -> None:
-    folder = REPO / "recipes" / "async"
+    example = load_recipe(REPO / "recipes" / "async" / "fedbuff.py").recipe
     spec = {
         "name": "x",
         "min_clients": 4,
         "num_rounds": 3,
         "train_script": "client.py",
+        "train_args": example.train_args,
         "key_metric": None,
-        "base_dir": folder,
+        "base_dir": example.base_dir,
     }
-    model = load_recipe(folder / "fedbuff.py").recipe.model  # the folder's own Net
+    model = example.model
     buff = FedBuffRecipe(model=model, buffer_size=4, **spec)
     avg = FedAvgRecipe(model=model, **spec)
     for backend in ("local", "ray"):
