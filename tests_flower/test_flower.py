@@ -17,7 +17,6 @@ import torch
 from conftest import HERE, free_port
 
 from fedctl.codec.tensorfiles import load_file
-from fedctl.errors import RecipeError
 from fedctl.recipe import FlowerRecipe, SimEnv
 
 APP = HERE / "app"
@@ -65,30 +64,6 @@ def test_fedctl_simulation_equals_flowers_own(tmp_path, strategy) -> None:
         sites = (run.result_dir / "metrics" / "sites.jsonl").read_text().splitlines()
         phases = {json.loads(s).get("phase") for s in sites}
         assert phases == {None, "evaluate"}  # Flower's evaluate messages reached the sites too
-
-
-def test_the_job_carries_no_pickle_and_the_app_unchanged(tmp_path) -> None:
-    recipe = FlowerRecipe(APP, min_clients=2)
-    job = recipe.export(tmp_path / "job")
-    code = job / "code"
-    for rel in ("pyproject.toml", "flowerapp/client_app.py", "flowerapp/server_app.py"):
-        assert (code / rel).read_bytes() == (APP / rel).read_bytes()
-    assert "from fedctl.client.flower import main" in (code / "fedctl_flower_client.py").read_text()
-    assert not list(job.rglob("*.pkl")) and not list(job.rglob("*.pt"))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"app_dir": HERE}, "is not a Flower app: it has no pyproject.toml"),
-        ({"app_dir": APP, "run_config": {"no-such-key": 1}}, "run_config sets 'no-such-key'"),
-        ({"app_dir": APP, "sample_clients": 2}, "flower does not take sample_clients"),
-        ({"app_dir": APP, "secure_aggregation": True}, "flower does not take secure_aggregation"),
-    ],
-)
-def test_what_is_not_a_flower_job_is_refused(kwargs, match) -> None:
-    with pytest.raises(RecipeError, match=match):
-        FlowerRecipe(**kwargs)
 
 
 def test_poc_runs_the_app_and_keeps_what_its_server_app_writes(tmp_path) -> None:

@@ -90,8 +90,16 @@ class PrivacyPolicy:
         _check_requirements(require, f"{where}: require")
         return cls(chain, require)
 
-    def check_job(self, args: Mapping[str, Any], num_sites: int) -> str | None:
-        """Why this site refuses a job with recipe arguments ``args`` (None: it takes part)."""
+    def check_job(
+        self, args: Mapping[str, Any], num_sites: int, kind: str | None = None
+    ) -> str | None:
+        """Why this site refuses a job of recipe ``kind`` with arguments ``args`` (None: it
+        takes part)."""
+        if kind == "flower" and self.filters:
+            return (
+                "its privacy policy adds filters, which cannot run on a Flower app's messages "
+                "(the app's own mods must do that)"
+            )
         need = self.require
         dp = args.get("central_dp")
         if need.get("central_dp") and dp is None:

@@ -126,7 +126,9 @@ class SiteJob(ModelFileSteps):
                 bundle.unlink(missing_ok=True)
         self.recipe = read_job_spec(job_dir, need_model=False)
         self.check_policy()
-        why = self.agent.privacy.check_job(self.recipe.spec["args"], self.deploy_msg.num_sites)
+        why = self.agent.privacy.check_job(
+            self.recipe.spec["args"], self.deploy_msg.num_sites, self.recipe.spec.get("kind")
+        )
         if why is not None:
             raise FedctlError(f"{self.agent.kit.name} refuses the job: {why}")
         # the job's filters, then the site's own: they run last, a job cannot undo them; the

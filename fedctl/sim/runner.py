@@ -214,7 +214,7 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     refused = {
         site: why
         for site, policy in policies.items()
-        if (why := policy.check_job(job.to_spec(), len(all_sites))) is not None
+        if (why := policy.check_job(job.to_spec(), len(all_sites), job.kind)) is not None
     }
     sites = [s for s in all_sites if s not in refused]
     workers = env.resolved_workers()
