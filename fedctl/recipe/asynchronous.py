@@ -49,12 +49,11 @@ class _AsyncRecipe(Recipe):
         max_staleness: int | None = None,
         **kwargs: Any,
     ) -> None:
-        used = [k for k in _SYNCHRONOUS_ONLY if kwargs.get(k) not in (None, False)]
-        if used:
-            raise RecipeError(
-                f"{self.kind} does not take {used[0]}: there is no synchronous round "
-                "(every update is aggregated as it comes)"
-            )
+        self.refuse(
+            kwargs,
+            _SYNCHRONOUS_ONLY,
+            "there is no synchronous round (every update is aggregated as it comes)",
+        )
         super().__init__(name, min_clients, num_rounds, model, train_script, train_args, **kwargs)
         from fedctl.workflows.asynchronous import staleness_weight
 

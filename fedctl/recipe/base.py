@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -510,6 +510,14 @@ class Recipe:
     execute = run
 
     # ------------------------------------------------------------------ job folders
+
+    @classmethod
+    def refuse(cls, kwargs: Mapping[str, Any], names: Sequence[str], why: str) -> None:
+        """One line for the first of ``names`` set in ``kwargs``: arguments a kind whose
+        server does not aggregate as FedAvg's does cannot honour (``why``)."""
+        used = [k for k in names if kwargs.get(k) not in (None, False)]
+        if used:
+            raise RecipeError(f"{cls.kind} does not take {used[0]}: {why}")
 
     def generated_code(self) -> dict[str, str]:
         """Files fedctl writes into the job's code besides the recipe folder's (name → text)."""

@@ -53,12 +53,11 @@ class CyclicRecipe(Recipe):
         order: str = "fixed",
         **kwargs: Any,
     ) -> None:
-        used = [k for k in _AGGREGATION_ONLY if kwargs.get(k) not in (None, False)]
-        if used:
-            raise RecipeError(
-                f"cyclic does not take {used[0]}: the model goes from site to site and the "
-                "server never aggregates"
-            )
+        self.refuse(
+            kwargs,
+            _AGGREGATION_ONLY,
+            "the model goes from site to site and the server never aggregates",
+        )
         super().__init__(name, min_clients, num_rounds, model, train_script, train_args, **kwargs)
         if order not in ("fixed", "random"):
             raise RecipeError(f"order must be 'fixed' or 'random', got {order!r}")

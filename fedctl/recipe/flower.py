@@ -85,12 +85,9 @@ class FlowerRecipe(Recipe):
         base_dir: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        used = [k for k in _NOT_FOR_FLOWER if kwargs.get(k) not in (None, False)]
-        if used:
-            raise RecipeError(
-                f"flower does not take {used[0]}: the Flower app's own strategy decides what "
-                "its server does"
-            )
+        self.refuse(
+            kwargs, _NOT_FOR_FLOWER, "the Flower app's own strategy decides what its server does"
+        )
         for k in ("num_rounds", "model", "train_script", "train_args"):
             kwargs.pop(k, None)  # decided by the app (a job folder's spec carries them back)
         folder = Path(base_dir if base_dir is not None else app_dir or "").resolve()

@@ -51,12 +51,11 @@ class SwarmRecipe(Recipe):
         train_args: str = "",
         **kwargs: Any,
     ) -> None:
-        used = [k for k in _SERVER_SIDE if kwargs.get(k) not in (None, False)]
-        if used:
-            raise RecipeError(
-                f"swarm does not take {used[0]}: the server never sees a model (the sites "
-                "aggregate among themselves)"
-            )
+        self.refuse(
+            kwargs,
+            _SERVER_SIDE,
+            "the server never sees a model (the sites aggregate among themselves)",
+        )
         super().__init__(name, min_clients, num_rounds, model, train_script, train_args, **kwargs)
         if self.privacy:
             from fedctl.privacy.filters import FilterChain
