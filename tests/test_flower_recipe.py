@@ -53,3 +53,18 @@ def test_a_site_whose_policy_adds_filters_refuses_a_flower_job(tmp_path) -> None
     assert "site-2 refused: its privacy policy adds filters, which cannot run on a Flower app" in (
         run.reason
     )
+
+
+def test_without_flower_installed_the_job_fails_with_one_line(tmp_path) -> None:
+    try:  # the default suite's environment has no flwr (the Flower suite has its own)
+        import flwr  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("flwr is installed here (the Flower suite's environment)")
+    env = SimEnv(num_clients=2, workspace=tmp_path, display="none", backend="local")
+    run = FlowerRecipe(APP, min_clients=2).run(env)
+    assert run.status == "FAILED"
+    assert run.reason == (
+        "Flower jobs need the flower extra where the ServerApp runs: pip install 'fedctl[flower]'"
+    )

@@ -89,7 +89,13 @@ class FlowerWorkflow(Workflow):
         self, ctx: WorkflowContext, initial: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Run the ServerApp's main; returns no fedctl model (the app keeps its own)."""
-        from flwr.app import Context, RecordDict
+        try:
+            from flwr.app import Context, RecordDict
+        except ImportError:
+            raise RunFailed(
+                "Flower jobs need the flower extra where the ServerApp runs: "
+                "pip install 'fedctl[flower]'"
+            ) from None
 
         server_app = load_component(self.app_dir, "serverapp")
         sites = sorted(ctx.comm.wait_for_sites(self.min_clients, self.timeout), key=natural)
