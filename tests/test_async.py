@@ -293,3 +293,19 @@ def test_poc_runs_fedasync_and_fedbuff_which_survives_a_site_killed_mid_run(job,
         assert gone < server_log.index(f"job {run.job_id} FINISHED")  # it died mid-run
     finally:
         poc.stop(ws)
+
+
+def test_concurrency_one_takes_the_sites_in_turn_with_no_staleness(job, tmp_path) -> None:
+    """concurrency=1: one site trains at a time, the others wait in a first-in first-out queue,
+    so every update is fresh: x ← (1 − α)·x + α·(x + 0.1·n) = x + 0.1·α·n."""
+    recipe = _recipe(FedAsyncRecipe, job, num_rounds=6, concurrency=1, alpha=0.5)
+    run = recipe.run(local_sim(tmp_path, "sim", 3, speeds={"factors": FACTORS}))
+    assert run.ok, run.reason
+    sites = [
+        json.loads(x)["site"]
+        for x in (run.result_dir / "metrics/sites.jsonl").read_text().splitlines()
+    ]
+    assert sites[:3] == sites[3:] and sorted(sites[:3]) == ["site-1", "site-2", "site-3"]
+    expected = {k: v + 0.1 * 0.5 * 12 for k, v in _model().items()}  # each site twice: 2·(1+2+3)
+    assert _close(run.load_final(), expected)
+    assert run.metrics[-1]["sim_time"] == 2 * sum(FACTORS.values())  # one at a time
