@@ -5,19 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from fedctl.errors import RecipeError
-from fedctl.recipe.base import Recipe
+from fedctl.recipe.base import AGGREGATION_ARGS, Recipe
 from fedctl.workflows.base import Workflow
 
 #: recipe arguments that need a synchronous round, which an asynchronous job never has
 _SYNCHRONOUS_ONLY = (
-    "aggregator",
-    "sample_clients",
+    *(a for a in AGGREGATION_ARGS if a != "server_eval"),  # it evaluates each new model
     "wait_after_min",
-    "federated_eval",
-    "cross_site_eval",
-    "central_dp",
-    "secure_aggregation",
-    "homomorphic_encryption",
 )
 _STALENESS_DOCS = {
     "concurrency": "sites training at once (None: every site); one that answers gets new work",

@@ -71,6 +71,20 @@ def _caller_dir() -> Path:
     return Path.cwd()
 
 
+#: recipe arguments that mean FedAvg-style aggregation on the server: kinds whose server does not
+#: aggregate so (cyclic, swarm, Flower apps; asynchronous ones in part) refuse them (``refuse``)
+AGGREGATION_ARGS = (
+    "aggregator",
+    "sample_clients",
+    "federated_eval",
+    "server_eval",
+    "cross_site_eval",
+    "central_dp",
+    "secure_aggregation",
+    "homomorphic_encryption",
+)
+
+
 class Recipe:
     """Base class of all recipes. Subclasses set ``kind``, take their own keyword arguments
     (stored under the same names) and build their workflow in :meth:`build_workflow`."""

@@ -5,20 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedctl.errors import RecipeError
-from fedctl.recipe.base import Recipe
+from fedctl.recipe.base import AGGREGATION_ARGS, Recipe
 from fedctl.workflows.base import Workflow
-
-#: recipe arguments that mean aggregation on the server, which a cyclic job never does
-_AGGREGATION_ONLY = (
-    "aggregator",
-    "sample_clients",
-    "federated_eval",
-    "server_eval",
-    "cross_site_eval",
-    "central_dp",
-    "secure_aggregation",
-    "homomorphic_encryption",
-)
 
 
 class CyclicRecipe(Recipe):
@@ -55,7 +43,7 @@ class CyclicRecipe(Recipe):
     ) -> None:
         self.refuse(
             kwargs,
-            _AGGREGATION_ONLY,
+            AGGREGATION_ARGS,
             "the model goes from site to site and the server never aggregates",
         )
         super().__init__(name, min_clients, num_rounds, model, train_script, train_args, **kwargs)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedctl.errors import RecipeError
-from fedctl.recipe.base import Recipe
+from fedctl.recipe.base import AGGREGATION_ARGS, Recipe
 from fedctl.workflows.base import Workflow
 
 #: the client script fedctl writes into a Flower job: the app's ClientApp behind fedctl's API
@@ -19,19 +19,7 @@ RUNNER_CODE = (
     "from fedctl.client.flower import main\n\nmain()\n"
 )
 #: recipe arguments a Flower app decides itself (its strategy) or that need fedctl's models
-_NOT_FOR_FLOWER = (
-    "aggregator",
-    "sample_clients",
-    "wait_after_min",
-    "federated_eval",
-    "server_eval",
-    "cross_site_eval",
-    "central_dp",
-    "secure_aggregation",
-    "homomorphic_encryption",
-    "compression",
-    "privacy",
-)
+_NOT_FOR_FLOWER = (*AGGREGATION_ARGS, "wait_after_min", "compression", "privacy")
 
 
 def app_config(app_dir: Path) -> dict[str, Any]:

@@ -6,22 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from fedctl.errors import RecipeError
-from fedctl.recipe.base import Recipe
+from fedctl.recipe.base import AGGREGATION_ARGS, Recipe
 from fedctl.workflows.base import Workflow
 
 #: recipe arguments that need the server to see models, which a swarm server never does
-_SERVER_SIDE = (
-    "aggregator",
-    "sample_clients",
-    "wait_after_min",
-    "federated_eval",
-    "server_eval",
-    "cross_site_eval",
-    "central_dp",
-    "secure_aggregation",
-    "homomorphic_encryption",
-    "compression",
-)
+_SERVER_SIDE = (*AGGREGATION_ARGS, "wait_after_min", "compression")
 
 
 class SwarmRecipe(Recipe):

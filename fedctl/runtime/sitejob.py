@@ -297,27 +297,10 @@ class SiteJob(ModelFileSteps):
 
     def _answer_secagg(self, task: SiteTask) -> None:
         """A secure-aggregation system task: answered here, the script is not involved."""
-        from fedctl.codec.model import FLModel, split_model
-
         meta = task.header.get("meta")
         msg = meta.get(secagg_keys.META) if isinstance(meta, dict) else None
         kind = msg.get("kind") if isinstance(msg, dict) else None
-        reply = self._secagg().handle(meta)
-        self.agent.audit.record(
-            "secure_aggregation",
-            None,
-            job=self.job_id,
-            task=task.task_id,
-            round=task.header.get("current_round"),
-            step=str(kind)[:40],
-        )
-        header = split_model(
-            FLModel(params_type=None, current_round=task.header.get("current_round"), meta=reply)
-        )[0]
-        if task.task_id not in self.cancelled:
-            self.agent.send(
-                SiteResult(job=self.job_id, task_id=task.task_id, header=header, blob=None)
-            )
+        self._answer_system(task, "secure_aggregation", kind, self._secagg().handle(meta))
 
     def _run_task(self, task: SiteTask) -> None:
         if task.name == secagg_keys.TASK:

@@ -181,15 +181,12 @@ class ModelFileSteps:
     def _answer_swarm(self, task: SiteTask) -> None:
         """A swarm system task (keys, aggregate, reseal, final): answered here, no script."""
         from fedctl._fs import safe_name
-        from fedctl.codec.model import FLModel
-        from fedctl.codec.protocol import SiteResult
         from fedctl.workflows import swarm_site
 
         meta = task.header.get("meta")
         spec = meta.get(swarm_site.META) if isinstance(meta, dict) else None
         if not isinstance(spec, dict):
             raise swarm_site.E2EError("the task carries no swarm step")
-        params = None
         if task.blob is not None:
             path = self.root / "blobs" / f"task.{safe_name(task.task_id)}.safetensors"
             self.agent.fetch(self.job_id, task.blob, path, MAX_BLOB_BYTES)
@@ -200,22 +197,29 @@ class ModelFileSteps:
                 path.unlink(missing_ok=True)
         else:
             reply, out = self._swarm().handle(spec, None)
+        self._answer_system(task, "swarm", spec.get("kind"), {swarm_site.META: reply}, out)
+
+    def _answer_system(
+        self,
+        task: SiteTask,
+        what: str,
+        step: Any,
+        meta: dict[str, Any],
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        """Send the answer to a system task (secure aggregation's, swarm's), recorded in the
+        site's audit trail as ``what`` with its ``step``; ``params`` travel as a result file."""
+        from fedctl._fs import safe_name
+        from fedctl.codec.model import FLModel
+        from fedctl.codec.protocol import SiteResult
+
+        rnd = task.header.get("current_round")
         self.agent.audit.record(
-            "swarm",
-            None,
-            job=self.job_id,
-            task=task.task_id,
-            round=task.header.get("current_round"),
-            step=str(spec.get("kind"))[:40],
+            what, None, job=self.job_id, task=task.task_id, round=rnd, step=str(step)[:40]
         )
-        model = FLModel(
-            params_type=None,
-            params=out,
-            current_round=task.header.get("current_round"),
-            meta={swarm_site.META: reply},
-        )
+        model = FLModel(params_type=None, params=params or None, current_round=rnd, meta=meta)
         blob = None
-        if out:
+        if params:
             result = self.root / "blobs" / f"result.{safe_name(task.task_id)}.safetensors"
             result.parent.mkdir(parents=True, exist_ok=True)
             header, sha = self._rewrite(result, model, ".new")

@@ -100,19 +100,21 @@ class SwarmSite:
     def _key(self) -> e2e.E2EKey:
         return e2e.E2EKey.load_or_create(self.state_dir / _KEY_FILE)
 
-    def _peers(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+    def _peers(self, spec: Mapping[str, Any], only: Any = None) -> dict[str, Any]:
+        """The roster's keys, each checked against its site's identity (``only``: that one's)."""
         roster = spec.get("roster")
         if not isinstance(roster, Mapping):
             raise E2EError("the task has no roster of the sites' keys")
+        if only is not None:
+            if not isinstance(only, str) or only not in roster:
+                raise E2EError(f"{only!r} is not in the roster of this job's sites")
+            roster = {only: roster[only]}
         certs = {s: ad.get("cert") for s, ad in roster.items() if isinstance(ad, Mapping)}
         verify = self.identity.verifier({s: c for s, c in certs.items() if isinstance(c, str)})
         return e2e.peer_keys(self.job_id, roster, verify)
 
     def _peer(self, spec: Mapping[str, Any], site: Any) -> Any:
-        peers = self._peers(spec)
-        if not isinstance(site, str) or site not in peers:
-            raise E2EError(f"{site!r} is not in the roster of this job's sites")
-        return peers[site]
+        return self._peers(spec, only=site)[site]
 
     def _ad(self, spec: Mapping[str, Any], purpose: str, sender: str, receiver: str) -> bytes:
         rnd = spec.get("round")
