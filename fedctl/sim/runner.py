@@ -98,7 +98,11 @@ def ensure_ray(env: SimEnv, workers: int) -> bool:
     try:
         if env.ray_address:
             host = env.ray_address.rsplit(":", 1)[0]
-            quiet = _loopback_node_ip() if host in ("127.0.0.1", "localhost") else _nothing()
+            quiet = (
+                _loopback_node_ip()
+                if host in ("127.0.0.1", "localhost")
+                else contextlib.nullcontext()
+            )
             with quiet:  # a cluster on this machine: no probing for the machine's address
                 ray.init(address=env.ray_address, **common)
         else:
@@ -140,11 +144,6 @@ def sim_he_context(run_dir: Path) -> tuple[str, bytes]:
     atomic_write(folder / "he_context.secret", secret, mode=0o600)
     atomic_write(folder / "he_context.public", public)
     return str(folder / "he_context.secret"), public
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def cluster_workers(env: SimEnv, num_sites: int) -> int | None:
