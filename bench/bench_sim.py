@@ -142,7 +142,8 @@ def child_reference(case: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def child_fedctl(case: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The same job through fedctl's simulator (Ray backend, default workers)."""
+    """The same job through fedctl's simulator (default backend and workers unless the case
+    says otherwise)."""
     import shutil
 
     import torch
@@ -170,7 +171,7 @@ def child_fedctl(case: dict[str, Any], out: Path) -> dict[str, Any]:
                 display="none",
                 seed=SEED,
                 workers=case.get("workers"),
-                backend=case.get("backend", "ray"),
+                backend=case.get("backend", "auto"),
             )
         )
         if not run.ok:
@@ -185,6 +186,7 @@ def child_fedctl(case: dict[str, Any], out: Path) -> dict[str, Any]:
             busy[s["round"]] = busy.get(s["round"], 0.0) + s["duration"]
         return {
             "timings": run.extra["timings"],
+            "backend": run.extra.get("backend", "?"),
             "workers": run.extra["workers"],
             "resident": run.extra["resident"],
             "round_times": [r["duration"] for r in run.metrics],
@@ -197,6 +199,16 @@ def child_fedctl(case: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- measurement
+
+
+def startup_text(fed: dict[str, Any]) -> str:
+    """The pool's start-up (Ray's included) and shutdown, with the backend that ran."""
+    t = fed["timings"]
+    ray = f" (Ray {t['ray_start_s']:.2f} s)" if "ray_start_s" in t else ""
+    return (
+        f"{t['startup_s']:.2f} s{ray} / {t['shutdown_s']:.2f} s "
+        f"[{fed['backend']}, {fed['workers']} workers]"
+    )
 
 
 def tree_pss(pid: int) -> int:
@@ -321,7 +333,11 @@ def main() -> int:
     p.add_argument("--cases", default="a,b,c,d")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json-out", type=Path)
-    p.add_argument("--variants", action="store_true", help="(c) also with 1 worker and local")
+    p.add_argument(
+        "--variants",
+        action="store_true",
+        help="(c) also with 1 worker, Ray and local; (o) also with Ray",
+    )
     p.add_argument("--child", choices=["reference", "fedctl"], help=argparse.SUPPRESS)
     p.add_argument("--case-json", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -359,11 +375,7 @@ def main() -> int:
         ]
         line("reference wall time", f"{ref['wall']:.2f} s ({ref['threads']} torch threads)")
         line("fedctl wall time (start-up included)", f"{fed['wall']:.2f} s")
-        line(
-            "fedctl Ray start-up / pool start-up",
-            f"{fed['timings']['ray_start_s']:.2f} s / {fed['timings']['startup_s']:.2f} s",
-        )
-        line("fedctl shutdown", f"{fed['timings']['shutdown_s']:.2f} s")
+        line("fedctl start-up / shutdown", startup_text(fed))
         line("fedctl mean round time", f"{sum(fed['round_times']) / rounds * 1000:.0f} ms")
         line(
             "orchestration overhead per round",
@@ -440,14 +452,19 @@ def main() -> int:
             t_ratio = fed["wall"] / ref["wall"]
             line("reference wall / peak PSS", f"{ref['wall']:.2f} s / {gib(ref['peak_pss'])}")
             line("fedctl wall / peak PSS", f"{fed['wall']:.2f} s / {gib(fed['peak_pss'])}")
-            line(
-                "fedctl Ray start-up / pool start-up",
-                f"{fed['timings']['ray_start_s']:.2f} s / {fed['timings']['startup_s']:.2f} s",
-            )
+            line("fedctl start-up / shutdown", startup_text(fed))
             verdict(f"{name}.wall", t_ratio <= 2.0, f"wall-time ratio = {t_ratio:.2f} (target ≤ 2)")
             peak_gb = fed["peak_pss"] / 1e9
             verdict(f"{name}.mem", peak_gb <= 0.8, f"peak = {peak_gb:.2f} GB (target ≤ 0.8 GB)")
             report[name] = {"reference": ref, "fedctl": fed, "time_ratio": t_ratio}
+            if args.variants:
+                var = run_child("fedctl", name, {**case, "backend": "ray"}, 0.25)
+                line(
+                    "variant backend=ray: wall / peak PSS",
+                    f"{var['wall']:.2f} s ({var['wall'] / ref['wall']:.2f}×) / "
+                    f"{var['peak_pss'] / 1e9:.2f} GB; start-up {startup_text(var)}",
+                )
+                report[name]["backend=ray"] = var
 
     if "c" in wanted:
         print("\n(c) 4 clients × 3 rounds, ~100M-parameter model")
@@ -457,10 +474,7 @@ def main() -> int:
         m_ratio = fed["peak_pss"] / ref["peak_pss"]
         line("reference wall / peak PSS", f"{ref['wall']:.2f} s / {gib(ref['peak_pss'])}")
         line("fedctl wall / peak PSS", f"{fed['wall']:.2f} s / {gib(fed['peak_pss'])}")
-        line(
-            "fedctl start-up / shutdown",
-            f"{fed['timings']['startup_s']:.2f} s / {fed['timings']['shutdown_s']:.2f} s",
-        )
+        line("fedctl start-up / shutdown", startup_text(fed))
         d, s = max_diff(ref["model"], fed["model"])
         line("final model max |fedctl − reference|", f"{d:.2e} (max |w| = {s:.3f})")
         verdict("c.wall", t_ratio <= 1.3, f"wall-time ratio = {t_ratio:.2f} (target ≤ 1.3)")
@@ -477,6 +491,7 @@ def main() -> int:
         if args.variants:
             for label, extra in (
                 ("workers=1", {"workers": 1}),
+                ("backend=ray", {"backend": "ray"}),
                 ("backend=local", {"backend": "local"}),
             ):
                 var = run_child("fedctl", "c", {**cases["c"], **extra}, 0.5)

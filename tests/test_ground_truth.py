@@ -71,16 +71,19 @@ def test_local_backend_after_one_round(resident, tmp_path) -> None:
         "resident-shared-workers",
     ],
 )
-def test_ray_backend_equals_the_reference(ray_cluster, variant, rounds, env, tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["ray", "process"])
+def test_pool_backends_equal_the_reference(
+    ray_cluster, backend, variant, rounds, env, tmp_path
+) -> None:
     args = VARIANTS[variant]
-    got = _simulate(tmp_path, args, rounds, **env)
+    got = _simulate(tmp_path, args, rounds, backend=backend, **env)
     assert_bit_identical(got, fedavg(env["num_clients"], rounds, diff="--diff" in args))
 
 
 @pytest.mark.parametrize(
     "env",
-    [{"backend": "local"}, {"workers": 2}],
-    ids=["local", "ray"],
+    [{"backend": "local"}, {"workers": 2}, {"workers": 2, "backend": "process"}],
+    ids=["local", "ray", "process"],
 )
 def test_same_seed_same_model_across_runs(ray_cluster, env, tmp_path) -> None:
     args = f"{CACHE} --mutate --global-rng"

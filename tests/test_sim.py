@@ -110,6 +110,8 @@ def test_same_seed_same_model_across_backends_and_modes(ray_cluster, toy_recipe,
     assert _same(resident, final(num_clients=4, workers=4, seed=7))
     assert _same(resident, final(num_clients=4, workers=2, seed=7))  # per-round mode
     assert _same(resident, final(num_clients=4, backend="local", seed=7))
+    assert _same(resident, final(num_clients=4, workers=2, backend="process", seed=7))
+    assert _same(resident, final(num_clients=4, workers=4, backend="process", seed=7))
     assert not _same(resident, final(num_clients=4, workers=2, seed=8))
 
 
@@ -135,8 +137,9 @@ def test_site_state_survives_rounds_in_per_round_mode(ray_cluster, toy_recipe, t
     assert (run.result_dir / "sites/site-4/state.safetensors").is_file()
 
 
+@pytest.mark.parametrize("backend", ["ray", "process"])
 def test_worker_death_is_a_site_failure_and_the_worker_comes_back(
-    ray_cluster, toy_dir, tmp_path
+    ray_cluster, backend, toy_dir, tmp_path
 ) -> None:
     client = toy_dir / "client.py"
     client.write_text(
@@ -149,17 +152,20 @@ def test_worker_death_is_a_site_failure_and_the_worker_comes_back(
         )
     )
     recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=2)
-    run = recipe.run(SimEnv(num_clients=3, workers=3, workspace=tmp_path, display="none"))
+    env = SimEnv(num_clients=3, workers=3, backend=backend, workspace=tmp_path, display="none")
+    run = recipe.run(env)
     assert run.ok, run.reason
     assert run.metrics[0]["failed"] == ["site-2"] and run.metrics[1]["accepted"] == 3
     assert "worker process died" in (run.result_dir / "run.log").read_text()
 
 
-def test_hung_site_is_dropped_at_the_deadline(ray_cluster, toy_recipe, tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["ray", "process"])
+def test_hung_site_is_dropped_at_the_deadline(ray_cluster, backend, toy_recipe, tmp_path) -> None:
     recipe = toy_recipe.with_overrides(
         num_rounds=1, round_timeout=12.0, train_args="--hang-sites site-3"
     )
-    run = recipe.run(SimEnv(num_clients=3, workers=3, workspace=tmp_path, display="none"))
+    env = SimEnv(num_clients=3, workers=3, backend=backend, workspace=tmp_path, display="none")
+    run = recipe.run(env)
     assert run.ok, run.reason
     assert run.metrics[0]["missing"] == ["site-3"] and run.metrics[0]["accepted"] == 2
 

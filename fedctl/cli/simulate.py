@@ -32,8 +32,9 @@ def register(app: typer.Typer) -> None:
         backend: str | None = typer.Option(
             None,
             "--backend",
-            callback=one_of("ray", "local"),
-            help="'ray' (default) or 'local' (one in-process worker, to debug).",
+            callback=one_of("auto", "process", "ray", "local"),
+            help="'auto' (default: Ray for a cluster or GPUs, else processes), 'process', "
+            "'ray' or 'local' (one in-process worker, to debug).",
         ),
         as_json: bool = JSON_OPTION,
     ) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,10 @@ if TYPE_CHECKING:
     from fedctl.workflows.clock import SpeedModel
 
 
+#: the simulator's worker pools (``SimEnv.backend``)
+BACKENDS = ("auto", "process", "ray", "local")
+
+
 @dataclass
 class SimEnv:
     """Simulation environment.
@@ -22,8 +27,11 @@ class SimEnv:
     ``num_clients`` virtual sites (``site-1`` … ``site-N``) run on a pool of ``workers`` processes
     (default min(num_clients, CPUs)). ``resident`` keeps each site's script alive across rounds;
     by default it is on when there are no more sites than workers (see docs/simulation.md).
-    ``ray_address`` joins an existing Ray cluster instead of starting one on 127.0.0.1.
-    ``backend="local"`` runs everything in this process (one worker), for debugging.
+    ``backend`` chooses the pool: ``"process"`` (worker processes forked on this machine, no
+    Ray), ``"ray"`` (Ray actors: a Ray started on 127.0.0.1, or the cluster at ``ray_address``),
+    ``"local"`` (everything in this process, one worker, for debugging) or ``"auto"`` (the
+    default: Ray when ``ray_address`` or ``gpus`` is given or this process is already connected
+    to Ray, else processes).
     ``gpus`` is the number of GPUs shared by the pool's workers. ``site_privacy`` gives sites
     their own privacy policy, as ``local/privacy.yaml`` does on a real site: a mapping of site
     name to the policy (a mapping, or the path of a YAML file); see docs/privacy.md.
@@ -39,7 +47,7 @@ class SimEnv:
     seed: int = 0
     workspace: str | os.PathLike[str] = "fedctl-runs"
     resident: bool | None = None
-    backend: str = "ray"
+    backend: str = "auto"
     display: str = "auto"
     checkpoint: bool = False
     sites: list[str] | None = None
@@ -61,8 +69,12 @@ class SimEnv:
             raise UsageError(f"workers must be a positive integer, got {self.workers!r}")
         if self.gpus is not None and self.gpus < 0:
             raise UsageError(f"gpus must be ≥ 0, got {self.gpus}")
-        if self.backend not in ("ray", "local"):
-            raise UsageError(f"backend must be 'ray' or 'local', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.ray_address and self.backend in ("process", "local"):
+            raise UsageError(f"ray_address needs backend='ray' (or 'auto'), not {self.backend!r}")
+        if self.gpus and self.backend in ("process", "local"):
+            raise UsageError(f"gpus needs backend='ray' (or 'auto'), not {self.backend!r}")
         if self.display not in ("auto", "rich", "plain", "none"):
             raise UsageError("display must be auto, rich, plain or none")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -97,6 +109,14 @@ class SimEnv:
         return (
             list(self.sites) if self.sites else [f"site-{i + 1}" for i in range(self.num_clients)]
         )
+
+    def resolved_backend(self) -> str:
+        """The pool this run uses: ``"auto"`` resolved (see the class doc)."""
+        if self.backend != "auto":
+            return self.backend
+        ray = sys.modules.get("ray")  # not imported: not connected (and not worth importing)
+        joined = ray is not None and getattr(ray, "is_initialized", lambda: False)()
+        return "ray" if self.ray_address or self.gpus or joined else "process"
 
     def resolved_workers(self) -> int:
         """How many worker processes the pool gets."""

@@ -1,7 +1,8 @@
 """The simulator's pool of worker processes and the Communicator that drives it.
 
-Workers are Ray actors (``backend="ray"``) or one in-process thread (``backend="local"``, for
-debugging with breakpoints). Virtual sites are multiplexed onto workers: each broadcast queues
+Workers are processes forked by a zygote (``backend="process"``, :mod:`fedctl.sim.procs`), Ray
+actors (``backend="ray"``) or one in-process thread (``backend="local"``, for debugging with
+breakpoints). Virtual sites are multiplexed onto workers: each broadcast queues
 one work item per target, idle workers take batches of items, and completed batches are
 turned into results as they arrive. Dispatch is pull-based (it happens inside
 ``ResultStream.next``), so there is no scheduler thread to go wrong.
@@ -355,7 +356,7 @@ class SimCommunicator(Communicator):
         handle = None
         if params is not None:
             handle = self.pool.transport.share(params)
-            if isinstance(self.pool.transport, RayTransport) and isinstance(params, dict):
+            if getattr(self.pool.transport, "shares_memory", False) and isinstance(params, dict):
                 # Keep one copy of the global model, not two: the caller's dict now refers to
                 # the shared-memory copy (same values, read-only: workflows never modify broadcast
                 # params in place, see WorkerCore._global).

@@ -23,7 +23,15 @@ from fedctl.recipe.jobfolder import load_job
 from fedctl.recipe.registry import check_recipe, server_code_refusal
 from fedctl.recipe.runner import run_workflow
 from fedctl.sim.env import SimEnv
-from fedctl.sim.pool import LocalPool, Pool, RayPool, SimCommunicator, available_cpus
+from fedctl.sim.pool import (
+    START_TIMEOUT,
+    LocalPool,
+    Pool,
+    RayPool,
+    SimCommunicator,
+    available_cpus,
+)
+from fedctl.sim.procs import ProcessPool, Zygote, transport_dir
 from fedctl.sim.worker import WorkerConfig
 from fedctl.tracking.display import Display
 from fedctl.tracking.run import Run, finish_run
@@ -149,7 +157,7 @@ def sim_he_context(run_dir: Path) -> tuple[str, bytes]:
 def cluster_workers(env: SimEnv, num_sites: int) -> int | None:
     """The pool's size on a cluster joined with ``ray_address`` and no ``workers``: one worker
     per CPU the cluster has, at most one per site (None: not such a run)."""
-    if env.backend != "ray" or not env.ray_address or env.workers is not None:
+    if env.resolved_backend() != "ray" or not env.ray_address or env.workers is not None:
         return None
     import ray
 
@@ -207,6 +215,28 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         compile(script.read_text(), str(script), "exec")
     except SyntaxError as exc:
         raise RecipeError(f"{recipe.train_script}:{exc.lineno}: {exc.msg}") from None
+    backend = env.resolved_backend()
+    # the process backend's zygote imports torch while this process prepares the run
+    zygote = (
+        Zygote(run_dir / "workers.log", transport_dir(run_dir)) if backend == "process" else None
+    )
+    try:
+        return _simulate(env, job, run_dir, job_id, started, zygote)
+    finally:
+        if zygote is not None:
+            zygote.close()  # already closed by the pool, unless the run failed before it
+
+
+def _simulate(
+    env: SimEnv,
+    job: Any,
+    run_dir: Path,
+    job_id: str,
+    started: float,
+    zygote: Zygote | None,
+) -> Run:
+    """simulate() once the job is exported (and the zygote, if any, is starting)."""
+    backend = env.resolved_backend()
 
     all_sites = env.site_names()
     policies = env.policies()
@@ -287,7 +317,11 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
                     f"the job needs {job.min_clients} sites but {len(sites)} take part ({parts})"
                 )
             t0 = time.monotonic()
-            if env.backend == "ray":
+            if backend == "process":
+                assert zygote is not None
+                pool = ProcessPool(config, workers, zygote, START_TIMEOUT)
+                store.log(f"{workers} worker processes (pids {', '.join(map(str, pool.pids))})")
+            elif backend == "ray":
                 ray_started = ensure_ray(env, workers)
                 timings["ray_start_s"] = time.monotonic() - t0
                 sized = cluster_workers(env, len(sites))
@@ -349,6 +383,7 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         extra={
             "num_clients": len(all_sites),
             **({"refused": refused} if refused else {}),
+            "backend": backend,
             "workers": workers,
             **({"ray_nodes": len(set(pool.nodes))} if isinstance(pool, RayPool) else {}),
             "resident": resident,

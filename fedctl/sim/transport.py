@@ -89,6 +89,9 @@ class LocalTransport:
 class RayTransport:
     """Ray object store transport: one copy into shared memory, zero-copy reads."""
 
+    #: the driver may keep the shared copy as the global model (one copy, not two)
+    shares_memory = True
+
     def share(self, params: dict[str, torch.Tensor]) -> Any:
         import ray
 

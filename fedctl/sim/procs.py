@@ -1,0 +1,345 @@
+"""The simulator's process backend: worker processes forked by a zygote, models in shared memory.
+
+``backend="process"`` (what ``"auto"`` picks on one machine) starts no Ray: a zygote
+(:mod:`fedctl.sim.zygote`) imports torch once and forks the workers, each joined to the driver by
+a socket pair. Models move as files in a private folder of ``/dev/shm`` (or of the run folder
+when ``/dev/shm`` is small): the driver writes the round's global model once and every worker
+maps it read-only; a result above :data:`~fedctl.sim.transport.INLINE_BYTES` is written once by
+its worker and mapped by the driver, smaller ones travel in their batch's reply. So, as with
+Ray's object store, one copy of each model exists in memory and reads are zero-copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import pickle
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedctl.errors import RunFailed
+from fedctl.sim.pool import Pool, WorkerDied
+from fedctl.sim.transport import INLINE_BYTES, Packed, _clone, pack, unpack
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedctl.codec.model import TaskResult
+    from fedctl.sim.worker import WorkerConfig, WorkItem
+
+#: /dev/shm is used when it has at least this much room; else the run folder (page cache)
+SHM_MIN_FREE = 1 << 30
+Meta = list[tuple[str, str, tuple[int, ...]]]
+
+
+def transport_dir(run_dir: Path) -> Path:
+    """A private folder for this run's model files: in /dev/shm when it has room."""
+    root = Path("/dev/shm")
+    try:
+        st = os.statvfs(root)
+        roomy = st.f_bavail * st.f_frsize >= SHM_MIN_FREE and os.access(root, os.W_OK)
+    except OSError:
+        roomy = False
+    base = root if roomy else run_dir
+    return Path(tempfile.mkdtemp(prefix=f"fedctl-{os.getpid()}-", dir=base))
+
+
+class SharedFile:
+    """The driver's handle on a global model written for the workers; the file is removed when
+    the handle is dropped (workers that mapped it keep their mapping)."""
+
+    def __init__(self, path: Path, meta: Meta) -> None:
+        self.wire = ("file", str(path), meta)
+        self._done = weakref.finalize(self, _unlink, str(path))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class FileTransport:
+    """Model files in one folder: write once, map read-only everywhere (see module doc)."""
+
+    #: the driver may keep the mapped copy as the global model (one copy, not two)
+    shares_memory = True
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self._names = itertools.count()
+
+    def _write(self, packed: Packed) -> Path:
+        _, arrays = packed
+        path = self.dir / f"{os.getpid()}-{next(self._names)}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            for arr in arrays:
+                if arr is not None:
+                    f.write(memoryview(arr))
+        return path
+
+    def share(self, params: dict[str, torch.Tensor]) -> SharedFile:
+        """Write the round's global params once for every worker."""
+        packed = pack(params)
+        return SharedFile(self._write(packed), packed[0])
+
+    def snapshot(self, params: dict[str, torch.Tensor]) -> Any:
+        """Freeze what a script sent, at send time: small results are cloned into the batch's
+        reply, large ones written to a file now."""
+        nbytes = sum(t.numel() * t.element_size() for t in params.values())
+        if nbytes <= INLINE_BYTES:
+            return ("inline", pack(_clone(params)))
+        packed = pack(params)
+        return ("result", str(self._write(packed)), packed[0])
+
+    def get(self, handle: Any) -> dict[str, torch.Tensor]:
+        """The params behind ``handle`` (views of a read-only mapping for files)."""
+        if isinstance(handle, SharedFile):
+            handle = handle.wire
+        kind = handle[0]
+        if kind == "inline":
+            return unpack(handle[1])
+        _, path, meta = handle
+        params = unpack((meta, _map(path, meta)))
+        if kind == "result":
+            _unlink(path)  # read once, by the driver; the mapping stays valid
+        return params
+
+
+def _map(path: str, meta: Meta) -> list[Any]:
+    """Read-only numpy views of the file's tensors, in ``meta``'s order."""
+    import numpy as np
+
+    from fedctl.codec.tensors import torch_dtype
+
+    sizes = []
+    for _, dname, shape in meta:
+        n = torch_dtype(dname).itemsize
+        for d in shape:
+            n *= d
+        sizes.append(n)
+    total = sum(sizes)
+    if total == 0:
+        return [None] * len(meta)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), total, access=mmap.ACCESS_READ)
+    out: list[Any] = []
+    offset = 0
+    for n in sizes:
+        out.append(np.frombuffer(mapped, np.uint8, n, offset) if n else None)
+        offset += n
+    return out
+
+
+class Zygote:
+    """The process that forks the workers (``python -m fedctl.sim.zygote``); start it early,
+    it imports torch while the driver prepares the run. It owns the run's transport folder
+    ``dir`` (removed when the zygote ends, also when the driver was killed)."""
+
+    def __init__(self, log_path: Path, directory: Path) -> None:
+        self.dir = directory
+        ours, theirs = socket.socketpair()
+        import fedctl
+
+        env = dict(os.environ)
+        here = str(Path(fedctl.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedctl.sim.zygote", str(theirs.fileno()), str(directory)],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches the driver, which stops the workers
+            )
+        theirs.close()
+        self.control = ours
+        self.log_path = log_path
+
+    def fork(self) -> tuple[int, Connection]:
+        """A new worker: its PID and the driver's end of its connection."""
+        ours, theirs = socket.socketpair()
+        try:
+            socket.send_fds(self.control, [b"f"], [theirs.fileno()])
+            reply = b""
+            while len(reply) < 8:
+                chunk = self.control.recv(8 - len(reply))
+                if not chunk:
+                    raise RunFailed(f"the simulator's worker zygote ended ({self._last_line()})")
+                reply += chunk
+        except OSError as exc:
+            raise RunFailed(f"the simulator's worker zygote is gone: {exc}") from None
+        finally:
+            theirs.close()
+        return struct.unpack("!q", reply)[0], Connection(ours.detach())
+
+    def _last_line(self) -> str:
+        try:
+            lines = [x for x in self.log_path.read_text().splitlines() if x.strip()]
+        except OSError:
+            lines = []
+        return lines[-1][:300] if lines else f"exit code {self.proc.poll()}"
+
+    def close(self) -> None:
+        """End the zygote (workers are stopped by the pool, by PID)."""
+        try:
+            self.control.close()
+        finally:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class _Worker:
+    pid: int
+    conn: Connection
+
+
+@dataclass
+class _Token:
+    worker: _Worker
+    #: a send that failed: the worker is gone
+    broken: bool = False
+
+
+class ProcessPool(Pool):
+    """W worker processes forked by a :class:`Zygote` (see the module doc)."""
+
+    def __init__(self, config: WorkerConfig, size: int, zygote: Zygote, timeout: float) -> None:
+        self.size = size
+        self.config = config
+        self.zygote = zygote
+        self.dir = directory = zygote.dir
+        self.timeout = timeout
+        self.transport = FileTransport(directory)
+        self.workers: list[_Worker | None] = [None] * size
+        try:
+            for w in range(size):
+                self.workers[w] = self._spawn()
+            self._ready(range(size))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process IDs."""
+        return [w.pid for w in self.workers if w is not None]
+
+    def _spawn(self) -> _Worker:
+        pid, conn = self.zygote.fork()
+        worker = _Worker(pid, conn)
+        conn.send_bytes(pickle.dumps((self.config, str(self.dir))))
+        return worker
+
+    def _ready(self, which: Sequence[int]) -> None:
+        deadline = time.monotonic() + self.timeout
+        for w in which:
+            worker = self.workers[w]
+            assert worker is not None
+            if not worker.conn.poll(max(0.0, deadline - time.monotonic())):
+                raise RunFailed(f"simulator workers did not start within {self.timeout:.0f}s")
+            try:
+                reply = pickle.loads(worker.conn.recv_bytes())
+            except (EOFError, OSError):
+                reply = ("error", f"it ended ({self.zygote._last_line()})")
+            if reply[0] != "ready":
+                raise RunFailed(f"a simulator worker failed to start: {reply[1]}")
+
+    def submit(self, w: int, items: list[WorkItem], model_id: str, box: list[Any]) -> _Token:
+        worker = self.workers[w]
+        assert worker is not None
+        wire = [h.wire if isinstance(h, SharedFile) else h for h in box]
+        token = _Token(worker)
+        try:
+            worker.conn.send_bytes(
+                pickle.dumps(("batch", items, model_id, wire), protocol=pickle.HIGHEST_PROTOCOL)
+            )
+        except OSError:
+            token.broken = True
+        return token
+
+    def wait(self, tokens: list[Any], timeout: float) -> list[Any]:
+        broken = [t for t in tokens if t.broken]
+        if broken:
+            return broken
+        by_conn = {id(t.worker.conn): t for t in tokens}
+        ready = wait([t.worker.conn for t in tokens], timeout)
+        return [by_conn[id(c)] for c in ready]
+
+    def result(self, token: Any) -> list[tuple[TaskResult, Any]]:
+        if token.broken:
+            raise WorkerDied(f"process {token.worker.pid} ended")
+        try:
+            reply = pickle.loads(token.worker.conn.recv_bytes())
+        except (EOFError, OSError):
+            raise WorkerDied(f"process {token.worker.pid} ended") from None
+        if reply[0] == "error":
+            raise RuntimeError(f"simulator worker {token.worker.pid}: {reply[1]}")
+        return reply[1]
+
+    def restart(self, w: int) -> None:
+        old = self.workers[w]
+        if old is not None:
+            _kill(old)
+        self.workers[w] = self._spawn()
+        self._ready([w])
+
+    def close(self) -> None:
+        """Ask every worker to stop its scripts, then end each by PID, the zygote, the files."""
+        live = [w for w in self.workers if w is not None]
+        for worker in live:
+            try:
+                worker.conn.send_bytes(pickle.dumps(("close",)))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 30
+        for worker in live:
+            if not _ended(worker, deadline):
+                _kill(worker)
+            worker.conn.close()
+        self.workers = [None] * self.size
+        self.zygote.close()
+
+
+def _ended(worker: _Worker, deadline: float) -> bool:
+    """Whether the worker answered "closed" and then ended (its end of the socket closed)."""
+    try:
+        while worker.conn.poll(max(0.0, deadline - time.monotonic())):
+            worker.conn.recv_bytes()
+    except (EOFError, OSError):
+        return True
+    return False
+
+
+def _kill(worker: _Worker) -> None:
+    try:
+        worker.conn.close()
+    except OSError:
+        pass
+    try:
+        os.kill(worker.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,215 @@
+"""The simulator's process backend (fedctl.sim.procs): no Ray, workers forked by a zygote, models
+moved as shared-memory files, every process stopped by PID and every file removed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+
+from fedctl.errors import UsageError
+from fedctl.recipe import SimEnv, load_recipe
+from fedctl.sim.procs import FileTransport, SharedFile
+from fedctl.sim.transport import INLINE_BYTES
+
+
+def _pids(run_dir: Path) -> list[int]:
+    found = re.search(r"worker processes \(pids ([\d, ]+)\)", (run_dir / "run.log").read_text())
+    assert found, "the run log names its workers"
+    return [int(p) for p in found.group(1).split(", ")]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _transport_dirs(*roots: Path, pid: int | None = None) -> list[Path]:
+    pattern = f"fedctl-{pid if pid is not None else os.getpid()}-*"
+    return [d for root in roots for d in root.glob(pattern)]
+
+
+def _zygotes() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children() if "fedctl.sim.zygote" in " ".join(p.cmdline())]
+
+
+def test_auto_picks_processes_unless_ray_is_wanted(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
+    assert SimEnv().resolved_backend() == "process"
+    assert SimEnv(ray_address="auto").resolved_backend() == "ray"
+    assert SimEnv(gpus=1).resolved_backend() == "ray"
+    assert SimEnv(backend="local").resolved_backend() == "local"
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
+    assert SimEnv().resolved_backend() == "ray"  # this process already joined a Ray cluster
+    assert SimEnv(backend="process").resolved_backend() == "process"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"backend": "processes"}, "backend must be one of auto, process, ray, local"),
+        ({"backend": "process", "ray_address": "auto"}, "ray_address needs backend='ray'"),
+        ({"backend": "local", "ray_address": "auto"}, "ray_address needs backend='ray'"),
+        ({"backend": "process", "gpus": 1}, "gpus needs backend='ray'"),
+    ],
+)
+def test_bad_backend_settings_are_one_line_errors(env, message) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        SimEnv(**env)
+
+
+def test_a_run_leaves_no_process_and_no_file(toy_recipe, tmp_path) -> None:
+    run = toy_recipe.run(
+        SimEnv(num_clients=3, workers=2, backend="process", workspace=tmp_path, display="none")
+    )
+    assert run.ok, run.reason
+    pids = _pids(run.result_dir)
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(_gone(pid) for pid in pids)
+    assert _zygotes() == []
+    assert _transport_dirs(Path("/dev/shm"), run.result_dir) == []
+    assert (run.result_dir / "workers.log").read_text() == ""  # nothing went wrong in a worker
+
+
+def test_large_results_equal_the_local_backend_bit_for_bit(toy_dir, tmp_path) -> None:
+    # one 4.8 MB parameter: results go through files, not the batch's reply
+    big = 1_200_000
+    assert big * 4 > INLINE_BYTES
+    (toy_dir / "model.py").write_text(
+        textwrap.dedent(
+            f"""
+            import torch
+            from torch import nn
+
+
+            class Toy(nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.fc = nn.Linear(4, 1)
+                    self.big = nn.Parameter(torch.linspace(-1, 1, {big}))
+
+                def forward(self, x):
+                    return self.fc(x) + self.big[:1] * 0.01
+            """
+        )
+    )
+    recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=2)
+
+    def final(**kw) -> dict[str, torch.Tensor]:
+        run = recipe.run(SimEnv(num_clients=3, workspace=tmp_path, display="none", **kw))
+        assert run.ok, run.reason
+        return run.load_final()
+
+    local = final(backend="local")
+    for kw in ({"workers": 2}, {"workers": 3}):  # per-round and resident
+        got = final(backend="process", **kw)
+        assert all(torch.equal(got[k], local[k]) for k in local), kw
+    assert _transport_dirs(Path("/dev/shm"), tmp_path) == []
+
+
+def test_file_transport_round_trips_and_removes_its_files(tmp_path) -> None:
+    transport = FileTransport(tmp_path)
+    params = {
+        "w": torch.randn(3, 5),
+        "half": torch.randn(7).to(torch.bfloat16),
+        "count": torch.tensor([1, 2, 3], dtype=torch.int64),
+        "empty": torch.zeros(0, 4),
+    }
+    shared = transport.share(params)
+    assert isinstance(shared, SharedFile)
+    seen = transport.get(shared.wire)  # what a worker maps
+    assert set(seen) == set(params)
+    assert all(torch.equal(seen[k], params[k]) and seen[k].dtype == params[k].dtype for k in params)
+    assert len(list(tmp_path.iterdir())) == 1
+    del shared  # the driver dropped the round's model: its file goes
+    assert list(tmp_path.iterdir()) == []
+    assert torch.equal(seen["w"], params["w"])  # a mapping outlives its file
+
+    big = {"x": torch.arange(INLINE_BYTES // 4 + 1, dtype=torch.float32)}
+    small = transport.snapshot({"x": torch.ones(4)})
+    assert small[0] == "inline" and list(tmp_path.iterdir()) == []
+    handle = transport.snapshot(big)
+    assert handle[0] == "result" and len(list(tmp_path.iterdir())) == 1
+    big["x"].add_(1)  # changed after send(): the snapshot must not see it
+    got = transport.get(handle)
+    assert got["x"][0].item() == 0.0 and got["x"][-1].item() == INLINE_BYTES // 4
+    assert list(tmp_path.iterdir()) == []  # a result is read once, by the driver
+
+
+def test_a_lost_zygote_fails_the_run_with_one_line(toy_dir, tmp_path) -> None:
+    client = toy_dir / "client.py"
+    client.write_text(
+        client.read_text().replace(
+            "    rnd = received.current_round\n",
+            "    rnd = received.current_round\n"
+            "    if site == 'site-1' and rnd == 1:\n"
+            "        import os, signal\n"
+            "        os.kill(os.getppid(), signal.SIGKILL)\n"
+            "        os._exit(3)\n",  # and its worker must be replaced: there is no zygote now
+        )
+    )
+    recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=3)
+    run = recipe.run(
+        SimEnv(num_clients=2, workers=2, backend="process", workspace=tmp_path, display="none")
+    )
+    assert run.status == "FAILED"
+    assert "the simulator's worker zygote" in (run.reason or ""), run.reason
+    assert "\n" not in (run.reason or "")
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in _pids(run.result_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(p) for p in _pids(run.result_dir))
+    assert _transport_dirs(Path("/dev/shm"), run.result_dir) == []
+
+
+def test_workers_end_when_their_driver_is_killed(toy_dir, tmp_path) -> None:
+    workspace = tmp_path / "runs"
+    code = (
+        "from fedctl.recipe import SimEnv, load_recipe\n"
+        f"r = load_recipe({str(toy_dir)!r}).recipe.with_overrides(num_rounds=1,"
+        " train_args='--hang-sites site-1,site-2')\n"
+        f"r.run(SimEnv(num_clients=2, workers=2, backend='process', workspace={str(workspace)!r},"
+        " display='none'))\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        pids: list[int] = []
+        while time.monotonic() < deadline and not pids:
+            time.sleep(0.2)
+            for log in workspace.glob("*/run.log"):
+                if "worker processes (pids" in log.read_text():
+                    pids = _pids(log.parent)
+        assert pids, "the driver did not start its workers"
+        zygote = psutil.Process(driver.pid).children()
+        assert zygote
+        time.sleep(1.0)  # the scripts are hanging now
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 15
+        everyone = [*pids, *(z.pid for z in zygote)]
+        while time.monotonic() < deadline and not all(_gone(p) for p in everyone):
+            time.sleep(0.2)
+        assert all(_gone(p) for p in everyone)
+        assert _transport_dirs(Path("/dev/shm"), workspace, pid=driver.pid) == []
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        for pid in locals().get("everyone", []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
