@@ -5,13 +5,13 @@ sampled as rounds complete, with the slope per 100 rounds.
     python bench/soak.py --sim-rounds 200 --poc-rounds 60     # shorter
     make soak
 
-Both run recipes/hello_pt (8 simulated sites on the default Ray pool; 2 POC sites). A sampler
-thread reads the number of completed rounds from the run's metrics file and, at each new one,
-records for every process of the run: the driver and its whole tree (Ray's daemons and
-workers) in simulation; the server, the job process, the site agents and their client scripts
-on the POC (each POC process and its descendants, by role). The slope is a least-squares fit
-over the rounds after the first 10 % (warm-up: imports, caches, allocator arenas), without the
-last sample (it may catch the job's processes exiting). Not a unit
+Both run recipes/hello_pt (8 simulated sites on the default pool, ``--sim-backend ray`` for
+Ray's; 2 POC sites). A sampler thread reads the number of completed rounds from the run's metrics
+file and, at each new one, records for every process of the run: the driver and its whole tree
+(the workers, their zygote or Ray's daemons) in simulation; the server, the job process, the site
+agents and their client scripts on the POC (each POC process and its descendants, by role). The
+slope is a least-squares fit over the rounds after the first 10 % (warm-up: imports, caches,
+allocator arenas), without the last sample (it may catch the job's processes exiting). Not a unit
 test: it prints figures, measured in this run, and says "flat" when a role's RSS grows less
 than 1 MiB per 100 rounds (noise here is a few MiB, up and down).
 """
@@ -126,7 +126,7 @@ def report(title: str, rows: list[tuple[int, dict[str, dict[str, float]]]], seco
         )
 
 
-def soak_sim(rounds: int, tmp: Path) -> None:
+def soak_sim(rounds: int, tmp: Path, backend: str = "auto") -> None:
     import psutil
 
     from fedctl.recipe import SimEnv, load_recipe
@@ -142,26 +142,33 @@ def soak_sim(rounds: int, tmp: Path) -> None:
     def roles() -> dict[str, tuple[list[Any], bool]]:
         try:
             tree = me.children(recursive=True)
-            names = {p: " ".join(p.cmdline()[:1]) for p in tree}
+            names = {p: " ".join(p.cmdline()) for p in tree}
+            zygotes = [p for p in me.children() if "fedctl.sim.zygote" in names.get(p, "")]
+            forked = [c for z in zygotes for c in z.children()]
         except psutil.Error:
             return {}
-        workers = [p for p, n in names.items() if n.startswith("ray::")]
-        daemons = [p for p in tree if p not in workers]
-        return {
+        workers = [p for p, n in names.items() if n.startswith("ray::")] + forked
+        daemons = [p for p in tree if p not in workers and p not in zygotes]
+        out = {
             "driver (the workflow, the run store)": ([me], False),
-            "simulator workers (Ray actors)": (workers, False),
-            "Ray's daemons (GCS, raylet, agents)": (daemons, False),
+            "simulator workers": (workers, False),
         }
+        if zygotes:
+            out["the workers' zygote"] = (zygotes, False)
+        if daemons:
+            out["Ray's daemons (GCS, raylet, agents)"] = (daemons, False)
+        return out
 
     sampler = Sampler(metrics, roles)
     sampler.start()
     t0 = time.monotonic()
-    run = recipe.run(SimEnv(num_clients=8, workspace=ws, display="none"))
+    run = recipe.run(SimEnv(num_clients=8, workspace=ws, display="none", backend=backend))
     sampler.stop.set()
     sampler.join()
     if not run.ok:
         raise SystemExit(f"simulation soak: {run.status}: {run.reason}")
-    report("simulation (hello_pt, 8 sites, Ray)", sampler.rows, time.monotonic() - t0)
+    title = f"simulation (hello_pt, 8 sites, {run.extra.get('backend', backend)} backend)"
+    report(title, sampler.rows, time.monotonic() - t0)
 
 
 def soak_poc(rounds: int, tmp: Path) -> None:
@@ -226,11 +233,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sim-rounds", type=int, default=1000)
     parser.add_argument("--poc-rounds", type=int, default=300)
+    parser.add_argument(
+        "--sim-backend", default="auto", choices=["auto", "process", "ray"], help="SimEnv.backend"
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory(prefix="fedctl-soak-") as tmp:
         if args.sim_rounds:
-            soak_sim(args.sim_rounds, Path(tmp))
+            soak_sim(args.sim_rounds, Path(tmp), args.sim_backend)
         if args.poc_rounds:
             soak_poc(args.poc_rounds, Path(tmp))
     return 0

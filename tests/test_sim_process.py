@@ -133,6 +133,15 @@ def test_file_transport_round_trips_and_removes_its_files(tmp_path) -> None:
     assert set(seen) == set(params)
     assert all(torch.equal(seen[k], params[k]) and seen[k].dtype == params[k].dtype for k in params)
     assert len(list(tmp_path.iterdir())) == 1
+    # each script's own copy is copy-on-write: its writes reach neither the file nor the others
+    mine, theirs = transport.private_copy(shared.wire), transport.private_copy(shared.wire)
+    assert mine is not None and theirs is not None
+    mine["w"].add_(1.0)
+    mine["count"][0] = 99
+    assert torch.equal(theirs["w"], params["w"]) and torch.equal(seen["w"], params["w"])
+    assert theirs["count"][0].item() == 1
+    assert torch.equal(transport.private_copy(shared.wire)["w"], params["w"])
+    assert transport.private_copy(("inline", None)) is None  # the caller clones instead
     del shared  # the driver dropped the round's model: its file goes
     assert list(tmp_path.iterdir()) == []
     assert torch.equal(seen["w"], params["w"])  # a mapping outlives its file

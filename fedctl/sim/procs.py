@@ -120,9 +120,19 @@ class FileTransport:
             _unlink(path)  # read once, by the driver; the mapping stays valid
         return params
 
+    def private_copy(self, handle: Any) -> dict[str, torch.Tensor] | None:
+        """A script's own copy of the global params behind ``handle``: a copy-on-write mapping
+        of its file, so the pages stay shared until the script writes to them (None: not a
+        file handle; the caller clones)."""
+        if not (isinstance(handle, tuple) and handle[0] == "file"):
+            return None
+        _, path, meta = handle
+        return unpack((meta, _map(path, meta, private=True)))
 
-def _map(path: str, meta: Meta) -> list[Any]:
-    """Read-only numpy views of the file's tensors, in ``meta``'s order."""
+
+def _map(path: str, meta: Meta, private: bool = False) -> list[Any]:
+    """Numpy views of the file's tensors, in ``meta``'s order: read-only, or (``private``)
+    writable copy-on-write."""
     import numpy as np
 
     from fedctl.codec.tensors import torch_dtype
@@ -137,7 +147,8 @@ def _map(path: str, meta: Meta) -> list[Any]:
     if total == 0:
         return [None] * len(meta)
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), total, access=mmap.ACCESS_READ)
+        access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
+        mapped = mmap.mmap(f.fileno(), total, access=access)
     out: list[Any] = []
     offset = 0
     for n in sizes:

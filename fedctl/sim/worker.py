@@ -514,7 +514,7 @@ class WorkerCore:
             params = base = None
             if handle_box and handle_box[0] is not None:
                 base = self._global(model_id, handle_box[0])
-                params = {k: v.clone() for k, v in base.items()}  # the script's own copy
+                params = self._script_copy(handle_box[0], base)
             m = item.task.model
             # Each script gets its own copies: the task object is shared by every item of the
             # batch (and, in the local backend, with the workflow), and scripts may edit what
@@ -543,6 +543,16 @@ class WorkerCore:
             out.append(host.run(task))
             self._active = host
         return out
+
+    def _script_copy(self, handle: Any, base: dict[str, Any]) -> dict[str, Any]:
+        """The script's own copy of the global params: a copy-on-write mapping where the
+        transport has one (the process backend: pages shared until written), else a clone."""
+        private = getattr(self.transport, "private_copy", None)
+        if private is not None and not self._encrypted:
+            params = private(handle)
+            if params is not None:
+                return params
+        return {k: v.clone() for k, v in base.items()}
 
     def _settle(self) -> None:
         """Let the script that ran last finish its code after send() before another starts."""
