@@ -142,6 +142,10 @@ def test_file_transport_round_trips_and_removes_its_files(tmp_path) -> None:
     assert theirs["count"][0].item() == 1
     assert torch.equal(transport.private_copy(shared.wire)["w"], params["w"])
     assert transport.private_copy(("inline", None)) is None  # the caller clones instead
+    fds = len(os.listdir("/proc/self/fd"))
+    kept = [transport.private_copy(shared.wire) for _ in range(50)]
+    assert len(os.listdir("/proc/self/fd")) == fds  # a mapping holds no file descriptor
+    del kept
     del shared  # the driver dropped the round's model: its file goes
     assert list(tmp_path.iterdir()) == []
     assert torch.equal(seen["w"], params["w"])  # a mapping outlives its file

@@ -4,15 +4,15 @@
 (:mod:`fedctl.sim.zygote`) imports torch once and forks the workers, each joined to the driver by
 a socket pair. Models move as files in a private folder of ``/dev/shm`` (or of the run folder
 when ``/dev/shm`` is small): the driver writes the round's global model once and every worker
-maps it read-only; a result above :data:`~fedctl.sim.transport.INLINE_BYTES` is written once by
-its worker and mapped by the driver, smaller ones travel in their batch's reply. So, as with
-Ray's object store, one copy of each model exists in memory and reads are zero-copy.
+maps it (privately: copy-on-write, a write never reaches the file); a result above
+:data:`~fedctl.sim.transport.INLINE_BYTES` is written once by its worker and mapped by the
+driver, smaller ones travel in their batch's reply. So, as with Ray's object store, one copy of
+each model exists in memory and reads are zero-copy.
 """
 
 from __future__ import annotations
 
 import itertools
-import mmap
 import os
 import pickle
 import shutil
@@ -74,7 +74,7 @@ def _unlink(path: str) -> None:
 
 
 class FileTransport:
-    """Model files in one folder: write once, map read-only everywhere (see module doc)."""
+    """Model files in one folder: write once, map copy-on-write everywhere (see module doc)."""
 
     #: the driver may keep the mapped copy as the global model (one copy, not two)
     shares_memory = True
@@ -84,12 +84,13 @@ class FileTransport:
         self._names = itertools.count()
 
     def _write(self, packed: Packed) -> Path:
-        _, arrays = packed
+        meta, arrays = packed
         path = self.dir / f"{os.getpid()}-{next(self._names)}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            for arr in arrays:
+            for arr, (offset, _) in zip(arrays, _layout(meta)[0], strict=True):
                 if arr is not None:
+                    f.seek(offset)
                     f.write(memoryview(arr))
         return path
 
@@ -108,14 +109,14 @@ class FileTransport:
         return ("result", str(self._write(packed)), packed[0])
 
     def get(self, handle: Any) -> dict[str, torch.Tensor]:
-        """The params behind ``handle`` (views of a read-only mapping for files)."""
+        """The params behind ``handle`` (views of a private mapping for files)."""
         if isinstance(handle, SharedFile):
             handle = handle.wire
         kind = handle[0]
         if kind == "inline":
             return unpack(handle[1])
         _, path, meta = handle
-        params = unpack((meta, _map(path, meta)))
+        params = _map(path, meta)
         if kind == "result":
             _unlink(path)  # read once, by the driver; the mapping stays valid
         return params
@@ -127,34 +128,45 @@ class FileTransport:
         if not (isinstance(handle, tuple) and handle[0] == "file"):
             return None
         _, path, meta = handle
-        return unpack((meta, _map(path, meta, private=True)))
+        return _map(path, meta)
 
 
-def _map(path: str, meta: Meta, private: bool = False) -> list[Any]:
-    """Numpy views of the file's tensors, in ``meta``'s order: read-only, or (``private``)
-    writable copy-on-write."""
-    import numpy as np
+def _map(path: str, meta: Meta) -> dict[str, torch.Tensor]:
+    """The file's tensors, in ``meta``'s order, as views of one private (copy-on-write) mapping:
+    pages stay shared with every other mapping of the file until this process writes them, and
+    a write never reaches the file. torch keeps no file descriptor open for the mapping."""
+    import torch
 
     from fedctl.codec.tensors import torch_dtype
 
-    sizes = []
+    spans, total = _layout(meta)
+    whole = torch.from_file(path, shared=False, size=total, dtype=torch.uint8) if total else None
+    out: dict[str, torch.Tensor] = {}
+    for (name, dname, shape), (offset, n) in zip(meta, spans, strict=True):
+        dtype = torch_dtype(dname)
+        if n and whole is not None:
+            out[name] = whole[offset : offset + n].view(dtype).reshape(shape)
+        else:
+            out[name] = torch.empty(shape, dtype=dtype)
+    return out
+
+
+#: every tensor starts at a multiple of this in a model file (torch views need aligned offsets)
+ALIGN = 64
+
+
+def _layout(meta: Meta) -> tuple[list[tuple[int, int]], int]:
+    """Each tensor's (offset, bytes) in a model file, and the file's size."""
+    from fedctl.codec.tensors import torch_dtype
+
+    spans, offset = [], 0
     for _, dname, shape in meta:
         n = torch_dtype(dname).itemsize
         for d in shape:
             n *= d
-        sizes.append(n)
-    total = sum(sizes)
-    if total == 0:
-        return [None] * len(meta)
-    with open(path, "rb") as f:
-        access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
-        mapped = mmap.mmap(f.fileno(), total, access=access)
-    out: list[Any] = []
-    offset = 0
-    for n in sizes:
-        out.append(np.frombuffer(mapped, np.uint8, n, offset) if n else None)
-        offset += n
-    return out
+        spans.append((offset, n))
+        offset += -(-n // ALIGN) * ALIGN
+    return spans, max((o + n for o, n in spans if n), default=0)
 
 
 class Zygote:
