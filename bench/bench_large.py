@@ -2,7 +2,13 @@
 
 Prints the transfer throughput and the peak memory (PSS of each process tree: the server with its
 job process, each site agent with its client script) relative to the model size. Targets
-(issue #5): server ≤ 3× the model, each site ≤ 3× the model including the script's own copy.
+(issue #5): server ≤ 3× the model, each site ≤ 3× the model including the script's own copy;
+(issue #15) ≥ 400 MB/s through a round.
+
+The job has two rounds. Memory is sampled (every 0.25 s) during the submission and round 1 only:
+reading a process's PSS walks its page tables (≈ 30 ms per GiB of RSS here), so sampling the
+three trees takes about half a core, which on a 2-core machine would slow the round it measures.
+Round 2, unsampled, moves the same bytes through the same processes and gives the throughput.
 
     python bench/bench_large.py                 # 600M fp32 parameters (2.4 GB)
     python bench/bench_large.py --params 50e6   # a quick run
@@ -101,7 +107,7 @@ def main() -> int:
         recipe = FedAvgRecipe(
             "large",
             2,
-            1,
+            2,
             weights,
             "client.py",
             base_dir=code,
@@ -118,7 +124,7 @@ def main() -> int:
         peaks = dict.fromkeys(pids, 0)
         stop = threading.Event()
 
-        def sample() -> None:
+        def sample() -> None:  # until round 1 ends (see the module doc)
             while not stop.is_set():
                 for name, pid in pids.items():
                     peaks[name] = max(peaks[name], tree_pss(pid))
@@ -134,30 +140,39 @@ def main() -> int:
             for ev in admin.follow(job["job_id"]):
                 ev["_at"] = time.monotonic()
                 events.append(ev)
+                if ev.get("event") == "round_completed":
+                    stop.set()
                 if ev["t"] == "end":
                     break
             status = admin.status(job["job_id"])
         stop.set()
         sampler.join()
         t_total = time.monotonic() - t0
-        started = next(e["_at"] for e in events if e.get("event") == "round_started")
-        done = next((e["_at"] for e in events if e.get("event") == "round_completed"), None)
+        starts = [e["_at"] for e in events if e.get("event") == "round_started"]
+        ends = [e["_at"] for e in events if e.get("event") == "round_completed"]
         print(
             f"job {status['job_id']}: {status['status']}"
             + (f" ({status['reason']})" if status.get("reason") else "")
         )
-        if status["status"] != "FINISHED" or done is None:
+        if status["status"] != "FINISHED" or len(starts) < 2 or len(ends) < 2:
             return 1
-        round_s = done - started
+        sampled_s = ends[0] - starts[0]
+        round_s = ends[1] - starts[1]
         moved = 4 * model_bytes  # the global model to 2 sites, and 2 results back
         print(f"submit (bundle with the initial model): {t_submit:.1f} s")
+        rate = moved / 1e6 / round_s
         print(
-            f"round 1: {round_s:.1f} s; {moved / 2**20 / round_s:.0f} MB/s through the round "
+            f"round 1 (memory sampled): {sampled_s:.1f} s; "
+            f"{moved / 1e6 / sampled_s:.0f} MB/s through the round"
+        )
+        print(
+            f"round 2: {round_s:.1f} s; {rate:.0f} MB/s through the round "
             f"({moved / 2**30:.1f} GiB moved: model to 2 sites and 2 results back, each "
             "written to and read from disk at both ends)"
         )
         print(f"whole job, submit to end: {t_total:.1f} s")
-        ok = True
+        ok = rate >= 400
+        print(f"  {'PASS' if ok else 'SHORT':<5} round 2: {rate:.0f} MB/s (target ≥ 400 MB/s)")
         for name, peak in peaks.items():
             ratio = peak / model_bytes
             target = 3.0
