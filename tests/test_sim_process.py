@@ -226,3 +226,29 @@ def test_workers_end_when_their_driver_is_killed(toy_dir, tmp_path) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_fit_workers_keeps_the_estimated_peak_in_the_memory_available() -> None:
+    from fedctl.sim.env import fit_workers
+
+    gb = 10**9
+    assert fit_workers(4, 0, 8 * gb) == 4  # a small model: as many as asked
+    assert fit_workers(8, 1 * gb, 32 * gb) == 7  # (25.6 − 3) GB / 3.2 GB per worker
+    assert fit_workers(2, 4 * gb, 16 * gb) == 1  # never fewer than one
+
+
+def test_a_model_too_large_for_every_worker_gets_fewer(toy_recipe, tmp_path, monkeypatch) -> None:
+    import fedctl.sim.runner as runner
+
+    monkeypatch.setattr(runner, "_available_memory", lambda: 300 * 2**20)
+    env = SimEnv(num_clients=3, backend="process", workspace=tmp_path, display="none")
+    assert env.resolved_workers() == 2
+    run = toy_recipe.run(env)
+    assert run.ok, run.reason
+    assert run.extra["workers"] == 1
+    log = (run.result_dir / "run.log").read_text()
+    assert "1 worker, not 2: a site training a 0.0 GB model" in log
+    chosen = toy_recipe.run(
+        SimEnv(num_clients=3, workers=2, backend="process", workspace=tmp_path, display="none")
+    )
+    assert chosen.extra["workers"] == 2  # what the user chose is kept

@@ -16,6 +16,24 @@ if TYPE_CHECKING:
     from fedctl.workflows.clock import SpeedModel
 
 
+#: a training site holds about this many copies of the model at once (its model, its gradients,
+#: the result it sends); the driver about three (the global model and a float64 running sum)
+SITE_MODEL_COPIES = 3
+DRIVER_MODEL_COPIES = 3
+#: what a worker process costs besides models (Python, torch)
+WORKER_BASE_BYTES = 200 * 2**20
+#: the share of the available memory a run plans to use
+MEMORY_SHARE = 0.8
+
+
+def fit_workers(workers: int, model_bytes: int, available: int) -> int:
+    """At most ``workers`` (at least one) workers whose estimated peak memory, with the driver's,
+    fits in ``MEMORY_SHARE`` of ``available`` bytes."""
+    budget = available * MEMORY_SHARE - DRIVER_MODEL_COPIES * model_bytes
+    per_worker = SITE_MODEL_COPIES * model_bytes + WORKER_BASE_BYTES
+    return max(1, min(workers, int(budget // per_worker)))
+
+
 #: the simulator's worker pools (``SimEnv.backend``)
 BACKENDS = ("auto", "process", "ray", "local")
 
@@ -25,8 +43,10 @@ class SimEnv:
     """Simulation environment.
 
     ``num_clients`` virtual sites (``site-1`` … ``site-N``) run on a pool of ``workers`` processes
-    (default min(num_clients, CPUs)). ``resident`` keeps each site's script alive across rounds;
-    by default it is on when there are no more sites than workers (see docs/simulation.md).
+    (default min(num_clients, CPUs), fewer when the model is too large for that many to train at
+    once in the memory available: see :func:`fit_workers`). ``resident`` keeps each site's
+    script alive across rounds; by default it is on when there are no more sites than workers
+    (see docs/simulation.md).
     ``backend`` chooses the pool: ``"process"`` (worker processes forked on this machine, no
     Ray), ``"ray"`` (Ray actors: a Ray started on 127.0.0.1, or the cluster at ``ray_address``),
     ``"local"`` (everything in this process, one worker, for debugging) or ``"auto"`` (the

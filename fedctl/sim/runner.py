@@ -22,7 +22,7 @@ from fedctl.recipe.base import Recipe
 from fedctl.recipe.jobfolder import load_job
 from fedctl.recipe.registry import check_recipe, server_code_refusal
 from fedctl.recipe.runner import run_workflow
-from fedctl.sim.env import SimEnv
+from fedctl.sim.env import SITE_MODEL_COPIES, SimEnv, fit_workers
 from fedctl.sim.pool import (
     START_TIMEOUT,
     LocalPool,
@@ -154,6 +154,23 @@ def sim_he_context(run_dir: Path) -> tuple[str, bytes]:
     return str(folder / "he_context.secret"), public
 
 
+def _model_bytes(job: Any) -> int:
+    """Bytes of the job's initial model (from its file's header; 0: no model file)."""
+    from fedctl.codec.tensorfiles import LazyTensorFile
+
+    model = getattr(job, "model", None)
+    if isinstance(model, str | os.PathLike) and Path(model).is_file():
+        return LazyTensorFile(model).nbytes
+    return 0
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to a new run on this machine."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def cluster_workers(env: SimEnv, num_sites: int) -> int | None:
     """The pool's size on a cluster joined with ``ray_address`` and no ``workers``: one worker
     per CPU the cluster has, at most one per site (None: not such a run)."""
@@ -247,6 +264,19 @@ def _simulate(
     }
     sites = [s for s in all_sites if s not in refused]
     workers = env.resolved_workers()
+    memory_note = None
+    if env.workers is None and not env.ray_address and backend != "local":
+        model_bytes = _model_bytes(job)
+        available = _available_memory()
+        fitted = fit_workers(workers, model_bytes, available)
+        if fitted < workers:
+            memory_note = (
+                f"{fitted} {'worker' if fitted == 1 else 'workers'}, not {workers}: a site "
+                f"training a {model_bytes / 1e9:.1f} GB model needs about "
+                f"{SITE_MODEL_COPIES * model_bytes / 1e9:.1f} GB and {available / 1e9:.1f} GB "
+                "is available (SimEnv(workers=...) chooses)"
+            )
+            workers = fitted
     resident = env.resident if env.resident is not None else len(sites) <= workers
     store = RunStore(
         run_dir,
@@ -270,6 +300,8 @@ def _simulate(
     store.log(f"{title}; job {job_id}; seed {env.seed}; {'resident' if resident else 'per-round'}")
     for site, why in refused.items():
         store.log(f"{site} refused the job: {why}")
+    if memory_note:
+        store.log(memory_note)
     warnings = []
     refusal = server_code_refusal(job)
     if refusal:
