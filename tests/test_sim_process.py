@@ -54,6 +54,9 @@ def test_auto_picks_processes_unless_ray_is_wanted(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
     assert SimEnv().resolved_backend() == "ray"  # this process already joined a Ray cluster
     assert SimEnv(backend="process").resolved_backend() == "process"
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert SimEnv().resolved_backend() == "ray"  # the process backend is Linux's
 
 
 @pytest.mark.parametrize(

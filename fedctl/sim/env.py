@@ -50,8 +50,8 @@ class SimEnv:
     ``backend`` chooses the pool: ``"process"`` (worker processes forked on this machine, no
     Ray), ``"ray"`` (Ray actors: a Ray started on 127.0.0.1, or the cluster at ``ray_address``),
     ``"local"`` (everything in this process, one worker, for debugging) or ``"auto"`` (the
-    default: Ray when ``ray_address`` or ``gpus`` is given or this process is already connected
-    to Ray, else processes).
+    default: Ray when ``ray_address`` or ``gpus`` is given, this process is already connected to
+    Ray or the machine does not run Linux, else processes).
     ``gpus`` is the number of GPUs shared by the pool's workers. ``site_privacy`` gives sites
     their own privacy policy, as ``local/privacy.yaml`` does on a real site: a mapping of site
     name to the policy (a mapping, or the path of a YAML file); see docs/privacy.md.
@@ -136,7 +136,9 @@ class SimEnv:
             return self.backend
         ray = sys.modules.get("ray")  # not imported: not connected (and not worth importing)
         joined = ray is not None and getattr(ray, "is_initialized", lambda: False)()
-        return "ray" if self.ray_address or self.gpus or joined else "process"
+        # the process backend forks and passes sockets the Linux way (tested there only)
+        linux = sys.platform.startswith("linux")
+        return "ray" if self.ray_address or self.gpus or joined or not linux else "process"
 
     def resolved_workers(self) -> int:
         """How many worker processes the pool gets."""
