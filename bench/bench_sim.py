@@ -102,7 +102,7 @@ def child_reference(case: dict[str, Any], out: Path) -> dict[str, Any]:
     make_model, local_train, shard = _workload_imports()
     a = _parse(case["args"])
     size, n, rounds = case["size"], case["clients"], case["rounds"]
-    threads = int(os.environ.get("BENCH_REF_THREADS", "0"))
+    threads = int(case.get("threads") or os.environ.get("BENCH_REF_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
     global_params = _initial(size)
@@ -199,6 +199,16 @@ def child_fedctl(case: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- measurement
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (what fedctl sizes its pool by)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def fed1_workers(case: dict[str, Any]) -> int:
+    """The workers fedctl's default pool has for ``case``."""
+    return case.get("workers") or max(1, min(case["clients"], available_cpus()))
 
 
 def startup_text(fed: dict[str, Any]) -> str:
@@ -336,7 +346,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         action="store_true",
-        help="(c) also with 1 worker, Ray and local; (o) also with Ray",
+        help="(b), (o) also with Ray; (c) also with 1 worker, Ray and local",
     )
     p.add_argument("--child", choices=["reference", "fedctl"], help=argparse.SUPPRESS)
     p.add_argument("--case-json", help=argparse.SUPPRESS)
@@ -386,8 +396,13 @@ def main() -> int:
         verdict(
             "a.wall", ratio <= 2.0, f"wall-time ratio fedctl/reference = {ratio:.2f} (target ≤ 2)"
         )
-        ref1 = run_child("reference", "a1", cases["a1"], 1.0)
+        # The ground-truth reference runs with the intra-op threads each fedctl worker has: a
+        # matrix product's rounding depends on how many threads split its sums, and over 256
+        # SGD steps a 2-thread and a 1-thread run drift apart (~4e-5 here) in any framework.
+        threads = max(1, available_cpus() // fed1_workers(cases["a1"]))
+        ref1 = run_child("reference", "a1", {**cases["a1"], "threads": threads}, 1.0)
         fed1 = run_child("fedctl", "a1", cases["a1"], 1.0)
+        line("round-1 reference's torch threads", f"{threads} (as each fedctl worker)")
         d1, s1 = max_diff(ref1["model"], fed1["model"])
         dn, _ = max_diff(ref["model"], fed["model"])
         line("after round 1: max |fedctl − reference|", f"{d1:.2e} (max |w| = {s1:.2f})")
@@ -439,6 +454,15 @@ def main() -> int:
             f"peak memory {n_big} vs 64 clients = {mem_ratio:.2f}× (target ≤ 1.5)",
         )
         report["b"] = {**res, "mem_ratio": mem_ratio}
+        if args.variants:
+            var = run_child("fedctl", "b1000", {**cases["b1000"], "backend": "ray"}, 0.25)
+            var_cps = var["calls"] / sum(var["round_times"])
+            line(
+                f"variant backend=ray, {n_big} clients",
+                f"{var_cps:.0f} client calls/s, wall {var['wall']:.2f} s, "
+                f"peak {gib(var['peak_pss'])}",
+            )
+            report["b"]["backend=ray"] = var
 
     if "o" in wanted:
         for name in ("o8", "o64"):
