@@ -358,8 +358,8 @@ class SimCommunicator(Communicator):
             handle = self.pool.transport.share(params)
             if getattr(self.pool.transport, "shares_memory", False) and isinstance(params, dict):
                 # Keep one copy of the global model, not two: the caller's dict now refers to
-                # the shared-memory copy (same values, read-only: workflows never modify broadcast
-                # params in place, see WorkerCore._global).
+                # the shared-memory copy (same values; workflows never modify broadcast params in
+                # place, see WorkerCore._global).
                 params.update(self.pool.transport.get(handle))
         nbytes = sum(t.numel() * t.element_size() for t in (params or {}).values())
         self._seq += 1

@@ -238,7 +238,7 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
         Zygote(run_dir / "workers.log", transport_dir(run_dir)) if backend == "process" else None
     )
     try:
-        return _simulate(env, job, run_dir, job_id, started, zygote)
+        return _simulate(env, job, run_dir, job_id, started, backend, zygote)
     finally:
         if zygote is not None:
             zygote.close()  # already closed by the pool, unless the run failed before it
@@ -250,10 +250,10 @@ def _simulate(
     run_dir: Path,
     job_id: str,
     started: float,
+    backend: str,
     zygote: Zygote | None,
 ) -> Run:
     """simulate() once the job is exported (and the zygote, if any, is starting)."""
-    backend = env.resolved_backend()
 
     all_sites = env.site_names()
     policies = env.policies()
