@@ -205,3 +205,27 @@ def test_the_checker_sees_every_kind_of_import(tmp_path, source) -> None:
     path.write_text(f"def f():\n    {source}\n")
     found = {_part(name) for name, _ in _imports(path, "fedctl.workflows.probe")}
     assert found & {"sim", "runtime"}, found
+
+
+#: the only modules that may import pickle: the process simulator's private socket pairs between a
+#: driver and the workers its zygote forked (see the comment at each import)
+PICKLERS = {"fedctl.sim.procs", "fedctl.sim.zygote"}
+UNPICKLERS = {"pickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
+
+
+def test_only_the_simulators_private_channel_imports_pickle() -> None:
+    found = set()
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n.split(".")[0] in UNPICKLERS for n in names):
+                found.add(_module_name(path))
+    assert found == PICKLERS
+    # and what talks to the network (servers, sites, the wire) cannot reach them
+    for package in ("runtime", "transport", "codec", "provision"):
+        assert "sim" not in ALLOWED[package]

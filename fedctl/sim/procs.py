@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import itertools
 import os
+
+# pickle is safe here: it carries only the simulator's own messages (work items, results) over
+# socket pairs this process creates and hands to workers forked by its own zygote, so no other
+# process can write to them and nothing from the network reaches pickle.loads. A result holds
+# what the user's own script sent in the user's own simulation, code that already runs with the
+# same rights in the worker. Submitted jobs run only in the POC and production runtime, which
+# cannot import this module (docs/architecture.md; tests/test_architecture.py pins both).
 import pickle
 import shutil
 import signal

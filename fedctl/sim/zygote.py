@@ -20,6 +20,10 @@ zygote does.
 from __future__ import annotations
 
 import os
+
+# pickle is safe here: what a worker unpickles comes only from its driver, over the socket pair
+# the driver created and passed to this zygote (unnamed, unreachable from the network or by
+# another process); see fedctl/sim/procs.py.
 import pickle
 import shutil
 import signal
