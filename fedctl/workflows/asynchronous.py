@@ -41,14 +41,19 @@ from fedctl.aggregators.weighted import (
 from fedctl.codec.model import (
     NUM_STEPS_KEY,
     TASK_TRAIN,
-    FLModel,
     ParamsType,
     TaskResult,
     scalar_metrics,
 )
 from fedctl.errors import RunFailed
 from fedctl.sampling import round_rng
-from fedctl.workflows.base import GatherOutcome, ResultStream, Workflow, WorkflowContext
+from fedctl.workflows.base import (
+    GatherOutcome,
+    ResultStream,
+    Workflow,
+    WorkflowContext,
+    round_model,
+)
 from fedctl.workflows.clock import DROPPED
 from fedctl.workflows.evaluation import Evaluation
 from fedctl.workflows.fedavg import resolve_precision
@@ -225,17 +230,8 @@ class AsyncAggregation(Evaluation, Workflow):
             chosen.append(self.idle.popleft())
         if not chosen:
             return
-        task = ctx.new_task(
-            TASK_TRAIN,
-            FLModel(
-                params_type=ParamsType.FULL,
-                params=model,
-                current_round=version,
-                total_rounds=self.num_rounds,
-                start_round=0,
-                meta={**self.task_meta, VERSION_KEY: version},
-            ),
-        )
+        meta = {**self.task_meta, VERSION_KEY: version}
+        task = ctx.new_task(TASK_TRAIN, round_model(model, version, self.num_rounds, meta))
         stream = ctx.broadcast(task, chosen)
         now = time.monotonic()
         for site in chosen:

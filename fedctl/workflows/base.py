@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from fedctl.codec.model import Task, TaskResult
+from fedctl.codec.model import FLModel, ParamsType, Task, TaskResult
 from fedctl.codec.tensorfiles import payload_nbytes
 from fedctl.constants import RESULT_FACTOR
 from fedctl.errors import FedctlError, RunFailed
@@ -389,6 +389,18 @@ class KeyView(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def round_model(params: Any, rnd: int, num_rounds: int, meta: dict[str, Any] | None) -> FLModel:
+    """What a task of round ``rnd`` (of ``num_rounds``) carries to a site: full weights."""
+    return FLModel(
+        params_type=ParamsType.FULL,
+        params=params,
+        current_round=rnd,
+        total_rounds=num_rounds,
+        start_round=0,
+        meta=meta,
+    )
 
 
 class Workflow(ABC):

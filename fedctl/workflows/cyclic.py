@@ -22,9 +22,15 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from fedctl.aggregators.weighted import MetricsMean, WeightedAggregator, check_update
-from fedctl.codec.model import TASK_TRAIN, FLModel, ParamsType, TaskResult, scalar_metrics
+from fedctl.codec.model import TASK_TRAIN, TaskResult, scalar_metrics
 from fedctl.sampling import round_rng
-from fedctl.workflows.base import NotEnoughResults, RoundPolicy, Workflow, WorkflowContext
+from fedctl.workflows.base import (
+    NotEnoughResults,
+    RoundPolicy,
+    Workflow,
+    WorkflowContext,
+    round_model,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -109,17 +115,8 @@ class Cyclic(Workflow):
         duration = 0.0
         for position, site in enumerate(sites):
             ctx.check_abort()
-            task = ctx.new_task(
-                TASK_TRAIN,
-                FLModel(
-                    params_type=ParamsType.FULL,
-                    params=model,
-                    current_round=rnd,
-                    total_rounds=self.num_rounds,
-                    start_round=0,
-                    meta={**self.task_meta, POSITION_KEY: [position, len(sites)]},
-                ),
-            )
+            meta = {**self.task_meta, POSITION_KEY: [position, len(sites)]}
+            task = ctx.new_task(TASK_TRAIN, round_model(model, rnd, self.num_rounds, meta))
             trained: list[dict[str, torch.Tensor]] = []
 
             def on_result(

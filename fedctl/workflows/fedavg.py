@@ -58,8 +58,6 @@ from fedctl.aggregators.weighted import MetricsMean, check_finite, check_update
 from fedctl.codec.model import (
     NUM_STEPS_KEY,
     TASK_TRAIN,
-    FLModel,
-    ParamsType,
     TaskResult,
     scalar_metrics,
 )
@@ -71,6 +69,7 @@ from fedctl.workflows.base import (
     RoundPolicy,
     Workflow,
     WorkflowContext,
+    round_model,
 )
 from fedctl.workflows.evaluation import Evaluation
 from fedctl.workflows.he import HERounds, HomomorphicEncryption
@@ -352,16 +351,9 @@ class FedAvg(Evaluation, Workflow):
             return self.secure_round(ctx, model, rnd, targets)
         if self._he_rounds is not None:
             return self.he_round(ctx, self._he_rounds, model, rnd, targets)
+        params = self.task_params_for(ctx, model, rnd)
         task = ctx.new_task(
-            TASK_TRAIN,
-            FLModel(
-                params_type=ParamsType.FULL,
-                params=self.task_params_for(ctx, model, rnd),
-                current_round=rnd,
-                total_rounds=self.num_rounds,
-                start_round=0,
-                meta=self.task_meta_for(ctx, rnd),
-            ),
+            TASK_TRAIN, round_model(params, rnd, self.num_rounds, self.task_meta_for(ctx, rnd))
         )
         if self.dp is not None:
             dp_ctx = ctx.filter_context("central_dp", round_=rnd)
@@ -429,17 +421,8 @@ class FedAvg(Evaluation, Workflow):
         targets: list[str],
     ) -> tuple[dict[str, torch.Tensor], dict[str, float], GatherOutcome]:
         """A round under homomorphic encryption (:mod:`fedctl.workflows.he`)."""
-        task = ctx.new_task(
-            TASK_TRAIN,
-            FLModel(
-                params_type=ParamsType.FULL,
-                params=model,
-                current_round=rnd,
-                total_rounds=self.num_rounds,
-                start_round=0,
-                meta={**self.task_meta_for(ctx, rnd), **he.task_meta()},
-            ),
-        )
+        meta = {**self.task_meta_for(ctx, rnd), **he.task_meta()}
+        task = ctx.new_task(TASK_TRAIN, round_model(model, rnd, self.num_rounds, meta))
         task.result_bytes = he.result_bytes(model)
         agg = he.aggregator(model, resolve_precision(self.precision, model))
         metrics = MetricsMean()

@@ -40,6 +40,7 @@ from fedctl.workflows.base import (
     RoundPolicy,
     Workflow,
     WorkflowContext,
+    round_model,
 )
 from fedctl.workflows.swarm_site import CT, META, TASK
 
@@ -147,14 +148,8 @@ class Swarm(Workflow):
         """One task per site, each carrying what was sealed for that site."""
         streams = []
         for site in sorted(sealed):
-            model = FLModel(
-                params_type=ParamsType.FULL,
-                params={CT: sealed[site]},
-                current_round=rnd,
-                total_rounds=self.num_rounds,
-                start_round=0,
-                meta={**(self.task_meta if name == TASK_TRAIN else {}), META: spec},
-            )
+            meta = {**(self.task_meta if name == TASK_TRAIN else {}), META: spec}
+            model = round_model({CT: sealed[site]}, rnd, self.num_rounds, meta)
             streams.append(ctx.broadcast(ctx.new_task(name, model), [site]))
         return MergedStream(streams)
 
@@ -201,14 +196,7 @@ class Swarm(Workflow):
             metrics.add(scalar_metrics(m.metrics), _weight(steps))
 
         if sealed is None:  # the recipe's initial model is public: it goes in the clear
-            model = FLModel(
-                params_type=ParamsType.FULL,
-                params=initial,
-                current_round=rnd,
-                total_rounds=self.num_rounds,
-                start_round=0,
-                meta={**self.task_meta, META: spec},
-            )
+            model = round_model(initial, rnd, self.num_rounds, {**self.task_meta, META: spec})
             stream: ResultStream = ctx.broadcast(ctx.new_task(TASK_TRAIN, model), targets)
         else:
             stream = self._per_site(ctx, TASK_TRAIN, sealed, rnd, spec)
