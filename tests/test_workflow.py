@@ -212,3 +212,38 @@ def test_unreachable_minimum_is_not_called_a_deadline() -> None:
     with pytest.raises(NotEnoughResults) as err:
         FedAvg(1, 3).run(_ctx(ScriptedComm(SITES, behaviour)), INITIAL)
     assert "not waiting for site-2, site-3: the minimum can no longer be reached" in str(err.value)
+
+
+def test_a_result_is_dropped_as_soon_as_it_is_aggregated() -> None:
+    """A large result is a model-sized buffer: the round must not keep it while it waits for
+    the next one."""
+    import gc
+    import weakref
+
+    sent: list[weakref.ref] = []
+    alive_at_next: list[int] = []
+
+    def behaviour(site: str, task: Task):
+        def make() -> TaskResult:
+            result = _ok(site, task, shift=1.0, steps=1)
+            sent.append(weakref.ref(result.model.params["w"]))  # type: ignore[union-attr]
+            return result
+
+        return 0.05 * SITES.index(site), make
+
+    class Watching(ScriptedComm):
+        def broadcast(self, task: Task, targets: Sequence[str]) -> ScriptedStream:
+            stream = super().broadcast(task, targets)
+            inner = stream.next
+
+            def next_(timeout: float | None) -> TaskResult | None:
+                gc.collect()
+                alive_at_next.append(sum(r() is not None for r in sent))
+                return inner(timeout)
+
+            stream.next = next_  # type: ignore[method-assign]
+            return stream
+
+    FedAvg(1, 3).run(_ctx(Watching(SITES, behaviour)), INITIAL)
+    assert len(sent) == 3
+    assert alive_at_next and max(alive_at_next) == 0

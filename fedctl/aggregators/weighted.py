@@ -129,6 +129,16 @@ def check_finite(params: Mapping[str, torch.Tensor], what: str) -> None:
             raise AggregateUnusable(f"{what} has NaN or infinite values in {name!r}")
 
 
+def _abs_max(t: torch.Tensor) -> float:
+    """max |t| in one read pass, without a temporary the size of ``t`` (NaN if t has NaN)."""
+    import torch
+
+    if not t.numel():
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    return float(torch.maximum(lo.neg(), hi))
+
+
 class WeightedAggregator:
     """Running weighted mean over results of one round; see the module docstring."""
 
@@ -165,6 +175,8 @@ class WeightedAggregator:
         validate: bool = True,
     ) -> None:
         """Fold one site's update in; rejects the whole update (adding none of it) if invalid."""
+        import torch
+
         if validate:
             check_update(self.global_params, params, weight, params_type)
         if self._broken is not None:
@@ -178,8 +190,12 @@ class WeightedAggregator:
             for name, t in params.items():
                 acc = self._acc.get(name)
                 if acc is None:
-                    # copy=True: never scale the sender's tensor in place (maybe shared memory)
-                    acc = self._acc[name] = t.to(self._acc_dtype(t), copy=True).mul_(weight)
+                    # a new tensor: never scale the sender's in place (maybe shared memory);
+                    # one pass when the dtype is kept
+                    dtype = self._acc_dtype(t)
+                    acc = self._acc[name] = (
+                        torch.mul(t, weight) if t.dtype == dtype else t.to(dtype).mul_(weight)
+                    )
                 else:
                     acc.add_(t, alpha=weight)
                 self._w[name] = self._w.get(name, 0.0) + weight
@@ -223,7 +239,7 @@ class WeightedAggregator:
             ):
                 continue
             limit = torch.finfo(acc_dtype).max
-            bound = self._bounds.get(name, 0.0) + weight * float(t.abs().max())
+            bound = self._bounds.get(name, 0.0) + weight * _abs_max(t)
             if bound > limit:
                 acc = self._acc.get(name)
                 trial = t.to(acc_dtype) * weight if acc is None else acc + t.to(acc_dtype) * weight

@@ -271,6 +271,8 @@ class WorkflowContext:
                 if self.clock is not None:  # a synchronous round ends with its last result
                     self.clock.advance_to(stream.finish.get(result.site))
                 self._take(result, on_result, outcome, round_, phase)
+                # drop it now, not at the next wait: a large result is a model-sized mapping
+                del result
                 if min_at is None and len(outcome.accepted) >= policy.min_responses:
                     min_at = time.monotonic()
                 if len(outcome.accepted) + len(stream.pending) < policy.min_responses:
