@@ -207,7 +207,7 @@ def available_cpus() -> int:
 
 
 def fed1_workers(case: dict[str, Any]) -> int:
-    """The workers fedctl's default pool has for ``case``."""
+    """The workers fedctl's default pool has for ``case`` (a small model's: one per CPU)."""
     return case.get("workers") or max(1, min(case["clients"], available_cpus()))
 
 
@@ -514,7 +514,7 @@ def main() -> int:
         report["c"]["snapshot"] = snap
         if args.variants:
             for label, extra in (
-                ("workers=1", {"workers": 1}),
+                ("workers=2", {"workers": 2}),
                 ("backend=ray", {"backend": "ray"}),
                 ("backend=local", {"backend": "local"}),
             ):

@@ -240,6 +240,37 @@ def test_fit_workers_keeps_the_estimated_peak_in_the_memory_available() -> None:
     assert fit_workers(2, 4 * gb, 16 * gb) == 1  # never fewer than one
 
 
+def test_a_large_model_trains_one_site_per_four_cpus() -> None:
+    from fedctl.sim.env import LARGE_MODEL_BYTES, large_model_workers
+
+    assert large_model_workers(2, LARGE_MODEL_BYTES - 1, 2) == 2  # below: one site per CPU
+    assert large_model_workers(2, LARGE_MODEL_BYTES, 2) == 1
+    assert large_model_workers(8, LARGE_MODEL_BYTES, 8) == 2
+    assert large_model_workers(8, 10 * LARGE_MODEL_BYTES, 64) == 8  # never more than asked
+    assert large_model_workers(1, LARGE_MODEL_BYTES, 1) == 1  # at least one
+
+
+def test_a_large_models_run_says_why_it_has_fewer_workers(
+    toy_recipe, tmp_path, monkeypatch
+) -> None:
+    import fedctl.sim.env as sim_env
+    import fedctl.sim.runner as runner
+
+    monkeypatch.setattr(sim_env, "LARGE_MODEL_BYTES", 1)  # the toy model counts as large
+    monkeypatch.setattr(runner, "available_cpus", lambda: 2)
+    env = SimEnv(num_clients=3, backend="process", workspace=tmp_path, display="none")
+    assert env.resolved_workers() == 2
+    run = toy_recipe.run(env)
+    assert run.ok, run.reason
+    assert run.extra["workers"] == 1
+    log = (run.result_dir / "run.log").read_text()
+    assert "1 worker, not 2: a 0.0 GB model trains one site per 4 CPUs, on their threads" in log
+    chosen = toy_recipe.run(
+        SimEnv(num_clients=3, workers=2, backend="process", workspace=tmp_path, display="none")
+    )
+    assert chosen.extra["workers"] == 2  # what the user chose is kept
+
+
 def test_a_model_too_large_for_every_worker_gets_fewer(toy_recipe, tmp_path, monkeypatch) -> None:
     import fedctl.sim.runner as runner
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 #: a training site holds about this many copies of the model at once (its model, its gradients,
-#: the result it sends); the driver about three (the global model and a float64 running sum)
+#: the result it sends); the driver about three (the global model, the running sum, a result)
 SITE_MODEL_COPIES = 3
 DRIVER_MODEL_COPIES = 3
 #: what a worker process costs besides models (Python, torch)
@@ -34,6 +34,24 @@ def fit_workers(workers: int, model_bytes: int, available: int) -> int:
     return max(1, min(workers, int(budget // per_worker)))
 
 
+#: a model at least this large trains one site per LARGE_MODEL_CPUS CPUs, on their threads
+LARGE_MODEL_BYTES = 256 * 2**20
+LARGE_MODEL_CPUS = 4
+
+
+def large_model_workers(workers: int, model_bytes: int, cpus: int) -> int:
+    """At most ``workers``; for a model of ``LARGE_MODEL_BYTES`` or more, one worker per
+    ``LARGE_MODEL_CPUS`` CPUs (at least one).
+
+    A large model's matrix products keep several threads busy, so a site that has the CPUs'
+    threads trains nearly as fast as sites side by side on one thread each, while every site
+    training at once adds about ``SITE_MODEL_COPIES`` copies of the model to the run's memory
+    (docs/simulation.md, "Memory", has the figures)."""
+    if model_bytes < LARGE_MODEL_BYTES:
+        return workers
+    return max(1, min(workers, cpus // LARGE_MODEL_CPUS))
+
+
 #: the simulator's worker pools (``SimEnv.backend``)
 BACKENDS = ("auto", "process", "ray", "local")
 
@@ -43,10 +61,11 @@ class SimEnv:
     """Simulation environment.
 
     ``num_clients`` virtual sites (``site-1`` … ``site-N``) run on a pool of ``workers`` processes
-    (default min(num_clients, CPUs), fewer when the model is too large for that many to train at
-    once in the memory available: see :func:`fit_workers`). ``resident`` keeps each site's
-    script alive across rounds; by default it is on when there are no more sites than workers
-    (see docs/simulation.md).
+    (default min(num_clients, CPUs); fewer for a model of 256 MiB or more, which trains one site
+    per 4 CPUs on their threads (:func:`large_model_workers`), and fewer when the model is too
+    large for that many to train at once in the memory available (:func:`fit_workers`)).
+    ``resident`` keeps each site's script alive across rounds; by default it is on when there
+    are no more sites than workers (see docs/simulation.md).
     ``backend`` chooses the pool: ``"process"`` (worker processes forked on this machine, no
     Ray), ``"ray"`` (Ray actors: a Ray started on 127.0.0.1, or the cluster at ``ray_address``),
     ``"local"`` (everything in this process, one worker, for debugging) or ``"auto"`` (the

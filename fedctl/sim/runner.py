@@ -22,7 +22,13 @@ from fedctl.recipe.base import Recipe
 from fedctl.recipe.jobfolder import load_job
 from fedctl.recipe.registry import check_recipe, server_code_refusal
 from fedctl.recipe.runner import run_workflow
-from fedctl.sim.env import SITE_MODEL_COPIES, SimEnv, fit_workers
+from fedctl.sim.env import (
+    LARGE_MODEL_CPUS,
+    SITE_MODEL_COPIES,
+    SimEnv,
+    fit_workers,
+    large_model_workers,
+)
 from fedctl.sim.pool import (
     START_TIMEOUT,
     LocalPool,
@@ -164,6 +170,10 @@ def _model_bytes(job: Any) -> int:
     return 0
 
 
+def _workers(n: int) -> str:
+    return f"{n} {'worker' if n == 1 else 'workers'}"
+
+
 def _available_memory() -> int:
     """Bytes of memory available to a new run on this machine."""
     import psutil
@@ -264,14 +274,24 @@ def _simulate(
     }
     sites = [s for s in all_sites if s not in refused]
     workers = env.resolved_workers()
-    memory_note = None
+    memory_notes: list[str] = []
     if env.workers is None and not env.ray_address and backend != "local":
         model_bytes = _model_bytes(job)
+        cpus = available_cpus()
+        large = large_model_workers(workers, model_bytes, cpus)
+        if large < workers:
+            memory_notes.append(
+                f"{_workers(large)}, not {workers}: a {model_bytes / 1e9:.1f} GB model trains "
+                f"one site per {LARGE_MODEL_CPUS} CPUs, on their threads; each site training at "
+                f"once would add about {SITE_MODEL_COPIES * model_bytes / 1e9:.1f} GB "
+                "(SimEnv(workers=...) chooses)"
+            )
+            workers = large
         available = _available_memory()
         fitted = fit_workers(workers, model_bytes, available)
         if fitted < workers:
-            memory_note = (
-                f"{fitted} {'worker' if fitted == 1 else 'workers'}, not {workers}: a site "
+            memory_notes.append(
+                f"{_workers(fitted)}, not {workers}: a site "
                 f"training a {model_bytes / 1e9:.1f} GB model needs about "
                 f"{SITE_MODEL_COPIES * model_bytes / 1e9:.1f} GB and {available / 1e9:.1f} GB "
                 "is available (SimEnv(workers=...) chooses)"
@@ -292,16 +312,13 @@ def _simulate(
         args=job.to_spec(),
         mode="simulation",
     )
-    title = (
-        f"{job.name} · simulation · {len(sites)} sites on {workers} "
-        f"{'worker' if workers == 1 else 'workers'}"
-    )
+    title = f"{job.name} · simulation · {len(sites)} sites on {_workers(workers)}"
     display = Display(title, job.num_rounds, env.display)
     store.log(f"{title}; job {job_id}; seed {env.seed}; {'resident' if resident else 'per-round'}")
     for site, why in refused.items():
         store.log(f"{site} refused the job: {why}")
-    if memory_note:
-        store.log(memory_note)
+    for note in memory_notes:
+        store.log(note)
     warnings = []
     refusal = server_code_refusal(job)
     if refusal:
