@@ -286,3 +286,25 @@ def test_a_model_too_large_for_every_worker_gets_fewer(toy_recipe, tmp_path, mon
         SimEnv(num_clients=3, workers=2, backend="process", workspace=tmp_path, display="none")
     )
     assert chosen.extra["workers"] == 2  # what the user chose is kept
+
+
+def test_a_dead_drivers_old_folder_is_removed_and_live_or_recent_ones_kept(tmp_path) -> None:
+    import subprocess
+
+    from fedctl.sim.procs import STALE_AFTER, remove_stale
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID that no longer runs
+    old = time.time() - STALE_AFTER - 60
+    dead_old = tmp_path / f"fedctl-{gone.pid}-abc"
+    dead_recent = tmp_path / f"fedctl-{gone.pid}-def"
+    alive_old = tmp_path / f"fedctl-{os.getpid()}-ghi"
+    other = tmp_path / "fedctl-notapid-jkl"
+    for d in (dead_old, dead_recent, alive_old, other):
+        d.mkdir()
+        (d / "model").write_bytes(b"x" * 10)
+    for d in (dead_old, alive_old, other):
+        os.utime(d, (old, old))
+    assert remove_stale(tmp_path) == [dead_old]
+    assert not dead_old.exists()
+    assert dead_recent.exists() and alive_old.exists() and other.exists()
