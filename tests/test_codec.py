@@ -245,6 +245,34 @@ def test_lazy_tensor_file_reads_on_access_and_can_delete_itself(tmp_path) -> Non
     assert not path.exists()
 
 
+def test_lazy_tensor_file_maps_large_tensors_copy_on_write(tmp_path, monkeypatch) -> None:
+    """Large tensors are views of a private mapping: same values as a read, wherever they sit
+    in the file (odd offsets included), a write never reaches the file, and they outlive it."""
+    import gc
+
+    path = tmp_path / "m.safetensors"
+    src = {
+        "a": torch.arange(3, dtype=torch.int8),  # 3 bytes: what follows starts unaligned
+        "b": torch.linspace(-1, 1, 1000),
+        "c": torch.randn(7, 5).to(torch.bfloat16),
+        "d": torch.arange(9, dtype=torch.float64),
+        "e": torch.zeros(0),
+    }
+    tf.save_file(src, path)
+    read = tf.load_file(path)[0]
+    monkeypatch.setattr(tf, "LAZY_MAP_BYTES", 1)  # map every tensor, however small
+    lazy = tf.LazyTensorFile(path, delete=True)
+    mapped = {n: lazy[n] for n in lazy}
+    for name, t in src.items():
+        assert mapped[name].dtype == t.dtype and torch.equal(mapped[name], read[name]), name
+    mapped["b"].add_(5.0)  # the script's (or a filter's) own copy
+    assert torch.equal(lazy["b"], src["b"]) and torch.equal(tf.load_file(path)[0]["b"], src["b"])
+    del lazy
+    gc.collect()
+    assert not path.exists()  # removed with its last reader; the tensors stay valid
+    assert torch.equal(mapped["d"], src["d"]) and torch.equal(mapped["b"], src["b"] + 5.0)
+
+
 def test_lazy_tensor_file_checks_its_header_against_the_file(tmp_path) -> None:
     path = tmp_path / "m.safetensors"
     tf.save_file({"w": torch.ones(100)}, path)
