@@ -17,6 +17,51 @@ from typing import Any
 BLOCK = 1 << 20
 
 
+class BackgroundSHA256:
+    """SHA-256 of pieces handed over in order, computed on a thread of its own while the caller
+    writes or sends them (hashlib lets go of the GIL for large pieces, so the two overlap).
+
+    A piece must not change until :meth:`hexdigest` returns. Use as a context manager, or call
+    :meth:`hexdigest` (or :meth:`close`) in every path: the thread ends with it."""
+
+    def __init__(self, depth: int = 8) -> None:
+        import queue
+        import threading
+
+        self._h = hashlib.sha256()
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (piece := self._q.get()) is not None:
+            self._h.update(piece)
+
+    def update(self, piece: bytes | memoryview) -> None:
+        """Hash ``piece`` after the ones before it."""
+        self._q.put(piece)
+
+    def hexdigest(self) -> str:
+        """The hex digest of everything handed over (waits for the thread)."""
+        if self._digest is None:
+            self.close()
+            self._digest = self._h.hexdigest()
+        return self._digest
+
+    def close(self) -> None:
+        """Stop the thread (after what was handed over)."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> BackgroundSHA256:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -24,6 +24,38 @@ def test_frame_round_trip_and_limits() -> None:
         frames.encode({"t": "x"}, b"\0" * (frames.CHUNK + 1))
 
 
+def test_decode_view_gives_the_payload_without_a_copy() -> None:
+    raw = frames.encode({"t": "chunk"}, b"abc" * 1000)
+    header, view = frames.decode_view(raw)
+    assert header == {"t": "chunk"} and isinstance(view, memoryview) and view.readonly
+    assert view.obj is raw and bytes(view) == frames.decode(raw)[1]  # same bytes, not copied
+    msg, payload = protocol.decode_chunk(raw)
+    assert isinstance(msg, protocol.Chunk) and payload.obj is raw
+    with pytest.raises(frames.FrameError, match="unexpected message type 'push'"):
+        protocol.decode_chunk(protocol.encode(protocol.Push("j", "t", 1)))
+    with pytest.raises(frames.FrameError, match="bad magic"):
+        frames.decode_view(b"XX\x01\x00\x02\x00\x00\x00{}")
+
+
+def test_background_sha256_equals_hashlib_and_always_stops_its_thread() -> None:
+    import hashlib
+    import threading
+
+    from fedctl._fs import BackgroundSHA256
+
+    pieces = [b"a" * 5000, memoryview(b"b" * 70000), b"", bytes(range(256)) * 99]
+    expected = hashlib.sha256(b"".join(bytes(p) for p in pieces)).hexdigest()
+    before = threading.active_count()
+    h = BackgroundSHA256(depth=2)
+    for p in pieces:
+        h.update(p)
+    assert h.hexdigest() == expected and h.hexdigest() == expected  # idempotent
+    with pytest.raises(RuntimeError), BackgroundSHA256() as h2:
+        h2.update(b"x")
+        raise RuntimeError("the writer failed")
+    assert threading.active_count() == before  # both threads ended
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

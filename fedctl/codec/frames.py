@@ -46,6 +46,20 @@ def decode(
     data: bytes | memoryview, expect: set[str] | None = None
 ) -> tuple[dict[str, Any], bytes]:
     """(header, payload) of one frame; ``expect`` limits the accepted message types."""
+    header, start = _split(data, expect)
+    return header, bytes(data[start:])
+
+
+def decode_view(
+    data: bytes | memoryview, expect: set[str] | None = None
+) -> tuple[dict[str, Any], memoryview]:
+    """:func:`decode` with the payload as a read-only view of ``data`` (no copy)."""
+    header, start = _split(data, expect)
+    return header, memoryview(data).toreadonly()[start:]
+
+
+def _split(data: bytes | memoryview, expect: set[str] | None) -> tuple[dict[str, Any], int]:
+    """The checked header of one frame and where its payload starts."""
     if len(data) < PREFIX.size:
         raise FrameError("frame shorter than its prefix")
     if len(data) > MAX_FRAME:
@@ -65,7 +79,7 @@ def decode(
         raise FrameError("frame header must be an object with a string 't'")
     if expect is not None and header["t"] not in expect:
         raise FrameError(f"unexpected message type {header['t']!r}")
-    return header, bytes(data[PREFIX.size + hlen :])
+    return header, PREFIX.size + hlen
 
 
 class FrameSocket:

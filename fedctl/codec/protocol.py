@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedctl.codec import frames
 from fedctl.codec.messages import (
     Message,
     Name,
@@ -274,6 +275,12 @@ class End(Message):
 
     size: int
     sha256: Name
+
+
+def decode_chunk(data: bytes | memoryview) -> tuple[Chunk | End, memoryview]:
+    """A file transfer's next frame (a chunk, or the end), its payload a view (no copy)."""
+    header, payload = frames.decode_view(data)
+    return parse(header, Chunk, End), payload
 
 
 @kind("ok", TRANSFER, "server → site")

@@ -58,11 +58,13 @@ def save_file_hashed(
     *,
     durable: bool = True,
 ) -> tuple[int, str]:
-    """:func:`save_file` that also returns the file's size and SHA-256 (computed while writing)."""
-    import hashlib
+    """:func:`save_file` that also returns the file's size and SHA-256 (computed on another
+    thread while writing)."""
+    from fedctl._fs import BackgroundSHA256
 
-    h = hashlib.sha256()
-    return _write(tensors, Path(path), metadata, durable, h), h.hexdigest()
+    with BackgroundSHA256() as h:
+        size = _write(tensors, Path(path), metadata, durable, h)
+        return size, h.hexdigest()
 
 
 def _write(

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl._fs import BackgroundSHA256
 from fedctl.codec import frames, protocol
 from fedctl.codec.protocol import Chunk, End, Message
 
@@ -127,12 +128,11 @@ def receive_file(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    h = hashlib.sha256()
     size = 0
     try:
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out, BackgroundSHA256() as h:
             for raw in messages:
-                msg, payload = protocol.decode(raw, Chunk, End)
+                msg, payload = protocol.decode_chunk(raw)
                 if isinstance(msg, Chunk):
                     size += len(payload)
                     if size > max_bytes:
