@@ -93,6 +93,26 @@ def _scalars(acc: Any, tag: str) -> list[tuple[int, float]]:
 # ---------------------------------------------------------------------------- TensorBoard
 
 
+def test_tensorboard_sites_taking_turns_keep_one_event_file_each(tmp_path) -> None:
+    """More sites than open files: a site's file is reopened and appended to, not replaced by
+    a new one per round (1,000 sites used to make 1,000 files a round)."""
+    from fedctl.tracking.sinks import RunInfo
+    from fedctl.tracking.tensorboard import TensorBoardSink
+
+    sink = TensorBoardSink(max_open=2)
+    sink.open(RunInfo(root=tmp_path, job_id="j", name="n", kind="fedavg", args={}, mode="sim"))
+    for step in range(4):
+        for site in ("site-1", "site-2", "site-3"):
+            sink.scalars(site, step, {"loss": step + int(site[-1]) / 10}, 1000.0 + step)
+    sink.close("FINISHED")
+    for site in ("site-1", "site-2", "site-3"):
+        files = list((tmp_path / "tb" / site).iterdir())
+        assert len(files) == 1, files
+        acc = _events(tmp_path / "tb" / site)
+        expected = [(step, pytest.approx(step + int(site[-1]) / 10)) for step in range(4)]
+        assert _scalars(acc, "loss") == expected
+
+
 def test_tensorboard_event_files_hold_each_sites_scalars(tracked, tmp_path) -> None:
     run = _run(tracked, tmp_path)
     tb = run.result_dir / "tb"

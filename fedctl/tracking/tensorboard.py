@@ -5,7 +5,8 @@ and what its script recorded, so ``tensorboard --logdir <run>/tb`` draws the glo
 every site's side by side (same tag, one colour per run). Written with the ``tensorboard``
 package's own record writer and protocol buffers (``pip install 'fedctl[tensorboard]'``),
 synchronously on the sinks' thread: no writer thread per site, and at most
-:data:`MAX_OPEN` event files open at once (a site whose file was closed gets a new one).
+:data:`MAX_OPEN` event files open at once (a site whose file was closed appends to it when it
+is opened again: one event file per scope and run, however many sites take turns).
 """
 
 from __future__ import annotations
@@ -26,19 +27,18 @@ MAX_OPEN = 128
 
 
 class _EventFile:
-    """One ``events.out.tfevents.*`` file."""
+    """One ``events.out.tfevents.*`` file: created with its version record, or reopened to
+    append (records are self-delimiting, so a file read later holds both parts in order)."""
 
-    def __init__(self, folder: Path, seq: int) -> None:
+    def __init__(self, path: Path, new: bool) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.summary.writer.record_writer import RecordWriter
 
-        folder.mkdir(parents=True, exist_ok=True)
-        name = (
-            f"events.out.tfevents.{int(time.time()):010d}.{safe_name(socket.gethostname())}."
-            f"{os.getpid()}.{seq:06d}"
-        )
-        self._writer = RecordWriter(open(folder / name, "wb"))  # noqa: SIM115
-        self._write(Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
+        if new:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = RecordWriter(open(path, "wb" if new else "ab"))  # noqa: SIM115
+        if new:
+            self._write(Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
 
     def _write(self, event: Any) -> None:
         self._writer.write(event.SerializeToString())
@@ -65,7 +65,10 @@ class TensorBoardSink(Sink):
         self.max_open = max_open
         self.root: Path | None = None
         self._files: OrderedDict[str, _EventFile] = OrderedDict()
+        #: every scope's event file, open or not
+        self._paths: dict[str, Path] = {}
         self._seq = itertools.count()
+        self._host = safe_name(socket.gethostname())
 
     def where(self) -> str:
         return "tb/"
@@ -89,7 +92,14 @@ class TensorBoardSink(Sink):
         while len(self._files) >= self.max_open:
             _, old = self._files.popitem(last=False)
             old.close()
-        fh = self._files[scope] = _EventFile(self.folder(scope), next(self._seq))
+        path = self._paths.get(scope)
+        if path is None:
+            name = f"events.out.tfevents.{int(time.time()):010d}.{self._host}.{os.getpid()}"
+            path = self._paths[scope] = self.folder(scope) / f"{name}.{next(self._seq):06d}"
+            fh = _EventFile(path, new=True)
+        else:
+            fh = _EventFile(path, new=False)
+        self._files[scope] = fh
         return fh
 
     def scalars(self, scope: str, step: int, values: dict[str, float], wall_time: float) -> None:
