@@ -250,38 +250,30 @@ def test_a_large_model_trains_one_site_per_four_cpus() -> None:
     assert large_model_workers(1, LARGE_MODEL_BYTES, 1) == 1  # at least one
 
 
-def test_a_large_models_run_says_why_it_has_fewer_workers(
-    toy_recipe, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("why", "line"),
+    [
+        ("large model", "1 worker, not 2: a 0.0 GB model trains one site per 4 CPUs"),
+        ("little memory", "1 worker, not 2: a site training a 0.0 GB model needs about"),
+    ],
+)
+def test_a_run_with_fewer_workers_says_why_and_keeps_an_explicit_choice(
+    why, line, toy_recipe, tmp_path, monkeypatch
 ) -> None:
     import fedctl.sim.env as sim_env
     import fedctl.sim.runner as runner
 
-    monkeypatch.setattr(sim_env, "LARGE_MODEL_BYTES", 1)  # the toy model counts as large
     monkeypatch.setattr(runner, "available_cpus", lambda: 2)
+    if why == "large model":
+        monkeypatch.setattr(sim_env, "LARGE_MODEL_BYTES", 1)  # the toy model counts as large
+    else:
+        monkeypatch.setattr(runner, "_available_memory", lambda: 300 * 2**20)
     env = SimEnv(num_clients=3, backend="process", workspace=tmp_path, display="none")
     assert env.resolved_workers() == 2
     run = toy_recipe.run(env)
     assert run.ok, run.reason
     assert run.extra["workers"] == 1
-    log = (run.result_dir / "run.log").read_text()
-    assert "1 worker, not 2: a 0.0 GB model trains one site per 4 CPUs, on their threads" in log
-    chosen = toy_recipe.run(
-        SimEnv(num_clients=3, workers=2, backend="process", workspace=tmp_path, display="none")
-    )
-    assert chosen.extra["workers"] == 2  # what the user chose is kept
-
-
-def test_a_model_too_large_for_every_worker_gets_fewer(toy_recipe, tmp_path, monkeypatch) -> None:
-    import fedctl.sim.runner as runner
-
-    monkeypatch.setattr(runner, "_available_memory", lambda: 300 * 2**20)
-    env = SimEnv(num_clients=3, backend="process", workspace=tmp_path, display="none")
-    assert env.resolved_workers() == 2
-    run = toy_recipe.run(env)
-    assert run.ok, run.reason
-    assert run.extra["workers"] == 1
-    log = (run.result_dir / "run.log").read_text()
-    assert "1 worker, not 2: a site training a 0.0 GB model" in log
+    assert line in (run.result_dir / "run.log").read_text()
     chosen = toy_recipe.run(
         SimEnv(num_clients=3, workers=2, backend="process", workspace=tmp_path, display="none")
     )

@@ -170,6 +170,31 @@ def _model_bytes(job: Any) -> int:
     return 0
 
 
+def _sized_pool(workers: int, model_bytes: int) -> tuple[int, list[str]]:
+    """The default pool's size for a model of ``model_bytes`` (at most ``workers``: see
+    :class:`SimEnv`), and why it is smaller, for the run log."""
+    gb, site_gb = model_bytes / 1e9, SITE_MODEL_COPIES * model_bytes / 1e9
+    notes: list[str] = []
+
+    def fewer(n: int, why: str) -> int:
+        if n < workers:
+            notes.append(f"{_workers(n)}, not {workers}: {why} (SimEnv(workers=...) chooses)")
+        return min(n, workers)
+
+    workers = fewer(
+        large_model_workers(workers, model_bytes, available_cpus()),
+        f"a {gb:.1f} GB model trains one site per {LARGE_MODEL_CPUS} CPUs, on their threads; "
+        f"each site training at once would add about {site_gb:.1f} GB",
+    )
+    available = _available_memory()
+    workers = fewer(
+        fit_workers(workers, model_bytes, available),
+        f"a site training a {gb:.1f} GB model needs about {site_gb:.1f} GB and "
+        f"{available / 1e9:.1f} GB is available",
+    )
+    return workers, notes
+
+
 def _workers(n: int) -> str:
     return f"{n} {'worker' if n == 1 else 'workers'}"
 
@@ -276,27 +301,7 @@ def _simulate(
     workers = env.resolved_workers()
     memory_notes: list[str] = []
     if env.workers is None and not env.ray_address and backend != "local":
-        model_bytes = _model_bytes(job)
-        cpus = available_cpus()
-        large = large_model_workers(workers, model_bytes, cpus)
-        if large < workers:
-            memory_notes.append(
-                f"{_workers(large)}, not {workers}: a {model_bytes / 1e9:.1f} GB model trains "
-                f"one site per {LARGE_MODEL_CPUS} CPUs, on their threads; each site training at "
-                f"once would add about {SITE_MODEL_COPIES * model_bytes / 1e9:.1f} GB "
-                "(SimEnv(workers=...) chooses)"
-            )
-            workers = large
-        available = _available_memory()
-        fitted = fit_workers(workers, model_bytes, available)
-        if fitted < workers:
-            memory_notes.append(
-                f"{_workers(fitted)}, not {workers}: a site "
-                f"training a {model_bytes / 1e9:.1f} GB model needs about "
-                f"{SITE_MODEL_COPIES * model_bytes / 1e9:.1f} GB and {available / 1e9:.1f} GB "
-                "is available (SimEnv(workers=...) chooses)"
-            )
-            workers = fitted
+        workers, memory_notes = _sized_pool(workers, _model_bytes(job))
     resident = env.resident if env.resident is not None else len(sites) <= workers
     store = RunStore(
         run_dir,
