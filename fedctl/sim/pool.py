@@ -9,6 +9,8 @@ turned into results as they arrive. Dispatch is pull-based (it happens inside
 
 Batches amortise the per-call cost of Ray (≈ 0.6 ms) over many small sites; their size is
 capped by model bytes so that at most ~16 MiB of results wait in the object store per worker.
+For small models a worker also has its next batch queued while it runs one (:data:`DEPTH`), so
+it does not wait while the driver takes in and aggregates the batch it just finished.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from fedctl.workflows.clock import DROPPED, VirtualClock
 
 BATCH_BYTES = 16 * 1024 * 1024
 MAX_BATCH = 32
+#: batches a worker has at once (the one it runs, and the next) when a model is small enough
+#: that a finished batch's results and a running one stay within BATCH_BYTES; larger models
+#: keep one, so a result is never held while the next site trains (memory of large models)
+DEPTH = 2
 START_TIMEOUT = 300.0
 
 
@@ -342,7 +348,8 @@ class SimCommunicator(Communicator):
         self.index = {s: i for i, s in enumerate(all_sites if all_sites is not None else sites)}
         self.resident = resident
         self.streams: list[SimStream] = []
-        self.busy: dict[int, _Batch] = {}
+        #: each worker's batches, in the order it runs them (at most DEPTH)
+        self.busy: dict[int, list[_Batch]] = {}
         self._seq = 0
 
     def sites(self) -> list[str]:
@@ -392,57 +399,80 @@ class SimCommunicator(Communicator):
 
     def _dispatch(self) -> None:
         for w in range(self.pool.size):
-            if w in self.busy:
-                continue
-            for stream in self.streams:
-                if stream.cancelled:
-                    continue
-                sites = stream.take_batch(w)
-                if sites:
-                    task = stream.task
-                    items = [WorkItem(s, self.index[s], task, task.site_meta.get(s)) for s in sites]
-                    token = self.pool.submit(w, items, stream.model_id, [stream.handle])
-                    self.busy[w] = _Batch(w, stream, items, token)
-                    break
+            while self._dispatch_one(w):
+                pass
+
+    def _dispatch_one(self, w: int) -> bool:
+        """Give worker ``w`` one more batch if it has room (False: it has none, or no site is
+        left for it)."""
+        queued = self.busy.get(w, [])
+        if queued:  # a next batch only of the same stream, and only for small models
+            stream = queued[-1].stream
+            depth = DEPTH if stream.model_bytes * DEPTH <= BATCH_BYTES else 1
+            if len(queued) >= depth or stream.cancelled:
+                return False
+            candidates = [stream]
+        else:
+            candidates = [s for s in self.streams if not s.cancelled]
+        for stream in candidates:
+            sites = stream.take_batch(w)
+            if sites:
+                task = stream.task
+                items = [WorkItem(s, self.index[s], task, task.site_meta.get(s)) for s in sites]
+                token = self.pool.submit(w, items, stream.model_id, [stream.handle])
+                self.busy.setdefault(w, []).append(_Batch(w, stream, items, token))
+                return True
+        return False
 
     def _poll(self, timeout: float) -> None:
         if not self.busy:
             time.sleep(min(timeout, 0.01))
             return
-        by_token = {id(b.token): b for b in self.busy.values()}
-        done = self.pool.wait([b.token for b in self.busy.values()], timeout)
+        # a worker runs its batches in order: the first one's token says when it is done
+        running = {id(b[0].token): b[0] for b in self.busy.values()}
+        done = self.pool.wait([b.token for b in running.values()], timeout)
+        finished = []
         for token in done:
-            batch = by_token[id(token)]
-            del self.busy[batch.worker]
-            self._complete(batch)
+            batch = running[id(token)]
+            queued = self.busy[batch.worker]
+            queued.pop(0)
+            if not queued:
+                del self.busy[batch.worker]
+            finished.append((batch, self._collect(batch)))
         if done:
-            self._dispatch()  # keep workers busy while the caller aggregates these results
+            self._dispatch()  # keep workers busy while their results are taken in and aggregated
+        for batch, results in finished:
+            for result, handle in results:
+                if batch.stream.cancelled:
+                    continue  # late: dropped, its object freed with the handle
+                if handle is not None and result.model is not None:
+                    result.model.params = self.pool.transport.get(handle)
+                batch.stream.deliver(result)
 
-    def _complete(self, batch: _Batch) -> None:
+    def _collect(self, batch: _Batch) -> list[tuple[TaskResult, Any]]:
+        """A finished batch's results; if its worker died, every batch it had fails (the
+        worker is replaced) and no results come."""
         try:
-            results = self.pool.result(batch.token)
+            return self.pool.result(batch.token)
         except WorkerDied as exc:
+            lost = [batch, *self.busy.pop(batch.worker, [])]
             self.pool.restart(batch.worker)
-            for item in batch.items:
-                if not batch.stream.cancelled:
-                    batch.stream.deliver(
-                        TaskResult(
-                            item.site, item.task.task_id, error=f"worker process died: {exc}"
+            for each in lost:
+                for item in each.items:
+                    if not each.stream.cancelled:
+                        each.stream.deliver(
+                            TaskResult(
+                                item.site, item.task.task_id, error=f"worker process died: {exc}"
+                            )
                         )
-                    )
-            return
-        for result, handle in results:
-            if batch.stream.cancelled:
-                continue  # late: dropped, its object freed with the handle
-            if handle is not None and result.model is not None:
-                result.model.params = self.pool.transport.get(handle)
-            batch.stream.deliver(result)
+            return []
 
     def _cancel(self, stream: SimStream) -> None:
-        """Workers still running the stream's sites are replaced: their results are late."""
-        for w, batch in list(self.busy.items()):
-            if batch.stream is stream:
-                done = self.pool.wait([batch.token], 0)
+        """Workers still running (or holding) the stream's sites are replaced: their results
+        are late."""
+        for w, queued in list(self.busy.items()):
+            if any(b.stream is stream for b in queued):
+                done = len(queued) == 1 and self.pool.wait([queued[0].token], 0)
                 del self.busy[w]
                 if not done:
                     self.pool.restart(w)
