@@ -93,17 +93,22 @@ def _scalars(acc: Any, tag: str) -> list[tuple[int, float]]:
 # ---------------------------------------------------------------------------- TensorBoard
 
 
-def test_tensorboard_sites_taking_turns_keep_one_event_file_each(tmp_path) -> None:
-    """More sites than open files: a site's file is reopened and appended to, not replaced by
-    a new one per round (1,000 sites used to make 1,000 files a round)."""
+@pytest.mark.parametrize("max_pending", [1, 1 << 20])
+def test_tensorboard_keeps_one_event_file_per_site_across_flushes(tmp_path, max_pending) -> None:
+    """Each site's records are appended to its one event file at every flush (1,000 sites once
+    made 1,000 files a round); nothing is written before a flush unless the records held in
+    memory reach ``max_pending`` bytes."""
     from fedctl.tracking.sinks import RunInfo
     from fedctl.tracking.tensorboard import TensorBoardSink
 
-    sink = TensorBoardSink(max_open=2)
+    sink = TensorBoardSink(max_pending=max_pending)
     sink.open(RunInfo(root=tmp_path, job_id="j", name="n", kind="fedavg", args={}, mode="sim"))
     for step in range(4):
         for site in ("site-1", "site-2", "site-3"):
             sink.scalars(site, step, {"loss": step + int(site[-1]) / 10}, 1000.0 + step)
+        if step == 0 and max_pending > 1:  # held in memory until the flush
+            assert not (tmp_path / "tb" / "site-1").exists()
+        sink.flush()
     sink.close("FINISHED")
     for site in ("site-1", "site-2", "site-3"):
         files = list((tmp_path / "tb" / site).iterdir())

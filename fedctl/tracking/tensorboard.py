@@ -3,10 +3,10 @@
 ``tb/global`` holds the server's metrics per round, ``tb/<site>`` each site's result metrics
 and what its script recorded, so ``tensorboard --logdir <run>/tb`` draws the global curve and
 every site's side by side (same tag, one colour per run). Written with the ``tensorboard``
-package's own record writer and protocol buffers (``pip install 'fedctl[tensorboard]'``),
-synchronously on the sinks' thread: no writer thread per site, and at most
-:data:`MAX_OPEN` event files open at once (a site whose file was closed appends to it when it
-is opened again: one event file per scope and run, however many sites take turns).
+package's record framing and protocol buffers (``pip install 'fedctl[tensorboard]'``), on the
+sinks' thread: no writer thread and no open file per site. Records are collected per scope and
+appended to each scope's one event file when the sinks flush (every few seconds, and at the
+end), so 1,000 sites cost one open and one write each per flush, not one per record.
 """
 
 from __future__ import annotations
@@ -15,45 +15,32 @@ import itertools
 import os
 import socket
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from fedctl._fs import safe_name
 from fedctl.tracking.sinks import GLOBAL, Histogram, RunInfo, Sink
 
-#: event files kept open at once (one per scope); the least recently used is closed beyond it
-MAX_OPEN = 128
+#: records held in memory beyond this many bytes are written out before the next flush
+MAX_PENDING = 8 * 1024 * 1024
 
 
-class _EventFile:
-    """One ``events.out.tfevents.*`` file: created with its version record, or reopened to
-    append (records are self-delimiting, so a file read later holds both parts in order)."""
+class _Records:
+    """What a record writer writes to, kept in memory until the sink flushes."""
 
-    def __init__(self, path: Path, new: bool) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.summary.writer.record_writer import RecordWriter
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.nbytes = 0
 
-        if new:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = RecordWriter(open(path, "wb" if new else "ab"))  # noqa: SIM115
-        if new:
-            self._write(Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
-
-    def _write(self, event: Any) -> None:
-        self._writer.write(event.SerializeToString())
-
-    def summary(self, value: Any, step: int, wall_time: float) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        self._write(Event(wall_time=wall_time, step=step, summary=Summary(value=[value])))
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.nbytes += len(data)
 
     def flush(self) -> None:
-        self._writer.flush()
+        """Nothing to do: the sink writes the parts out."""
 
     def close(self) -> None:
-        self._writer.close()
+        """Nothing to do: the sink writes the parts out."""
 
 
 class TensorBoardSink(Sink):
@@ -61,21 +48,29 @@ class TensorBoardSink(Sink):
 
     name = "tensorboard"
 
-    def __init__(self, max_open: int = MAX_OPEN) -> None:
-        self.max_open = max_open
+    def __init__(self, max_pending: int = MAX_PENDING) -> None:
+        self.max_pending = max_pending
         self.root: Path | None = None
-        self._files: OrderedDict[str, _EventFile] = OrderedDict()
-        #: every scope's event file, open or not
+        #: every scope's event file, written yet or not
         self._paths: dict[str, Path] = {}
+        #: records not written yet, by scope (with their framing), and their total size
+        self._pending: dict[str, tuple[Any, _Records]] = {}
+        self._pending_bytes = 0
+        #: scopes whose folder has been made
+        self._made: set[str] = set()
         self._seq = itertools.count()
         self._host = safe_name(socket.gethostname())
+        self._pb: Any = None
 
     def where(self) -> str:
         return "tb/"
 
     def open(self, info: RunInfo) -> None:
-        import tensorboard.compat.proto.summary_pb2  # noqa: F401  (fails now if not installed)
+        # imported here, once: fails now if the extra is not installed, and costs nothing later
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
+        self._pb = (event_pb2.Event, summary_pb2.Summary, RecordWriter)
         self.root = info.root / "tb"
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -84,30 +79,35 @@ class TensorBoardSink(Sink):
         assert self.root is not None
         return self.root / (GLOBAL if scope == GLOBAL else safe_name(scope) or "_")
 
-    def _file(self, scope: str) -> _EventFile:
-        fh = self._files.get(scope)
-        if fh is not None:
-            self._files.move_to_end(scope)
-            return fh
-        while len(self._files) >= self.max_open:
-            _, old = self._files.popitem(last=False)
-            old.close()
-        path = self._paths.get(scope)
-        if path is None:
-            name = f"events.out.tfevents.{int(time.time()):010d}.{self._host}.{os.getpid()}"
-            path = self._paths[scope] = self.folder(scope) / f"{name}.{next(self._seq):06d}"
-            fh = _EventFile(path, new=True)
-        else:
-            fh = _EventFile(path, new=False)
-        self._files[scope] = fh
-        return fh
+    def _summary(self, scope: str, value: Any, step: int, wall_time: float) -> None:
+        event_cls, summary_cls, _ = self._pb
+        self._add(
+            scope, event_cls(wall_time=wall_time, step=step, summary=summary_cls(value=[value]))
+        )
+
+    def _add(self, scope: str, event: Any) -> None:
+        """Frame ``event`` for ``scope``'s event file (a new file starts with its version)."""
+        event_cls, _, record_writer = self._pb
+        entry = self._pending.get(scope)
+        if entry is None:
+            records = _Records()
+            entry = self._pending[scope] = (record_writer(records), records)
+            if scope not in self._paths:
+                name = f"events.out.tfevents.{int(time.time()):010d}.{self._host}.{os.getpid()}"
+                self._paths[scope] = self.folder(scope) / f"{name}.{next(self._seq):06d}"
+                version = event_cls(wall_time=time.time(), step=0, file_version="brain.Event:2")
+                entry[0].write(version.SerializeToString())
+        writer, records = entry
+        before = records.nbytes
+        writer.write(event.SerializeToString())
+        self._pending_bytes += records.nbytes - before
+        if self._pending_bytes >= self.max_pending:
+            self.flush()
 
     def scalars(self, scope: str, step: int, values: dict[str, float], wall_time: float) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        fh = self._file(scope)
+        summary_cls = self._pb[1]
         for tag, value in values.items():
-            fh.summary(Summary.Value(tag=tag, simple_value=value), step, wall_time)
+            self._summary(scope, summary_cls.Value(tag=tag, simple_value=value), step, wall_time)
 
     def text(self, scope: str, tag: str, text: str, step: int, wall_time: float) -> None:
         from tensorboard.compat.proto import types_pb2
@@ -122,7 +122,7 @@ class TensorBoardSink(Sink):
             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]),
         )
         value = Summary.Value(tag=tag, metadata=meta, tensor=tensor)
-        self._file(scope).summary(value, step, wall_time)
+        self._summary(scope, value, step, wall_time)
 
     def histogram(self, scope: str, tag: str, hist: Histogram, step: int, wall_time: float) -> None:
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
@@ -136,13 +136,18 @@ class TensorBoardSink(Sink):
             bucket_limit=hist.bucket_limits,
             bucket=hist.bucket_counts,
         )
-        self._file(scope).summary(Summary.Value(tag=tag, histo=proto), step, wall_time)
+        self._summary(scope, Summary.Value(tag=tag, histo=proto), step, wall_time)
 
     def flush(self) -> None:
-        for fh in self._files.values():
-            fh.flush()
+        """Append each scope's new records to its event file (created with its folder)."""
+        pending, self._pending, self._pending_bytes = self._pending, {}, 0
+        for scope, (_, records) in pending.items():
+            path = self._paths[scope]
+            if scope not in self._made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(scope)
+            with open(path, "ab") as fh:
+                fh.write(b"".join(records.parts))
 
     def close(self, status: str | None) -> None:
-        while self._files:
-            _, fh = self._files.popitem(last=False)
-            fh.close()
+        self.flush()
