@@ -25,6 +25,7 @@ point is moving and aggregating the model, not training it) and sends it back as
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import sys
@@ -35,6 +36,35 @@ from pathlib import Path
 from typing import Any
 
 from bench_sim import tree_pss  # the same measure as the simulator benchmark
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its living descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of each tree, and of the whole machine's idle time ("idle")."""
+    import psutil
+
+    snap = {name: tree_cpu(pid) for name, pid in pids.items()}
+    snap["idle"] = psutil.cpu_times().idle
+    return snap
+
 
 CLIENT = """\
 import torch
@@ -133,6 +163,7 @@ def main() -> int:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         events: list[dict[str, Any]] = []
+        cpu: list[dict[str, float]] = []  # at the start and the end of round 2
         with AdminClient(poc.admin_kit(ws)) as admin:
             t0 = time.monotonic()
             job = admin.submit_recipe(recipe)
@@ -142,6 +173,10 @@ def main() -> int:
                 events.append(ev)
                 if ev.get("event") == "round_completed":
                     stop.set()
+                    if len(cpu) == 1:
+                        cpu.append(cpu_snapshot(pids))
+                if ev.get("event") == "round_started" and stop.is_set() and not cpu:
+                    cpu.append(cpu_snapshot(pids))
                 if ev["t"] == "end":
                     break
             status = admin.status(job["job_id"])
@@ -171,6 +206,14 @@ def main() -> int:
             "written to and read from disk at both ends)"
         )
         print(f"whole job, submit to end: {t_total:.1f} s")
+        if len(cpu) == 2:  # where round 2's CPU time went: the round is CPU-bound or waits
+            used = {k: cpu[1][k] - cpu[0][k] for k in cpu[0]}
+            ncpu = os.cpu_count() or 1
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in used.items() if k != "idle")
+            print(
+                f"round 2 CPU seconds: {parts} (of {ncpu * round_s:.1f} on {ncpu} CPUs; "
+                f"{used['idle']:.1f} idle)"
+            )
         ok = rate >= 400
         print(f"  {'PASS' if ok else 'SHORT':<5} round 2: {rate:.0f} MB/s (target ≥ 400 MB/s)")
         for name, peak in peaks.items():
