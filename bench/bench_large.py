@@ -35,26 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_sim import tree_pss  # the same measure as the simulator benchmark
+from bench_sim import tree_pss, tree_sum  # the same measures as the simulator benchmark
 
 
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) used so far by a process and its living descendants."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return total
+    return tree_sum(pid, lambda p: sum(p.cpu_times()[:2]))
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:

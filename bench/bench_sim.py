@@ -221,8 +221,8 @@ def startup_text(fed: dict[str, Any]) -> str:
     )
 
 
-def tree_pss(pid: int) -> int:
-    """PSS (bytes) of a process and all its descendants; shared pages are counted once."""
+def tree_sum(pid: int, measure: Any) -> float:
+    """``measure(process)`` summed over a process and its living descendants."""
     import psutil
 
     try:
@@ -233,10 +233,15 @@ def tree_pss(pid: int) -> int:
     total = 0
     for p in procs:
         try:
-            total += p.memory_full_info().pss
+            total += measure(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return total
+
+
+def tree_pss(pid: int) -> int:
+    """PSS (bytes) of a process and all its descendants; shared pages are counted once."""
+    return int(tree_sum(pid, lambda p: p.memory_full_info().pss))
 
 
 def measure_tree(
