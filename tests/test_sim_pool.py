@@ -116,3 +116,35 @@ def test_cancelling_a_round_replaces_a_worker_holding_its_sites() -> None:
     stream.cancel()
     assert sorted(pool.restarts) == [0, 1] and not comm.busy
     comm.close()
+
+
+def test_the_local_pool_runs_no_queued_batch_after_a_restart(tmp_path) -> None:
+    """The local backend's thread cannot be killed: a batch queued behind the running one is
+    cancelled when the worker is replaced, so no script runs for a cancelled round."""
+    import threading
+
+    from fedctl.sim.pool import LocalPool
+    from fedctl.sim.worker import WorkerConfig
+
+    (tmp_path / "client.py").write_text("")
+    config = WorkerConfig("j", str(tmp_path), "client.py", "", str(tmp_path), 0, 2, False)
+    pool = LocalPool(config)
+    pool.core.close()
+    started, release, ran = threading.Event(), threading.Event(), []
+
+    class Core:
+        def run_batch(self, items: list[Any], model_id: str, box: list[Any]) -> list[Any]:
+            ran.append(items)
+            started.set()
+            release.wait(10)
+            return []
+
+    pool.core = Core()  # type: ignore[assignment]
+    first = pool.submit(0, ["a"], "m", [])
+    second = pool.submit(0, ["b"], "m", [])
+    assert started.wait(10)
+    pool.restart(0)
+    release.set()
+    assert first.result(timeout=10) == [] and second.cancelled()
+    assert ran == [["a"]]
+    pool.close()

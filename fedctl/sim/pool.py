@@ -132,7 +132,15 @@ class LocalPool(Pool):
         return token.result()
 
     def restart(self, w: int) -> None:
-        # A thread cannot be killed: a hung script keeps its thread; start a fresh one.
+        # A thread cannot be killed: a hung script keeps its thread; start a fresh one. Batches
+        # still queued for the old thread are cancelled: they must not run after all.
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[2].cancel()
         self.jobs.put(None)
         self.core = WorkerCore(self.config, self.transport)
         self.jobs, self.thread = _daemon_executor()
