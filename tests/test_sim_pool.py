@@ -148,3 +148,35 @@ def test_the_local_pool_runs_no_queued_batch_after_a_restart(tmp_path) -> None:
     assert first.result(timeout=10) == [] and second.cancelled()
     assert ran == [["a"]]
     pool.close()
+
+
+def test_a_large_next_batch_waits_for_the_reply_before_it_is_sent() -> None:
+    """A worker blocked sending a large reply does not read: a large batch sent to it meanwhile
+    could block the driver too. Small next batches go at once; a large one after the reply."""
+    import pickle
+
+    from fedctl.sim.procs import QUEUE_BYTES, ProcessPool, _Worker
+
+    class Conn:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def send_bytes(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def recv_bytes(self) -> bytes:
+            return pickle.dumps(("ok", []))
+
+    pool = ProcessPool.__new__(ProcessPool)
+    conn = Conn()
+    pool.workers = [_Worker(1, conn)]  # type: ignore[arg-type]
+    first = pool.submit(0, ["a"], "m", [])
+    second = pool.submit(0, ["b"], "m", [])  # small: queued on the socket at once
+    assert len(conn.sent) == 2
+    assert pool.result(first) == [] and pool.result(second) == []
+    third = pool.submit(0, ["c"], "m", [])
+    fourth = pool.submit(0, ["x" * QUEUE_BYTES], "m", [])  # large: held back
+    assert len(conn.sent) == 3
+    assert pool.result(third) == []
+    assert len(conn.sent) == 4 and b"x" * 100 in conn.sent[-1]
+    assert pool.result(fourth) == [] and pool.workers[0].outstanding == 0

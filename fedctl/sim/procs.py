@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 #: :data:`~fedctl.sim.transport.INLINE_BYTES`: a reply is pickled, sent, received and unpickled
 #: (four copies), a file is written once and mapped (1,000 sites of a 400 kB model: 25% faster).
 FILE_INLINE_BYTES = 64 * 1024
+#: a worker's next batch is sent while it runs one only up to this size, far below a socket's
+#: buffer: both ends may then block in a send only if the other is reading (no deadlock)
+QUEUE_BYTES = 64 * 1024
 #: /dev/shm is used when it has at least this much room; else the run folder (page cache)
 SHM_MIN_FREE = 1 << 30
 #: a dead driver's folder in /dev/shm is removed once unchanged for this long (seconds)
@@ -289,6 +292,10 @@ class Zygote:
 class _Worker:
     pid: int
     conn: Connection
+    #: batches sent (or held) and not answered yet
+    outstanding: int = 0
+    #: a batch too large to queue on the socket while the worker may be sending its reply
+    held: bytes | None = None
 
 
 @dataclass
@@ -347,13 +354,23 @@ class ProcessPool(Pool):
         assert worker is not None
         wire = [h.wire if isinstance(h, SharedFile) else h for h in box]
         token = _Token(worker)
-        try:
-            worker.conn.send_bytes(
-                pickle.dumps(("batch", items, model_id, wire), protocol=pickle.HIGHEST_PROTOCOL)
-            )
-        except OSError:
-            token.broken = True
+        data = pickle.dumps(("batch", items, model_id, wire), protocol=pickle.HIGHEST_PROTOCOL)
+        worker.outstanding += 1
+        if worker.outstanding > 1 and len(data) > QUEUE_BYTES:
+            # the worker may be blocked sending a large reply: a large send now could block
+            # both ends; it goes as soon as that reply is read
+            assert worker.held is None
+            worker.held = data
+            return token
+        self._send(worker, data, token)
         return token
+
+    def _send(self, worker: _Worker, data: bytes, token: _Token | None) -> None:
+        try:
+            worker.conn.send_bytes(data)
+        except OSError:
+            if token is not None:
+                token.broken = True
 
     def wait(self, tokens: list[Any], timeout: float) -> list[Any]:
         broken = [t for t in tokens if t.broken]
@@ -366,10 +383,16 @@ class ProcessPool(Pool):
     def result(self, token: Any) -> list[tuple[TaskResult, Any]]:
         if token.broken:
             raise WorkerDied(f"process {token.worker.pid} ended")
+        worker = token.worker
         try:
-            reply = pickle.loads(token.worker.conn.recv_bytes())
+            raw = worker.conn.recv_bytes()
         except (EOFError, OSError):
-            raise WorkerDied(f"process {token.worker.pid} ended") from None
+            raise WorkerDied(f"process {worker.pid} ended") from None
+        worker.outstanding -= 1
+        if worker.held is not None:  # its next batch, held back until this reply was read
+            held, worker.held = worker.held, None
+            self._send(worker, held, None)  # a failure shows when that batch's reply is read
+        reply = pickle.loads(raw)
         if reply[0] == "error":
             raise RuntimeError(f"simulator worker {token.worker.pid}: {reply[1]}")
         return reply[1]
