@@ -89,6 +89,7 @@ class TensorBoardSink(Sink):
         """Frame ``event`` for ``scope``'s event file (a new file starts with its version)."""
         event_cls, _, record_writer = self._pb
         entry = self._pending.get(scope)
+        before = entry[1].nbytes if entry is not None else 0  # a new one: its version too
         if entry is None:
             records = _Records()
             entry = self._pending[scope] = (record_writer(records), records)
@@ -98,7 +99,6 @@ class TensorBoardSink(Sink):
                 version = event_cls(wall_time=time.time(), step=0, file_version="brain.Event:2")
                 entry[0].write(version.SerializeToString())
         writer, records = entry
-        before = records.nbytes
         writer.write(event.SerializeToString())
         self._pending_bytes += records.nbytes - before
         if self._pending_bytes >= self.max_pending:
