@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,71 @@ def atomic_write(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: files at least this big have their blocks freed on a thread of their own by remove_soon
+SLOW_REMOVE_BYTES = 64 * 1024 * 1024
+#: seconds remove_soon keeps a removed file open before letting its blocks go: a mapping of it
+#: dropped meanwhile does not free them (and wait) in the thread that drops it
+REMOVE_HOLD = 2.0
+_reaper: Any = None  # the queue of remove_soon's thread, once started
+_reaper_lock = threading.Lock()
+
+
+def remove_soon(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` (its name goes now), freeing a large file's blocks on another thread.
+
+    Freeing the blocks of a large file can take seconds of waiting on the disk: ext4 mounted with
+    ``discard`` trims them before ``unlink`` returns (2.4 GB transfer files, every round). The
+    file is kept open, its name removed at once, and the last close, which frees the blocks,
+    happens :data:`REMOVE_HOLD` seconds later on a daemon thread. A missing file is no error.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    except OSError:  # not a regular file we may read: remove it the plain way
+        Path(path).unlink(missing_ok=True)
+        return
+    try:
+        big = os.fstat(fd).st_size >= SLOW_REMOVE_BYTES
+        Path(path).unlink(missing_ok=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not big:
+        os.close(fd)
+        return
+    close_soon(fd)
+
+
+def close_soon(fd: int) -> None:
+    """Close ``fd`` :data:`REMOVE_HOLD` seconds from now on :func:`remove_soon`'s thread (the
+    last reference to a removed file: freeing its blocks waits there, not here)."""
+    _reaper_queue().put((time.monotonic() + REMOVE_HOLD, fd))
+
+
+def _reaper_queue() -> Any:
+    """The queue of (close at, fd) of the one daemon thread that closes removed files."""
+    global _reaper
+    with _reaper_lock:
+        if _reaper is None:
+            import queue
+
+            jobs: queue.Queue[tuple[float, int]] = queue.Queue()
+
+            def run() -> None:
+                while True:
+                    at, fd = jobs.get()
+                    time.sleep(max(0.0, at - time.monotonic()))
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+            threading.Thread(target=run, name="fedctl-remove", daemon=True).start()
+            _reaper = jobs
+        return _reaper
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import zipfile
 from pathlib import Path
@@ -255,3 +256,73 @@ def test_parse_checks_headers_built_in_python_like_received_ones() -> None:
         assert len(str(err.value)) < 200
     with pytest.raises(frames.FrameError, match="must be an object, got list"):
         protocol.parse([1], protocol.Welcome)  # type: ignore[arg-type]
+
+
+def _open_deleted(path: Path) -> list[str]:
+    """This process's descriptors of ``path`` after it was removed."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target == f"{path} (deleted)":
+            out.append(fd)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_remove_soon_frees_a_large_file_later_on_its_own_thread(tmp_path, monkeypatch) -> None:
+    """The name goes at once; a large file's blocks are freed when its last descriptor closes
+    on the remover's thread after the hold, so a slow trim never waits in the caller."""
+    import time
+
+    from fedctl import _fs
+
+    monkeypatch.setattr(_fs, "SLOW_REMOVE_BYTES", 1000)
+    monkeypatch.setattr(_fs, "REMOVE_HOLD", 0.3)
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.write_bytes(b"x" * 1000)
+    small.write_bytes(b"x" * 999)
+    _fs.remove_soon(big)
+    _fs.remove_soon(small)
+    _fs.remove_soon(tmp_path / "missing")  # no error
+    assert not big.exists() and not small.exists()
+    assert len(_open_deleted(big)) == 1 and _open_deleted(small) == []
+    deadline = time.monotonic() + 10
+    while _open_deleted(big) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_deleted(big) == []
+    with pytest.raises(IsADirectoryError):
+        _fs.remove_soon(tmp_path)  # a folder is refused as unlink refuses it
+    assert tmp_path.is_dir()
+
+
+def test_a_site_keeps_each_model_file_open_until_the_next_result(tmp_path, monkeypatch) -> None:
+    """The script may still map the previous task's model: the site agent holds it open until
+    the next task's result is in, so freeing it never waits in the script."""
+    import time
+    from types import SimpleNamespace
+
+    from fedctl import _fs
+    from fedctl.runtime.sitejob import SiteJob, _open_or_none
+
+    monkeypatch.setattr(_fs, "REMOVE_HOLD", 0.0)
+    job = SimpleNamespace(_held_download=None)
+    files = []
+    for i in range(2):
+        path = tmp_path / f"task{i}"
+        path.write_bytes(b"m")
+        fd = _open_or_none(path)
+        path.unlink()  # what the script does once it has mapped it
+        SiteJob._hold_download(job, fd)  # type: ignore[arg-type]
+        files.append(path)
+    assert _open_or_none(tmp_path / "missing") is None and _open_or_none(None) is None
+    deadline = time.monotonic() + 10
+    while _open_deleted(files[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_deleted(files[0]) == [] and len(_open_deleted(files[1])) == 1
+    SiteJob._hold_download(job, None)  # the job's end lets the last one go
+    while _open_deleted(files[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_deleted(files[1]) == [] and job._held_download is None

@@ -255,7 +255,9 @@ class _FileKeeper:
     """Deletes a file when garbage-collected (shared by a LazyTensorFile and its views)."""
 
     def __init__(self, path: Path) -> None:
-        weakref.finalize(self, path.unlink, missing_ok=True)
+        from fedctl._fs import remove_soon
+
+        weakref.finalize(self, remove_soon, path)
 
 
 def lazy_model(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl._fs import remove_soon
 from fedctl.codec import protocol
 from fedctl.codec.frames import FrameSocket
 from fedctl.codec.model import Task, TaskResult, join_model, split_model
@@ -120,7 +121,7 @@ class RuntimeStream(ResultStream):
             return TaskResult(site, self.task_id, error=f"invalid result: {exc}")
         finally:
             if blob:
-                Path(blob).unlink(missing_ok=True)  # the aggregate keeps what it needs
+                remove_soon(blob)  # the aggregate keeps what it needs
         return TaskResult(site, self.task_id, model=model)
 
     def cancel(self) -> None:
@@ -235,7 +236,7 @@ class RuntimeCommunicator(Communicator):
                 stream.inbox.put(msg)
             else:  # late: its round already closed; dropped, but said
                 if isinstance(msg, JobResult) and msg.blob:
-                    Path(msg.blob).unlink(missing_ok=True)
+                    remove_soon(msg.blob)
                 if self.on_late is not None:
                     self.on_late(
                         f"late result from {msg.site} for task {msg.task_id} "
@@ -328,7 +329,7 @@ class RuntimeCommunicator(Communicator):
             # has several tasks in flight, whose sites may still fetch or fetch again)
             stream = self.streams.get(task_id)
             if stream is None or stream.done or stream.cancelled:
-                (self.blob_dir / old).unlink(missing_ok=True)
+                remove_soon(self.blob_dir / old)
                 del self._blobs[task_id]
         if tensors:
             blob = f"task.{task.task_id.replace(':', '_')}.safetensors"

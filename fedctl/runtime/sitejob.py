@@ -27,7 +27,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedctl._fs import safe_name
+from fedctl._fs import close_soon, remove_soon, safe_name
 from fedctl.codec import protocol
 from fedctl.codec.frames import FrameError, FrameSocket
 from fedctl.codec.protocol import (
@@ -89,6 +89,9 @@ class SiteJob(ModelFileSteps):
         self.log_lock = threading.Lock()
         self.script_conn: FrameSocket | None = None
         self._he: Any = None  # the kit's secret HE context, once a task needs it
+        #: the previous task's model file, kept open (its name is gone): the script may still
+        #: map it, and the last close, which frees its blocks, should not happen in the script
+        self._held_download: int | None = None
 
     # ------------------------------------------------------------------ deployment
 
@@ -378,19 +381,23 @@ class SiteJob(ModelFileSteps):
         assert self.script_conn is not None
         conn = self.script_conn
         self._recv_script(conn, NextTask)  # the script asks for its next task: this one
-        protocol.send(
-            conn,
-            ScriptTask(
-                task_id=task_id,
-                name=task.name,
-                header=task_header,
-                result_dir=str(self.root / "blobs"),
-                path=str(path) if path else None,
-            ),
-        )
-        result = self._recv_script(conn, ScriptResult)
-        if path is not None:
-            path.unlink(missing_ok=True)
+        held = _open_or_none(path)
+        try:
+            protocol.send(
+                conn,
+                ScriptTask(
+                    task_id=task_id,
+                    name=task.name,
+                    header=task_header,
+                    result_dir=str(self.root / "blobs"),
+                    path=str(path) if path else None,
+                ),
+            )
+            result = self._recv_script(conn, ScriptResult)
+        finally:
+            if path is not None:
+                remove_soon(path)
+            self._hold_download(held)
         blob = None
         header, filtered = result.header, list[str]()
         result_path = Path(result.path) if result.path else None
@@ -420,9 +427,9 @@ class SiteJob(ModelFileSteps):
                     filtered = [*filtered, "swarm_sealed"]
             finally:
                 if base_file is not None:
-                    base_file.unlink(missing_ok=True)
+                    remove_soon(base_file)
             blob = self.agent.push(self.job_id, task_id, result_path, sha)
-            result_path.unlink(missing_ok=True)
+            remove_soon(result_path)
             self.agent.audit.record(
                 "model_sent",
                 None,
@@ -461,6 +468,13 @@ class SiteJob(ModelFileSteps):
                 continue
             return msg
 
+    def _hold_download(self, fd: int | None) -> None:
+        """Keep this task's model file open until the next task's result is in (the script
+        has then moved on from it), and let the one held before go."""
+        previous, self._held_download = self._held_download, fd
+        if previous is not None:
+            close_soon(previous)
+
     def stop(self, reason: str) -> None:
         """End the job here: tell the script, then make sure its process group is gone."""
         self.stopped.set()
@@ -480,7 +494,18 @@ class SiteJob(ModelFileSteps):
             self.server_sock.close()
             self.sock_path.unlink(missing_ok=True)
         (self.root / SCRIPT_PID_FILE).unlink(missing_ok=True)
+        self._hold_download(None)
         shutil.rmtree(self.root / "secagg", ignore_errors=True)  # secrets of unfinished rounds
+
+
+def _open_or_none(path: Path | None) -> int | None:
+    """A read-only descriptor of ``path`` (None: no path, or it cannot be opened)."""
+    if path is None:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 class _ScriptDied(Exception):

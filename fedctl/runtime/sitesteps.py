@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl._fs import remove_soon
 from fedctl.codec.model import model_tensors, split_model
 from fedctl.codec.tensorfiles import lazy_model, save_file_hashed
 from fedctl.constants import MAX_BLOB_BYTES
@@ -194,7 +195,7 @@ class ModelFileSteps:
                 params = dict(lazy_model(task.header, path, MAX_BLOB_BYTES).params or {})
                 reply, out = self._swarm().handle(spec, params)
             finally:
-                path.unlink(missing_ok=True)
+                remove_soon(path)
         else:
             reply, out = self._swarm().handle(spec, None)
         self._answer_system(task, "swarm", spec.get("kind"), {swarm_site.META: reply}, out)
@@ -224,7 +225,7 @@ class ModelFileSteps:
             result.parent.mkdir(parents=True, exist_ok=True)
             header, sha = self._rewrite(result, model, ".new")
             blob = self.agent.push(self.job_id, task.task_id, result, sha)
-            result.unlink(missing_ok=True)
+            remove_soon(result)
         else:
             header = split_model(model)[0]
         if task.task_id not in self.cancelled:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedctl._fs import write_json_atomic
+from fedctl._fs import remove_soon, write_json_atomic
 from fedctl.codec.tensorfiles import load_file, save_file
 from fedctl.jobs import user_round
 
@@ -353,7 +353,7 @@ class RunStore:
         write_json_atomic(self.checkpoint_dir / "checkpoint.json", jsonable(info))
         for old in self.checkpoint_dir.glob("round-*.safetensors"):
             if old.name != name:
-                old.unlink(missing_ok=True)
+                remove_soon(old)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The last checkpoint as ``{"params", "next_round", "state"}``, or None."""
