@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -310,3 +312,41 @@ def test_cli_head_and_anchor(
     log.with_suffix(".head").unlink()
     assert main(["audit", "head", str(log)]) == 4
     assert main(["audit", "head", str(tmp_path / "missing.jsonl")]) == 4
+
+
+def test_records_are_in_the_file_at_once_and_made_durable_off_the_callers_thread(
+    tmp_path, monkeypatch
+) -> None:
+    """An fsync waits for everything the disk has queued: the caller (a model transfer) must
+    not. Each record is in the file when record() returns; a thread of the log's own fsyncs it,
+    and sync() waits for that."""
+    import threading
+
+    from fedctl.runtime import audit as audit_mod
+
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+    gate = threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        gate.wait(10)
+        synced.append((threading.current_thread().name, len(path.read_text().splitlines())))
+        real_fsync(fd)
+
+    monkeypatch.setattr(audit_mod.os, "fsync", slow_fsync)
+    monkeypatch.setattr(audit_mod, "SYNC_IDLE", 0.2)
+    path = tmp_path / "audit.jsonl"
+    trail = audit_mod.AuditLog(path, "site-1")
+    for i in range(3):  # none of these waits for the (held) fsync
+        trail.record("model_sent", None, task=str(i))
+    assert len(path.read_text().splitlines()) == 3
+    assert not trail.sync(timeout=0.2) and synced == []
+    gate.set()
+    assert trail.sync(timeout=10)
+    assert synced and all(name == "audit-sync" for name, _ in synced)
+    assert synced[-1][1] == 3  # the last fsync covered every record
+    assert audit_mod.verify(path).ok
+    time.sleep(0.6)  # idle: its thread ends, and the next record starts another
+    assert trail._syncer is None
+    trail.record("model_sent", None, task="3")
+    assert trail.sync(timeout=10) and synced[-1][1] == 4

@@ -160,6 +160,7 @@ class SiteAgent:
         for job in list(self.jobs.values()):
             job.stop("site agent stopping")
         self.link.close()
+        self.audit.sync(10)  # the trail's last records on disk before the process ends
 
     def send(self, msg: Numbered) -> None:
         """A reliable message to the server (sent now, or resent after a reconnect)."""

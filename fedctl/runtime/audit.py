@@ -29,6 +29,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
 
     from fedctl.provision.certs import PrivateKey
     from fedctl.provision.kit import Kit
+
+log = logging.getLogger("fedctl.audit")
+#: seconds the thread that makes records durable waits for more before it ends
+SYNC_IDLE = 5.0
 
 GENESIS = "0" * 64
 #: names the signed head's layout, and is part of what is signed (a signature over a head is
@@ -200,6 +205,13 @@ class AuditLog:
 
     With ``signer`` every head written is signed (servers and sites sign with their kit's key);
     without one the head is plain (tools and tests).
+
+    A record is in the file (written and flushed to the operating system) when :meth:`record`
+    returns, so a crash of the process loses none. A thread of the log's own then makes it
+    durable (``fsync``), one fsync for the records written meanwhile: a model transfer does not
+    wait for the disk (an fsync waits for every write the disk has queued, seconds while models
+    are written back), and a power cut can lose only the last moment's records.
+    :meth:`sync` waits until every record so far is on disk.
     """
 
     def __init__(
@@ -215,6 +227,10 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._seq, self._prev = self._tail()
+        #: the last record written and the last one made durable; the syncer waits on _synced
+        self._written = self._durable = self._seq
+        self._synced = threading.Condition()
+        self._syncer: threading.Thread | None = None
 
     def _tail(self) -> tuple[int, str]:
         try:
@@ -249,8 +265,6 @@ class AuditLog:
             line = json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n"
             with open(self.path, "a") as fh:
                 fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
             head: dict[str, Any] = {
                 "format": HEAD_FORMAT,
                 "seq": rec["seq"],
@@ -264,7 +278,41 @@ class AuditLog:
             tmp.write_text(json.dumps(head, sort_keys=True, separators=(",", ":")))
             os.replace(tmp, self.head_path)
             self._seq, self._prev = rec["seq"], rec["hash"]
-            return rec
+        with self._synced:
+            self._written = max(self._written, rec["seq"])
+            if self._syncer is None:
+                self._syncer = threading.Thread(target=self._sync_loop, name="audit-sync")
+                self._syncer.daemon = True
+                self._syncer.start()
+            self._synced.notify_all()
+        return rec
+
+    def _sync_loop(self) -> None:
+        """fsync the trail whenever records were written since the last fsync."""
+        while True:
+            with self._synced:
+                if self._durable >= self._written:
+                    self._synced.wait(SYNC_IDLE)
+                if self._durable >= self._written:  # idle: the next record starts a new thread
+                    self._syncer = None
+                    return
+                target = self._written
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:  # the disk is gone or full: say so, keep the records coming
+                log.warning("audit trail %s: fsync failed: %s", self.path, exc)
+            with self._synced:
+                self._durable = max(self._durable, target)
+                self._synced.notify_all()
+
+    def sync(self, timeout: float | None = 30.0) -> bool:
+        """Wait until every record written so far is on disk (False: not within ``timeout``)."""
+        with self._synced:
+            return self._synced.wait_for(lambda: self._durable >= self._written, timeout)
 
 
 # --------------------------------------------------------------------------- verifying

@@ -112,6 +112,7 @@ class Server:
             self.grpc_server.stop(grace).wait(grace + 1)
         self.link.stop()
         state.store.close()
+        state.audit.sync(10)  # the trail's last records on disk before the process ends
 
 
 def serve(kit_dir: str | os.PathLike[str], workspace: str | None = None, **kwargs: Any) -> None:
