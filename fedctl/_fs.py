@@ -134,7 +134,12 @@ def remove_soon(path: str | os.PathLike[str]) -> None:
 def close_soon(fd: int) -> None:
     """Close ``fd`` :data:`REMOVE_HOLD` seconds from now on :func:`remove_soon`'s thread (the
     last reference to a removed file: freeing its blocks waits there, not here)."""
-    _reaper_queue().put((time.monotonic() + REMOVE_HOLD, fd))
+    try:
+        jobs = _reaper_queue()
+    except RuntimeError:  # no new thread at interpreter shutdown: free it here
+        os.close(fd)
+        return
+    jobs.put((time.monotonic() + REMOVE_HOLD, fd))
 
 
 def _reaper_queue() -> Any:
