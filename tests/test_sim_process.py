@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
+from fdtargets import fd_targets
 
 from fedctl.errors import UsageError
 from fedctl.recipe import SimEnv, load_recipe
@@ -124,15 +125,7 @@ def test_large_results_equal_the_local_backend_bit_for_bit(toy_dir, tmp_path) ->
 
 def _fds_under(folder: Path) -> list[str]:
     """This process's open descriptors of files in ``folder`` (other threads' come and go)."""
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(f"{folder}/"):
-            out.append(target)
-    return out
+    return [t for t in fd_targets() if t.startswith(f"{folder}/")]
 
 
 def test_file_transport_round_trips_and_removes_its_files(tmp_path) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import zipfile
 from pathlib import Path
 
 import pytest
+from fdtargets import fd_targets
 
 from fedctl.codec import frames, protocol
 from fedctl.errors import FedctlError, NotFound
@@ -260,15 +260,7 @@ def test_parse_checks_headers_built_in_python_like_received_ones() -> None:
 
 def _open_deleted(path: Path) -> list[str]:
     """This process's descriptors of ``path`` after it was removed."""
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target == f"{path} (deleted)":
-            out.append(fd)
-    return out
+    return [t for t in fd_targets() if t == f"{path} (deleted)"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
