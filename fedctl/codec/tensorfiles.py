@@ -13,9 +13,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import tempfile
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,8 +73,10 @@ def _write(
     durable: bool,
     hasher: Any,
 ) -> int:
+    from fedctl._fs import open_new
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = open_new(path)  # a spare of the folder, if it keeps any, is overwritten
     size = 0
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -85,6 +86,7 @@ def _write(
                 size += len(piece)
                 fh.write(piece)
             fh.flush()
+            os.ftruncate(fh.fileno(), size)  # a longer spare's tail goes
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -95,14 +97,19 @@ def _write(
 
 
 def load_file(
-    path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES
+    path: str | os.PathLike[str],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    *,
+    on_release: Callable[[], object] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a tensor file written by :func:`save_file` or the safetensors library.
 
     The file is mapped copy-on-write, not read: the tensors are views of the page cache, their
     pages are read when first used (and can be dropped again under memory pressure), writing to
-    them changes this process's copy only, and unlinking the file afterwards is safe. Files
-    fedctl maps are never rewritten in place (every write is a new file and a rename).
+    them changes this process's copy only, and unlinking the file afterwards is safe. A file
+    fedctl maps is rewritten in place only once nothing maps it (a spare, see
+    :func:`fedctl._fs.retire`): ``on_release`` is called when the last tensor (the mapping) is
+    gone, to say so.
     """
     path = Path(path)
     try:
@@ -117,6 +124,8 @@ def load_file(
         raise CodecError(f"{path}: no such tensor file") from None
     except OSError as exc:  # a folder, no permission
         raise CodecError(f"{path}: cannot read ({exc.strerror})") from None
+    if on_release is not None:
+        weakref.finalize(mapped, on_release)
     try:
         return decode(memoryview(mapped), max_bytes, copy=False)
     except CodecError as exc:
@@ -215,6 +224,8 @@ class LazyTensorFile(Mapping[str, "torch.Tensor"]):
                 )
         except (OSError, ValueError) as exc:
             raise CodecError(f"{self.path}: cannot map tensor {entry.name!r} ({exc})") from None
+        if self._keeper is not None:  # the file outlives the mapping (see _FileKeeper)
+            weakref.finalize(mapped, _keep, self._keeper)
         view = memoryview(mapped)  # the tensor keeps the view, the view keeps the mapping
         return tensor_from_bytes(view, entry, start - aligned - entry.begin, copy=False)
 
@@ -252,12 +263,19 @@ def payload_nbytes(params: Mapping[str, Any] | None) -> int:
 
 
 class _FileKeeper:
-    """Deletes a file when garbage-collected (shared by a LazyTensorFile and its views)."""
+    """Lets a file go (:func:`fedctl._fs.retire`) when garbage-collected: it is shared by a
+    LazyTensorFile, its views and every mapping made from them, so the file is retired (and may
+    be overwritten as a spare) only once nothing maps it."""
 
     def __init__(self, path: Path) -> None:
-        from fedctl._fs import remove_soon
+        from fedctl._fs import retire
 
-        weakref.finalize(self, remove_soon, path)
+        weakref.finalize(self, retire, path)
+
+
+def _keep(keeper: _FileKeeper) -> None:
+    """Finalizer of a mapping: holding ``keeper`` (as its argument) until the mapping is gone
+    is its whole job."""
 
 
 def lazy_model(

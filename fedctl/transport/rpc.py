@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedctl._fs import BackgroundSHA256
+from fedctl._fs import BackgroundSHA256, open_new
 from fedctl.codec import frames, protocol
 from fedctl.codec.protocol import Chunk, End, Message
 
@@ -119,15 +118,19 @@ def receive_file(
     max_bytes: int,
     expect_size: int | None = None,
     expect_sha256: str | None = None,
+    reuse: bool = False,
 ) -> tuple[int, str]:
     """Write ``chunk`` frames to ``dest`` (atomically) until ``end``; returns (size, sha256).
 
     Refuses more than ``max_bytes`` as soon as it is exceeded, and a size or hash that differ
     from the ``end`` frame or from what was announced. A failure leaves no file behind.
+    ``reuse`` overwrites a spare of ``dest``'s folder if it keeps any
+    (:func:`fedctl._fs.open_new`): only for a file that is retired once read, never one that
+    another process maps and keeps.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    fd, tmp = open_new(dest, reuse=reuse)
     size = 0
     try:
         with os.fdopen(fd, "wb") as out, BackgroundSHA256() as h:
@@ -151,6 +154,8 @@ def receive_file(
                     )
                 if expect_sha256 is not None and digest != expect_sha256:
                     raise frames.FrameError("transfer does not match the announced SHA-256")
+                out.flush()
+                os.ftruncate(out.fileno(), size)  # a longer spare's tail goes
                 break
             else:
                 raise frames.FrameError("transfer ended before its end frame")
