@@ -89,6 +89,64 @@ def test_poc_equals_the_framework_free_loop(poc_ws, tmp_path) -> None:
     ground_truth.assert_bit_identical(run.load_final(), ground_truth.fedavg(2, 3))
 
 
+KEEPING_CLIENT = """\
+import torch
+import fedctl.client as flare
+
+flare.init()
+idx = flare.get_site_index()
+previous = None  # the last round's model as received, kept across rounds (module level)
+while flare.is_running():
+    params = flare.receive().params
+    out = {}
+    for name, t in params.items():
+        step = t - previous[name] if previous is not None else torch.zeros_like(t)
+        out[name] = t + 0.5 * step + 0.001 * (idx + 1)
+    flare.send(flare.FLModel(params=out, meta={"NUM_STEPS_CURRENT_ROUND": idx + 1}))
+    for t in out.values():
+        t.mul_(-3.0)  # the sent tensors change right after send()
+    previous = params
+"""
+
+
+def test_poc_rewrites_large_files_in_place_only_once_nothing_maps_them(poc_ws, tmp_path) -> None:
+    """A model over the spare threshold (64 MiB): downloads, results and global models are
+    rewritten in place once retired, while each script keeps the previous round's model as
+    received (the file it maps) and changes what it sent right after send(). The model equals
+    the same loop in plain PyTorch, bit for bit."""
+    from fedctl import _fs
+    from fedctl.codec.tensorfiles import save_file
+    from fedctl.recipe import FedAvgRecipe
+
+    n = _fs.SPARE_MIN_BYTES // 4 + 1000
+    init = {"w": torch.randn(n, generator=torch.Generator().manual_seed(3)), "b": torch.ones(5)}
+    save_file(init, tmp_path / "initial.safetensors")
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "client.py").write_text(KEEPING_CLIENT)
+    recipe = FedAvgRecipe(
+        "spares",
+        2,
+        4,
+        tmp_path / "initial.safetensors",
+        "client.py",
+        base_dir=code,
+        key_metric=None,
+    )
+    run = recipe.run(PocEnv(workspace=poc_ws, display="none", results=tmp_path / "run"))
+    assert run.ok, run.reason
+    model, previous = dict(init), [None, None]
+    for _ in range(4):  # the framework-free loop: weights 1 and 2, summed in float64
+        acc = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in model.items()}
+        for i in range(2):
+            for k, t in model.items():
+                step = t - previous[i][k] if previous[i] is not None else torch.zeros_like(t)
+                acc[k] += (t + 0.5 * step + 0.001 * (i + 1)).double() * (i + 1)
+            previous[i] = model
+        model = {k: (acc[k] / 3).to(v.dtype) for k, v in model.items()}
+    ground_truth.assert_bit_identical(run.load_final(), model)
+
+
 def test_cli_submit_status_logs_download(poc_ws, toy_dir, tmp_path, capsys) -> None:
     base = ["--poc-workspace", str(poc_ws)]
     code = main(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import zipfile
 from pathlib import Path
@@ -290,31 +291,74 @@ def test_remove_soon_frees_a_large_file_later_on_its_own_thread(tmp_path, monkey
     assert tmp_path.is_dir()
 
 
-def test_a_site_keeps_each_model_file_open_until_the_next_result(tmp_path, monkeypatch) -> None:
-    """The script may still map the previous task's model: the site agent holds it open until
-    the next task's result is in, so freeing it never waits in the script."""
-    import time
-    from types import SimpleNamespace
-
+def test_a_site_retires_a_model_file_once_the_script_releases_it(tmp_path, monkeypatch) -> None:
+    """The script may keep the tensors of a model it was given: the agent keeps the file until
+    the script says it no longer maps it, then keeps it as a spare for the next download; it
+    retires only files it lent, and removes what is still lent when the script ends."""
     from fedctl import _fs
-    from fedctl.runtime.sitejob import SiteJob, _open_or_none
+    from fedctl.runtime.lent import LentFiles
 
+    monkeypatch.setattr(_fs, "SPARE_MIN_BYTES", 10)
     monkeypatch.setattr(_fs, "REMOVE_HOLD", 0.0)
-    job = SimpleNamespace(_held_download=None)
-    files = []
-    for i in range(2):
-        path = tmp_path / f"task{i}"
-        path.write_bytes(b"m")
-        fd = _open_or_none(path)
-        path.unlink()  # what the script does once it has mapped it
-        SiteJob._hold_download(job, fd)  # type: ignore[arg-type]
-        files.append(path)
-    assert _open_or_none(tmp_path / "missing") is None and _open_or_none(None) is None
-    deadline = time.monotonic() + 10
-    while _open_deleted(files[0]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _open_deleted(files[0]) == [] and len(_open_deleted(files[1])) == 1
-    SiteJob._hold_download(job, None)  # the job's end lets the last one go
-    while _open_deleted(files[1]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _open_deleted(files[1]) == [] and job._held_download is None
+    _fs.enable_spares(tmp_path)
+    lent = LentFiles()
+    files = [tmp_path / f"task{i}" for i in range(3)]
+    for path in files:
+        path.write_bytes(b"m" * 100)
+        lent.lend(path)
+    other = tmp_path / "not-lent"
+    other.write_bytes(b"x" * 100)
+    lent.returned([str(files[0]), str(other), "/etc/passwd"], [str(files[1]), str(other)])
+    assert not files[0].exists() and not files[1].exists() and other.exists() and len(lent) == 1
+    assert len(list((tmp_path / _fs.SPARE_DIR).iterdir())) == 1  # the released one, not dropped
+    lent.returned(None, None)
+    lent.drop()  # the script ended: what it still held is removed, not kept
+    assert not files[2].exists() and len(lent) == 0
+    assert len(list((tmp_path / _fs.SPARE_DIR).iterdir())) == 1
+
+
+def test_the_script_releases_a_model_file_when_its_last_tensor_goes(tmp_path) -> None:
+    import gc
+
+    import torch
+
+    from fedctl.codec import tensorfiles as tf
+
+    released: list[str] = []
+    tf.save_file({"a": torch.ones(3), "b": torch.zeros(2)}, tmp_path / "m")
+    tensors = tf.load_file(tmp_path / "m", on_release=lambda: released.append("m"))[0]
+    keep = tensors["a"][1:]  # a view outlives the dict
+    del tensors
+    gc.collect()
+    assert released == [] and keep.tolist() == [1.0, 1.0]
+    del keep
+    gc.collect()
+    assert released == ["m"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_model_held_when_the_script_forks_is_dropped_not_released(tmp_path) -> None:
+    """A child forked while the script held a received model may map it still: the agent is
+    told to remove that file, not to rewrite it in place; a model received after the fork is
+    released as usual."""
+    import gc
+
+    import torch
+
+    from fedctl.client.agent_channel import HeldModels
+    from fedctl.codec import tensorfiles as tf
+
+    held = HeldModels()
+    for name in ("a", "b"):
+        tf.save_file({"w": torch.ones(4)}, tmp_path / name)
+    first = held.load(str(tmp_path / "a"))
+    pid = os.fork()
+    if pid == 0:  # the child: nothing to do
+        os._exit(0)
+    os.waitpid(pid, 0)
+    second = held.load(str(tmp_path / "b"))
+    assert held.take() == (None, None)
+    del first, second
+    gc.collect()
+    assert held.take() == ([str(tmp_path / "b")], [str(tmp_path / "a")])
+    assert held.take() == (None, None)

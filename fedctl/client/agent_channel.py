@@ -8,10 +8,12 @@ writes the script's answer where the agent uploads it from. Nothing is pickled.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedctl._fs import safe_name
 from fedctl.client.channel import Channel, SiteInfo
@@ -32,6 +34,9 @@ from fedctl.codec.protocol import (
 from fedctl.codec.tensorfiles import load_file, save_file_hashed
 from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE
 from fedctl.errors import ClientAPIError
+
+if TYPE_CHECKING:
+    import torch
 
 STATE_FILE = "state.safetensors"
 
@@ -63,17 +68,16 @@ class AgentChannel(Channel):
         self._state: SiteState | None = None
         self._result_dir: Path | None = None
         self._records: list[dict[str, Any]] = []
+        self._models = HeldModels()
 
     def next_task(self) -> Task | None:
         self._flush_records()
-        protocol.send(self.conn, NextTask())
+        protocol.send(self.conn, NextTask(*self._models.take()))
         msg = protocol.recv(self.conn, ScriptTask, ScriptEnd)
         if not isinstance(msg, ScriptTask):
             self._save_state()  # the job is over for this site
             return None
-        tensors = load_file(msg.path)[0] if msg.path else {}
-        if msg.path:
-            Path(msg.path).unlink(missing_ok=True)
+        tensors = self._models.load(msg.path) if msg.path else {}
         self._result_dir = Path(msg.result_dir)
         model = join_model(msg.header, tensors)
         return Task(msg.name, model, task_id=msg.task_id, job_id=self.info.job_id)
@@ -87,7 +91,9 @@ class AgentChannel(Channel):
             # written now (later changes do not leak), hashed while written
             _, sha = save_file_hashed(tensors, path, durable=False)
         self._flush_records()
-        result = ScriptResult(task.task_id, header, str(path) if path else None, sha)
+        result = ScriptResult(
+            task.task_id, header, str(path) if path else None, sha, *self._models.take()
+        )
         protocol.send(self.conn, result)
         if protocol.recv(self.conn, ResultTaken) is None:
             raise ClientAPIError("the fedctl site agent closed the connection")
@@ -121,3 +127,52 @@ def connect_from_env() -> AgentChannel:
     if not path:
         raise ClientAPIError(f"{ENV_MODE} is set but {ENV_AGENT_SOCKET} is not")
     return AgentChannel(path)
+
+
+class HeldModels:
+    """The model files the agent lent this script: which ones tensors still map, and which ones
+    they no longer map, to tell the agent with the next message (see
+    :class:`fedctl.runtime.lent.LentFiles`).
+
+    A file is *released* (the agent may rewrite it in place) when its last tensor is gone, unless
+    the script forked while it held it: a child may map it still, so it is *dropped* (the agent
+    removes it, which a mapping survives)."""
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._forked: set[str] = set()
+        self._released: list[str] = []
+        self._dropped: list[str] = []
+        os.register_at_fork(before=functools.partial(_on_fork, weakref.ref(self)))
+
+    def load(self, path: str) -> dict[str, torch.Tensor]:
+        """The tensors of the model file ``path`` (views of its mapping)."""
+        tensors = load_file(path, on_release=functools.partial(self._on_release, path))[0]
+        self._held.add(path)
+        return tensors
+
+    def take(self) -> tuple[list[str] | None, list[str] | None]:
+        """(released, dropped) since the last call."""
+        released, self._released = self._released, []
+        dropped, self._dropped = self._dropped, []
+        return released or None, dropped or None
+
+    def _on_fork(self) -> None:
+        """The script forks: the child maps what is held now."""
+        self._forked |= self._held
+
+    def _on_release(self, path: str) -> None:
+        """The last tensor mapping ``path`` is gone (a finalizer: on any thread)."""
+        self._held.discard(path)
+        if path in self._forked:
+            self._forked.discard(path)
+            self._dropped.append(path)
+        else:
+            self._released.append(path)
+
+
+def _on_fork(ref: weakref.ref[HeldModels]) -> None:
+    """A fork hook that does not keep its HeldModels alive."""
+    held = ref()
+    if held is not None:
+        held._on_fork()

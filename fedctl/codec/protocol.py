@@ -532,7 +532,11 @@ class ScriptInfo(Message):
 @kind("next", SCRIPT, C2A)
 @dataclass(frozen=True)
 class NextTask(Message):
-    """The script waits for its next task (``is_running()``)."""
+    """The script waits for its next task (``is_running()``); ``released``, ``dropped``: model
+    files it was given that it no longer maps (see :class:`fedctl.runtime.lent.LentFiles`)."""
+
+    released: list[Name] | None = None
+    dropped: list[Name] | None = None
 
 
 @kind("task", SCRIPT, A2C)
@@ -564,6 +568,8 @@ class ScriptResult(Message):
     header: Obj
     path: Name | None = None
     sha256: Name | None = None
+    released: list[Name] | None = None
+    dropped: list[Name] | None = None
 
 
 @kind("ok", SCRIPT, A2C)

@@ -219,7 +219,12 @@ class SiteAgent:
             )
         stream = self._stubs().Fetch(protocol.encode(Fetch(job_id, blob.id)))
         rpc.receive_file(
-            stream, dest, max_bytes=blob.size, expect_size=blob.size, expect_sha256=blob.sha256
+            stream,
+            dest,
+            max_bytes=blob.size,
+            expect_size=blob.size,
+            expect_sha256=blob.sha256,
+            reuse=True,  # a spare of dest's folder holds nothing anyone maps
         )
 
     def push(self, job_id: str, task_id: str, path: Path, sha256: str | None = None) -> BlobInfo:

@@ -9,6 +9,7 @@ control messages between this process and the server are small JSON frames on a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedctl._fs import remove_soon
+from fedctl._fs import remove_soon, retire
 from fedctl.codec import protocol
 from fedctl.codec.frames import FrameSocket
 from fedctl.codec.model import Task, TaskResult, join_model, split_model
@@ -111,17 +112,18 @@ class RuntimeStream(ResultStream):
         try:
             if blob and Path(blob).stat().st_size > LAZY_BYTES:
                 model = lazy_model(msg.header, Path(blob), self.max_bytes, delete=True)
-                blob = None  # deleted with the last reader of the lazy model
             else:
                 tensors: dict[str, torch.Tensor] = {}
                 if blob:
-                    tensors, _ = load_file(blob, max_bytes=self.max_bytes)
+                    release = functools.partial(retire, blob)
+                    tensors, _ = load_file(blob, max_bytes=self.max_bytes, on_release=release)
                 model = join_model(msg.header, tensors)
+            blob = None  # retired (a spare for the server) once nothing maps it
         except (CodecError, OSError) as exc:
             return TaskResult(site, self.task_id, error=f"invalid result: {exc}")
         finally:
             if blob:
-                remove_soon(blob)  # the aggregate keeps what it needs
+                remove_soon(blob)
         return TaskResult(site, self.task_id, model=model)
 
     def cancel(self) -> None:
@@ -329,7 +331,7 @@ class RuntimeCommunicator(Communicator):
             # has several tasks in flight, whose sites may still fetch or fetch again)
             stream = self.streams.get(task_id)
             if stream is None or stream.done or stream.cancelled:
-                remove_soon(self.blob_dir / old)
+                retire(self.blob_dir / old)  # the server only reads it: a spare
                 del self._blobs[task_id]
         if tensors:
             blob = f"task.{task.task_id.replace(':', '_')}.safetensors"

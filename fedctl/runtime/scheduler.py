@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedctl._fs import sha256_file
+from fedctl._fs import drop_spares, enable_spares, remove_soon, sha256_file
 from fedctl.codec import protocol
 from fedctl.codec.protocol import BlobInfo, Deploy, EndJob, JobAbort, Submitter
 from fedctl.constants import ENV_JOB_TOKEN
@@ -86,6 +86,7 @@ class Scheduler:
         root = self.state.ws / "jobs" / job_id
         root.mkdir(parents=True)
         (root / "blobs").mkdir()
+        enable_spares(root / "blobs")  # results and models are rewritten in place each round
         os.replace(staging, root / "job")
         os.replace(bundle, root / "bundle.zip")
         rec = st.JobRecord(
@@ -299,6 +300,7 @@ class Scheduler:
             self.state.send_to_site(name, EndJob(job=rt.rec.id, status=state))
         if rt.ipc is not None:
             rt.ipc.close()
+        _clear_blobs(rt.folder / "blobs")
         log.info("job %s %s%s", rt.rec.id, state, f": {reason}" if reason else "")
         self.state.wake.set()
 
@@ -362,3 +364,13 @@ def _tail(path: Path, lines: int = 1) -> str:
     except OSError:
         return ""
     return " | ".join(text[-lines:])[:500]
+
+
+def _clear_blobs(folder: Path) -> None:
+    """A job ended: its transfer files (models sent, results, spares) go; no site fetches them
+    any more, and a job process still reading one keeps its own reference."""
+    drop_spares(folder)
+    with contextlib.suppress(FileNotFoundError):
+        for path in folder.iterdir():
+            if path.is_file():
+                remove_soon(path)

@@ -259,7 +259,11 @@ class SiteSessions:
                 )
             name = f"result.{safe_name(req.task_id)}.{ident.name}"
             _, sha = rpc.receive_file(
-                request_iterator, rt.blob_path(name), max_bytes=req.size, expect_size=req.size
+                request_iterator,
+                rt.blob_path(name),
+                max_bytes=req.size,
+                expect_size=req.size,
+                reuse=True,  # the job process retires a result once it has read it
             )
             with self.state.lock:
                 rt.pushed[name] = sha

@@ -27,10 +27,11 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedctl._fs import close_soon, remove_soon, safe_name
+from fedctl._fs import drop_spares, enable_spares, remove_soon, retire, safe_name
 from fedctl.codec import protocol
 from fedctl.codec.frames import FrameError, FrameSocket
 from fedctl.codec.protocol import (
+    BlobInfo,
     Deploy,
     Deployed,
     NextTask,
@@ -54,6 +55,7 @@ from fedctl.privacy.compression import job_chain
 from fedctl.privacy.he import model as he_model
 from fedctl.privacy.secagg import keys as secagg_keys
 from fedctl.runtime.bundle import extract_bundle
+from fedctl.runtime.lent import LentFiles
 from fedctl.runtime.procs import terminate_group
 from fedctl.runtime.sitesteps import ModelFileSteps
 from fedctl.transport.local import listen_unix, socket_path
@@ -89,9 +91,8 @@ class SiteJob(ModelFileSteps):
         self.log_lock = threading.Lock()
         self.script_conn: FrameSocket | None = None
         self._he: Any = None  # the kit's secret HE context, once a task needs it
-        #: the previous task's model file, kept open (its name is gone): the script may still
-        #: map it, and the last close, which frees its blocks, should not happen in the script
-        self._held_download: int | None = None
+        #: task model files given to the script, kept until it no longer maps them
+        self.lent = LentFiles()
 
     # ------------------------------------------------------------------ deployment
 
@@ -145,6 +146,7 @@ class SiteJob(ModelFileSteps):
         )
         (self.root / "work").mkdir(exist_ok=True)
         (self.root / "blobs").mkdir(exist_ok=True)
+        enable_spares(self.root / "blobs")  # the script's result file is rewritten in place
 
     def check_policy(self) -> None:
         """Refuse the job unless this site's local/authorization.yaml lets its submitter's role
@@ -170,6 +172,7 @@ class SiteJob(ModelFileSteps):
         if self.server_sock is None:
             self.server_sock = listen_unix(self.sock_path, 1)
             self.server_sock.settimeout(1.0)
+        self.lent.drop()  # what a script that ended still held
         d = self.deploy_msg
         script = self.root / "job" / "code" / self.recipe.train_script
         env = {
@@ -380,24 +383,47 @@ class SiteJob(ModelFileSteps):
             self._start_script()
         assert self.script_conn is not None
         conn = self.script_conn
-        self._recv_script(conn, NextTask)  # the script asks for its next task: this one
-        held = _open_or_none(path)
+        asked = self._recv_script(conn, NextTask)  # the script asks for its next task: this one
+        self.lent.returned(asked.released, asked.dropped)
+        if path is not None:
+            self.lent.lend(path)
+        protocol.send(
+            conn,
+            ScriptTask(
+                task_id=task_id,
+                name=task.name,
+                header=task_header,
+                result_dir=str(self.root / "blobs"),
+                path=str(path) if path else None,
+            ),
+        )
+        result = self._recv_script(conn, ScriptResult)
         try:
-            protocol.send(
-                conn,
-                ScriptTask(
-                    task_id=task_id,
-                    name=task.name,
-                    header=task_header,
-                    result_dir=str(self.root / "blobs"),
-                    path=str(path) if path else None,
-                ),
+            header, blob = self._send_result(
+                task, task_header, result, base_file, secagg_task, he_keys, he_strip, swarm_spec
             )
-            result = self._recv_script(conn, ScriptResult)
         finally:
-            if path is not None:
-                remove_soon(path)
-            self._hold_download(held)
+            # only now: the result's filters may still have read the model file's base link
+            self.lent.returned(result.released, result.dropped)
+        protocol.send(conn, ResultTaken())
+        self._flush_log()
+        if task_id in self.cancelled:
+            return
+        self.agent.send(SiteResult(job=self.job_id, task_id=task_id, header=header, blob=blob))
+
+    def _send_result(
+        self,
+        task: SiteTask,
+        task_header: dict[str, Any],
+        result: ScriptResult,
+        base_file: Path | None,
+        secagg_task: dict[str, Any] | None,
+        he_keys: list[str] | None,
+        he_strip: bool,
+        swarm_spec: dict[str, Any] | None,
+    ) -> tuple[dict[str, Any], BlobInfo | None]:
+        """Filter (and mask or encrypt) the script's result and upload it: (header, blob)."""
+        task_id = task.task_id
         blob = None
         header, filtered = result.header, list[str]()
         result_path = Path(result.path) if result.path else None
@@ -429,7 +455,7 @@ class SiteJob(ModelFileSteps):
                 if base_file is not None:
                     remove_soon(base_file)
             blob = self.agent.push(self.job_id, task_id, result_path, sha)
-            remove_soon(result_path)
+            retire(result_path)  # nothing maps it: the script's next result overwrites it
             self.agent.audit.record(
                 "model_sent",
                 None,
@@ -440,11 +466,7 @@ class SiteJob(ModelFileSteps):
                 size=blob.size,
                 filters=filtered or None,
             )
-        protocol.send(conn, ResultTaken())
-        self._flush_log()
-        if task_id in self.cancelled:
-            return
-        self.agent.send(SiteResult(job=self.job_id, task_id=task_id, header=header, blob=blob))
+        return header, blob
 
     def _recv_script(self, conn: FrameSocket, want: type[Any]) -> Any:
         """The script's next message of kind ``want``, relaying its records meanwhile."""
@@ -468,13 +490,6 @@ class SiteJob(ModelFileSteps):
                 continue
             return msg
 
-    def _hold_download(self, fd: int | None) -> None:
-        """Keep this task's model file open until the next task's result is in (the script
-        has then moved on from it), and let the one held before go."""
-        previous, self._held_download = self._held_download, fd
-        if previous is not None:
-            close_soon(previous)
-
     def stop(self, reason: str) -> None:
         """End the job here: tell the script, then make sure its process group is gone."""
         self.stopped.set()
@@ -494,18 +509,9 @@ class SiteJob(ModelFileSteps):
             self.server_sock.close()
             self.sock_path.unlink(missing_ok=True)
         (self.root / SCRIPT_PID_FILE).unlink(missing_ok=True)
-        self._hold_download(None)
+        self.lent.drop()
+        drop_spares(self.root / "blobs")
         shutil.rmtree(self.root / "secagg", ignore_errors=True)  # secrets of unfinished rounds
-
-
-def _open_or_none(path: Path | None) -> int | None:
-    """A read-only descriptor of ``path`` (None: no path, or it cannot be opened)."""
-    if path is None:
-        return None
-    try:
-        return os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
 
 
 class _ScriptDied(Exception):

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedctl._fs import remove_soon
+from fedctl._fs import remove_soon, retire
 from fedctl.codec.model import model_tensors, split_model
 from fedctl.codec.tensorfiles import lazy_model, save_file_hashed
 from fedctl.constants import MAX_BLOB_BYTES
@@ -225,7 +225,7 @@ class ModelFileSteps:
             result.parent.mkdir(parents=True, exist_ok=True)
             header, sha = self._rewrite(result, model, ".new")
             blob = self.agent.push(self.job_id, task.task_id, result, sha)
-            remove_soon(result)
+            retire(result)
         else:
             header = split_model(model)[0]
         if task.task_id not in self.cancelled:
