@@ -210,8 +210,11 @@ def retire(path: str | os.PathLike[str]) -> None:
     spares = path.parent / SPARE_DIR
     try:
         size = path.stat().st_size
-        room = _free_memory() - SPARE_FREE_MARGIN * _total_memory()
-        if SPARE_MIN_BYTES <= size <= room and len(os.listdir(spares)) < SPARE_LIMIT:
+        if (
+            size >= SPARE_MIN_BYTES  # small files never read /proc/meminfo
+            and size <= _free_memory() - SPARE_FREE_MARGIN * _total_memory()
+            and len(os.listdir(spares)) < SPARE_LIMIT
+        ):
             os.replace(path, spares / f"{os.getpid()}-{time.monotonic_ns()}")
             return
     except FileNotFoundError:  # no such file, or the folder keeps no spares (or no more)
