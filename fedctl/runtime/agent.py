@@ -5,7 +5,8 @@ server deploys here, runs a :class:`~fedctl.runtime.sitejob.SiteJob`: the bundle
 checked, the job's client script run as a subprocess, its tasks, results, logs and metrics
 relayed. Control messages are numbered and acknowledged in both directions, so a reconnect
 neither loses nor repeats one; each result is uploaded as a file in chunks before it is
-announced.
+announced, and a download or upload the connection drops under is done again on the next
+session.
 
 Site folder (``<kit>/workspace`` by default)::
 
@@ -24,8 +25,9 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedctl.codec import protocol
 from fedctl.codec.protocol import (
@@ -57,6 +59,10 @@ if TYPE_CHECKING:
     from fedctl.provision.kit import Kit
 
 log = logging.getLogger("fedctl.agent")
+
+T = TypeVar("T")
+#: tries of one blob transfer when the connection drops under it (each waits for a session)
+TRANSFER_ATTEMPTS = 5
 
 SERVER_MESSAGES = (Welcome, Heartbeat, Ack, Deploy, SiteTask, CancelTask, EndJob)
 
@@ -217,15 +223,19 @@ class SiteAgent:
             raise BundleError(
                 f"{blob.id}: {blob.size} bytes is over this site's limit of {max_bytes}"
             )
-        stream = self._stubs().Fetch(protocol.encode(Fetch(job_id, blob.id)))
-        rpc.receive_file(
-            stream,
-            dest,
-            max_bytes=blob.size,
-            expect_size=blob.size,
-            expect_sha256=blob.sha256,
-            reuse=True,  # a spare of dest's folder holds nothing anyone maps
-        )
+
+        def once() -> None:
+            stream = self._stubs().Fetch(protocol.encode(Fetch(job_id, blob.id)))
+            rpc.receive_file(
+                stream,
+                dest,
+                max_bytes=blob.size,
+                expect_size=blob.size,
+                expect_sha256=blob.sha256,
+                reuse=True,  # a spare of dest's folder holds nothing anyone maps
+            )
+
+        self._transfer(f"download of {blob.id}", once)
 
     def push(self, job_id: str, task_id: str, path: Path, sha256: str | None = None) -> BlobInfo:
         """Upload a result file in one pass (hashed while read); returns its announcement.
@@ -233,9 +243,32 @@ class SiteAgent:
         The server checks the hash in the stream's end frame against what it received.
         """
         size = path.stat().st_size
-        frames_out = rpc.file_frames(path, Push(job_id, task_id, size), sha256=sha256)
-        reply, _ = protocol.decode(self._stubs().Push(frames_out), Stored)
-        return BlobInfo(reply.blob, size, reply.sha256)
+
+        def once() -> BlobInfo:
+            frames_out = rpc.file_frames(path, Push(job_id, task_id, size), sha256=sha256)
+            reply, _ = protocol.decode(self._stubs().Push(frames_out), Stored)
+            return BlobInfo(reply.blob, size, reply.sha256)
+
+        return self._transfer(f"upload of the result of {task_id}", once)
+
+    def _transfer(self, what: str, once: Callable[[], T]) -> T:
+        """Run a blob transfer; if the connection drops under it, again on the next session.
+
+        A transfer is idempotent: a broken one leaves no file on either side, and the server
+        keeps a task's result owed until the site announces it. Any other refusal is final.
+        """
+        import grpc
+
+        for attempt in range(TRANSFER_ATTEMPTS):
+            try:
+                return once()
+            except grpc.RpcError as exc:
+                dropped = exc.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+                if not dropped or self.stopping.is_set() or attempt == TRANSFER_ATTEMPTS - 1:
+                    raise FedctlError(f"{what} failed: {_rpc_message(exc)}") from None
+                log.info("%s interrupted (%s); again once reconnected", what, _rpc_message(exc))
+                self.stopping.wait(min(0.5 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
 
     def _stubs(self) -> rpc.Stubs:
         if not self.connected.wait(60) or self.stubs is None:
