@@ -7,12 +7,15 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import torch
 from conftest import free_port
 
 from fedctl.codec.tensorfiles import load_file
+from fedctl.errors import FedctlError
 from fedctl.provision import poc_project, provision
 from fedctl.recipe import SimEnv, load_recipe
 from fedctl.runtime.admin import AdminClient
@@ -81,3 +84,67 @@ def test_a_drop_mid_transfer_is_retried_not_a_failed_task(toy_dir, tmp_path, mon
     sim_model = sim.load_final()
     assert poc_model.keys() == sim_model.keys()
     assert all(torch.equal(poc_model[k], sim_model[k]) for k in sim_model)
+
+
+class _Dropped(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "Channel closed!"
+
+
+class _Stopping:
+    """A stand-in for the agent's stop event that records the waits instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.stopped = False
+
+    def is_set(self) -> bool:
+        return self.stopped
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        return self.stopped
+
+
+def _agent_transfer(stopping: _Stopping, errors: list[Exception]) -> tuple[Any, int]:
+    from fedctl.runtime.agent import SiteAgent
+
+    calls = 0
+
+    def once() -> str:
+        nonlocal calls
+        calls += 1
+        if errors:
+            raise errors.pop(0)
+        return "done"
+
+    agent = SimpleNamespace(stopping=stopping)
+    try:
+        return SiteAgent._transfer(agent, "upload of the result of t:1", once), calls  # type: ignore[arg-type]
+    except FedctlError as exc:
+        return exc, calls
+
+
+def test_a_transfer_is_tried_five_times_then_fails_in_one_line() -> None:
+    stopping = _Stopping()
+    drops = [_Dropped(grpc.StatusCode.CANCELLED), _Dropped(grpc.StatusCode.UNAVAILABLE)]
+    assert _agent_transfer(stopping, list(drops)) == ("done", 3)
+    assert stopping.waits == [0.5, 1.0]
+    err, calls = _agent_transfer(_Stopping(), [_Dropped(grpc.StatusCode.CANCELLED)] * 5)
+    assert calls == 5 and isinstance(err, FedctlError)
+    assert str(err) == "upload of the result of t:1 failed: CANCELLED: Channel closed!"
+
+
+def test_a_refusal_or_a_stopping_agent_is_not_tried_again() -> None:
+    err, calls = _agent_transfer(_Stopping(), [_Dropped(grpc.StatusCode.PERMISSION_DENIED)])
+    assert calls == 1 and "failed: PERMISSION_DENIED" in str(err)
+    stopping = _Stopping()
+    stopping.stopped = True
+    err, calls = _agent_transfer(stopping, [_Dropped(grpc.StatusCode.CANCELLED)])
+    assert calls == 1 and stopping.waits == [] and isinstance(err, FedctlError)
