@@ -7,7 +7,12 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,6 +39,34 @@ def local_sim(tmp_path: Path, name: str, n: int = 3, **kw: Any) -> Any:
     from fedctl.recipe import SimEnv
 
     return SimEnv(num_clients=n, backend="local", workspace=tmp_path / name, display="none", **kw)
+
+
+@contextmanager
+def in_process_poc(tmp_path: Path) -> Iterator[SimpleNamespace]:
+    """A two-site POC served from this process, so a test can reach into the server's links:
+    ``server``, ``agents`` (running, both online) and an ``admin`` client; all stopped after."""
+    from fedctl.provision import poc_project, provision
+    from fedctl.runtime.admin import AdminClient
+    from fedctl.runtime.agent import SiteAgent
+    from fedctl.runtime.server import Server
+    from fedctl.transport import tls
+
+    res = provision(poc_project(2, port=free_port()), tmp_path / "ws")
+    kits = {r.identity.name: r.kit_dir for r in res.kits}
+    server = Server(tls.load_kit(kits["localhost"]), mode="poc")
+    address = f"127.0.0.1:{server.start('127.0.0.1:0')}"
+    agents = [SiteAgent(tls.load_kit(kits[s]), address=address) for s in ("site-1", "site-2")]
+    for a in agents:
+        threading.Thread(target=a.run, daemon=True).start()
+    try:
+        with AdminClient(kits["project_admin@poc.local"], address) as admin:
+            while len([s for s in admin.sites() if s["online"]]) < 2:
+                time.sleep(0.1)
+            yield SimpleNamespace(server=server, agents=agents, admin=admin)
+    finally:
+        for a in agents:
+            a.stop()
+        server.stop()
 
 
 def max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -18,7 +17,7 @@ import grpc
 import psutil
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, in_process_poc
 from ground_truth import reference as ground_truth
 
 from fedctl.cli.main import main
@@ -442,46 +441,28 @@ def test_a_site_policy_refuses_a_job_and_an_invalid_one_stops_the_site(
 
 def test_reconnect_neither_loses_nor_duplicates(toy_dir, tmp_path) -> None:
     """In-process server and agents, so the test can cut a site's stream in the middle."""
-    from fedctl.runtime.agent import SiteAgent
-    from fedctl.runtime.server import Server
-
-    res = provision(poc_project(2, port=free_port()), tmp_path / "ws")
-    kits = {r.identity.name: r.kit_dir for r in res.kits}
-    server = Server(tls.load_kit(kits["localhost"]), mode="poc")
-    port = server.start("127.0.0.1:0")
-    agents = [
-        SiteAgent(tls.load_kit(kits[s]), address=f"127.0.0.1:{port}") for s in ("site-1", "site-2")
+    with in_process_poc(tmp_path) as poc_run:
+        admin = poc_run.admin
+        job = admin.submit_recipe(_toy(toy_dir, num_rounds=4, train_args="--sleep 0.2"))
+        cut = 0
+        for ev in admin.follow(job["job_id"]):
+            if ev.get("event") in ("round_started", "result") and cut < 3:
+                link = poc_run.server.sites["site-1"].link
+                if link.online:
+                    link.close()  # drop site-1's stream
+                    cut += 1
+            if ev["t"] == "end":
+                break
+        final = admin.status(job["job_id"])
+        result_dir = Path(final["result_dir"])
+    assert final["status"] == "FINISHED", final["reason"]
+    rows = [
+        json.loads(line)
+        for line in (result_dir / "metrics" / "sites.jsonl").read_text().splitlines()
     ]
-    for a in agents:
-        threading.Thread(target=a.run, daemon=True).start()
-    try:
-        with AdminClient(kits["project_admin@poc.local"], f"127.0.0.1:{port}") as admin:
-            while len([s for s in admin.sites() if s["online"]]) < 2:
-                time.sleep(0.1)
-            job = admin.submit_recipe(_toy(toy_dir, num_rounds=4, train_args="--sleep 0.2"))
-            cut = 0
-            for ev in admin.follow(job["job_id"]):
-                if ev.get("event") in ("round_started", "result") and cut < 3:
-                    link = server.sites["site-1"].link
-                    if link.online:
-                        link.close()  # drop site-1's stream
-                        cut += 1
-                if ev["t"] == "end":
-                    break
-            final = admin.status(job["job_id"])
-            result_dir = Path(final["result_dir"])
-        assert final["status"] == "FINISHED", final["reason"]
-        rows = [
-            json.loads(line)
-            for line in (result_dir / "metrics" / "sites.jsonl").read_text().splitlines()
-        ]
-        assert sorted((r["round"], r["site"]) for r in rows) == [
-            (r, s) for r in range(1, 5) for s in ("site-1", "site-2")
-        ]
-    finally:
-        for a in agents:
-            a.stop()
-        server.stop()
+    assert sorted((r["round"], r["site"]) for r in rows) == [
+        (r, s) for r in range(1, 5) for s in ("site-1", "site-2")
+    ]
 
 
 def test_busy_port_is_a_clear_error(tmp_path) -> None:

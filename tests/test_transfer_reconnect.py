@@ -12,27 +12,16 @@ from typing import Any
 
 import grpc
 import torch
-from conftest import free_port
+from conftest import in_process_poc
 
+from fedctl.codec.protocol import Push
 from fedctl.codec.tensorfiles import load_file
 from fedctl.errors import FedctlError
-from fedctl.provision import poc_project, provision
 from fedctl.recipe import SimEnv, load_recipe
-from fedctl.runtime.admin import AdminClient
-from fedctl.transport import rpc, tls
+from fedctl.transport import rpc
 
 
 def test_a_drop_mid_transfer_is_retried_not_a_failed_task(toy_dir, tmp_path, monkeypatch) -> None:
-    from fedctl.runtime.agent import SiteAgent
-    from fedctl.runtime.server import Server
-
-    res = provision(poc_project(2, port=free_port()), tmp_path / "ws")
-    kits = {r.identity.name: r.kit_dir for r in res.kits}
-    server = Server(tls.load_kit(kits["localhost"]), mode="poc")
-    port = server.start("127.0.0.1:0")
-    agents = [
-        SiteAgent(tls.load_kit(kits[s]), address=f"127.0.0.1:{port}") for s in ("site-1", "site-2")
-    ]
     sends = rpc.file_frames
     cuts = {"download": 0, "upload": 0}
     cut_lock = threading.Lock()
@@ -42,7 +31,8 @@ def test_a_drop_mid_transfer_is_retried_not_a_failed_task(toy_dir, tmp_path, mon
         stop after their first frame, every site's stream is dropped, and they go on only once
         the sites have seen the drop (so the transfer is broken, not finished)."""
         name = Path(path).name
-        kind = "upload" if first is not None else "download" if name.startswith("task") else None
+        upload = isinstance(first, Push)  # a site's result (not an admin's job bundle)
+        kind = "upload" if upload else "download" if name.startswith("task") else None
         frames = sends(path, first, sha256)
         yield next(frames)
         with cut_lock:
@@ -58,24 +48,16 @@ def test_a_drop_mid_transfer_is_retried_not_a_failed_task(toy_dir, tmp_path, mon
         yield from frames
 
     monkeypatch.setattr(rpc, "file_frames", cutting)
-    for a in agents:
-        threading.Thread(target=a.run, daemon=True).start()
     recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=3)
-    try:
-        with AdminClient(kits["project_admin@poc.local"], f"127.0.0.1:{port}") as admin:
-            while len([s for s in admin.sites() if s["online"]]) < 2:
-                time.sleep(0.1)
-            job = admin.submit_recipe(recipe)
-            for ev in admin.follow(job["job_id"]):
-                if ev["t"] == "end":
-                    break
-            final = admin.status(job["job_id"])
-            assert final["status"] == "FINISHED", final["reason"]
-            admin.download(job["job_id"], tmp_path / "out")
-    finally:
-        for a in agents:
-            a.stop()
-        server.stop()
+    with in_process_poc(tmp_path) as poc_run:
+        server, agents, admin = poc_run.server, poc_run.agents, poc_run.admin
+        job = admin.submit_recipe(recipe)
+        for ev in admin.follow(job["job_id"]):
+            if ev["t"] == "end":
+                break
+        final = admin.status(job["job_id"])
+        assert final["status"] == "FINISHED", final["reason"]
+        admin.download(job["job_id"], tmp_path / "out")
     assert cuts == {"download": 2, "upload": 2}
     poc_model = load_file(tmp_path / "out" / "models" / "final.safetensors")[0]
     sim = recipe.run(
