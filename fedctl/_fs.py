@@ -211,7 +211,7 @@ def retire(path: str | os.PathLike[str]) -> None:
     try:
         size = path.stat().st_size
         if (
-            size >= SPARE_MIN_BYTES  # small files never read /proc/meminfo
+            size >= SPARE_MIN_BYTES  # small files never ask for free memory
             and size <= _free_memory() - SPARE_FREE_MARGIN * _total_memory()
             and len(os.listdir(spares)) < SPARE_LIMIT
         ):
@@ -222,26 +222,21 @@ def retire(path: str | os.PathLike[str]) -> None:
     remove_soon(path)
 
 
-def _meminfo(field: str) -> int:
-    """A /proc/meminfo figure in bytes (0 where there is none)."""
+def _pages(name: str) -> int:
+    """A sysconf page count in bytes (the kernel's MemTotal or MemFree; 0 where unknown)."""
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return max(os.sysconf(name), 0) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def _free_memory() -> int:
     """Bytes of memory nothing uses, not even the page cache (unknown: unlimited)."""
-    free = _meminfo("MemFree")
-    return free if free else 1 << 62
+    return _pages("SC_AVPHYS_PAGES") or 1 << 62
 
 
 def _total_memory() -> int:
-    return _meminfo("MemTotal")
+    return _pages("SC_PHYS_PAGES")
 
 
 def open_new(dest: str | os.PathLike[str], *, reuse: bool = True) -> tuple[int, str]:
