@@ -190,8 +190,9 @@ SPARE_DIR = ".spare"
 SPARE_MIN_BYTES = SLOW_REMOVE_BYTES
 #: at most this many spares are kept in one folder; more are removed
 SPARE_LIMIT = 4
-#: a file is kept as a spare only while this share of the machine's memory would stay free: a
-#: spare that only pushes other pages out (and is then pushed out itself) saves nothing
+#: a file is kept as a spare only while this share of the machine's memory would stay available
+#: (free, or page cache the kernel can take back): a spare that only pushes pages out that are
+#: needed (and is then pushed out itself) saves nothing
 SPARE_FREE_MARGIN = 0.125
 
 
@@ -211,8 +212,8 @@ def retire(path: str | os.PathLike[str]) -> None:
     try:
         size = path.stat().st_size
         if (
-            size >= SPARE_MIN_BYTES  # small files never ask for free memory
-            and size <= _free_memory() - SPARE_FREE_MARGIN * _total_memory()
+            size >= SPARE_MIN_BYTES  # small files never ask about memory
+            and size <= _available_memory() - SPARE_FREE_MARGIN * _total_memory()
             and len(os.listdir(spares)) < SPARE_LIMIT
         ):
             os.replace(path, spares / f"{os.getpid()}-{time.monotonic_ns()}")
@@ -230,8 +231,19 @@ def _pages(name: str) -> int:
         return 0
 
 
-def _free_memory() -> int:
-    """Bytes of memory nothing uses, not even the page cache (unknown: unlimited)."""
+def _available_memory() -> int:
+    """Bytes the kernel can hand out without swapping: its MemAvailable, free memory and the
+    page cache it can take back (where the kernel does not tell: free memory, else unlimited).
+
+    Not free memory alone: on a machine that has run a while the page cache fills nearly all of
+    it, and spares were then never kept (bench_large's sites kept none after round 1)."""
+    try:
+        with open("/proc/meminfo", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return _pages("SC_AVPHYS_PAGES") or 1 << 62
 
 

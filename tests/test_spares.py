@@ -117,13 +117,38 @@ def test_a_lazy_file_is_retired_only_once_no_tensor_maps_it(
 
 
 def test_a_file_is_not_kept_when_memory_is_short(tmp_path, small_spares, monkeypatch) -> None:
-    """A spare only helps while its pages can stay: with little free memory, it is removed."""
+    """A spare only helps while its pages can stay: with little memory available, it is removed."""
     _fs.enable_spares(tmp_path)
     monkeypatch.setattr(_fs, "_total_memory", lambda: 80_000)
-    monkeypatch.setattr(_fs, "_free_memory", lambda: 15_000)  # 10,000 must stay free
+    monkeypatch.setattr(_fs, "_available_memory", lambda: 15_000)  # 10,000 must stay
     (tmp_path / "f").write_bytes(b"x" * 5001)
     _fs.retire(tmp_path / "f")
     assert not (tmp_path / "f").exists() and _spares(tmp_path) == []
     (tmp_path / "g").write_bytes(b"x" * 5000)
     _fs.retire(tmp_path / "g")
     assert len(_spares(tmp_path)) == 1
+
+
+def test_available_memory_counts_the_page_cache_the_kernel_can_take_back() -> None:
+    """Spares are weighed against MemAvailable, not MemFree: once a machine's page cache has
+    filled its memory, free memory alone would keep no spare at all."""
+    fields = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0]) * 1024
+    got = _fs._available_memory()
+    assert abs(got - fields["MemAvailable"]) < 256 * 2**20  # read again a moment later
+    assert got >= _fs._pages("SC_AVPHYS_PAGES") - 256 * 2**20  # at least what is free
+
+
+def test_available_memory_falls_back_to_free_memory_without_meminfo(monkeypatch) -> None:
+    """Where the kernel has no /proc/meminfo, free memory (or, unknown, no limit) is used."""
+    real_open = open
+
+    def no_meminfo(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_meminfo)
+    assert _fs._available_memory() == (_fs._pages("SC_AVPHYS_PAGES") or 1 << 62)
