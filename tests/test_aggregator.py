@@ -142,3 +142,51 @@ def test_inputs_are_never_modified(precision) -> None:
     agg.result()
     assert torch.equal(first["w"], before["w"]) and torch.equal(first["n"], before["n"])
     assert torch.equal(second["w"], before["sw"]) and torch.equal(g["w"], torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "dtype, precision",
+    [
+        (torch.float32, "float64"),
+        (torch.float16, "float64"),
+        (torch.bfloat16, "float64"),
+        (torch.float16, "float32"),
+        (torch.bfloat16, "float32"),
+    ],
+)
+@pytest.mark.parametrize("params_type", [ParamsType.FULL, ParamsType.DIFF])
+def test_large_updates_of_another_dtype_sum_bit_for_bit_as_plain_add(
+    dtype, precision, params_type
+) -> None:
+    """Updates larger than one slice whose dtype is not the accumulator's are converted slice by
+    slice into a reused buffer (PyTorch's mixed-dtype add_ is slow on large tensors). The sum
+    must equal, bit for bit, what one mixed-dtype add_ per tensor gives, across slice edges."""
+    from fedctl.aggregators import weighted
+
+    gen = torch.Generator().manual_seed(3)
+    n = 2 * weighted._MIX_SLICE + 17  # two whole slices and a short one
+
+    def tensor(size: tuple[int, ...] = (n,)) -> torch.Tensor:
+        return torch.randn(size, generator=gen).to(dtype)
+
+    global_params = {"w": tensor(), "small": tensor((100,))}
+    updates = [
+        ({k: tensor(tuple(v.shape)) for k, v in global_params.items()}, w) for w in (0.3, 1.7, 2.9)
+    ]
+    agg = WeightedAggregator(global_params, precision)
+    for update, weight in updates:
+        agg.add(update, weight, params_type)
+    got = agg.result()
+
+    acc_dtype = torch.float64 if precision == "float64" else torch.float32
+    for name, g in global_params.items():  # the same arithmetic, one mixed-dtype add_ each
+        acc = updates[0][0][name].to(acc_dtype).mul_(updates[0][1])
+        for update, weight in updates[1:]:
+            acc.add_(update[name], alpha=weight)
+        total = sum(w for _, w in updates)
+        acc.div_(total)
+        if params_type == ParamsType.DIFF:
+            acc.add_(g, alpha=total / total)
+        assert torch.equal(got[name], acc.to(g.dtype)), name
+    assert list(agg._scratch) == [acc_dtype]  # the large tensor went through the buffer
+    assert agg._scratch[acc_dtype].numel() == weighted._MIX_SLICE
