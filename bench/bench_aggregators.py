@@ -76,11 +76,13 @@ def main() -> int:
             sliced = weighted._MIX_SLICE
             if name == "mean, one mixed add_":
                 weighted._MIX_SLICE = 1 << 62  # no tensor is larger: one add_ each
-            t0 = time.perf_counter()
-            for i in range(n):
-                agg.add(updates[i % 3], 1.0, validate=False)
-            t_add = (time.perf_counter() - t0) / n
-            weighted._MIX_SLICE = sliced
+            try:
+                t0 = time.perf_counter()
+                for i in range(n):
+                    agg.add(updates[i % 3], 1.0, validate=False)
+                t_add = (time.perf_counter() - t0) / n
+            finally:
+                weighted._MIX_SLICE = sliced
             held = held_bytes(agg)
             t1 = time.perf_counter()
             agg.result()

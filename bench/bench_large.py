@@ -111,6 +111,7 @@ def main() -> int:
     from fedctl.runtime.admin import AdminClient
 
     total, per = int(args.params), int(args.tensor)
+    rounds = max(args.rounds, 2)
     model_bytes = total * 4
     root = Path(tempfile.mkdtemp(prefix="fedctl-large-"))
     print(
@@ -145,7 +146,7 @@ def main() -> int:
         recipe = FedAvgRecipe(
             "large",
             2,
-            max(args.rounds, 2),
+            rounds,
             weights,
             "client.py",
             base_dir=code,
@@ -197,7 +198,6 @@ def main() -> int:
             f"job {status['job_id']}: {status['status']}"
             + (f" ({status['reason']})" if status.get("reason") else "")
         )
-        rounds = max(args.rounds, 2)
         if status["status"] != "FINISHED" or len(starts) < rounds or len(ends) < rounds:
             return 1
         moved = 4 * model_bytes  # the global model to 2 sites, and 2 results back
