@@ -169,6 +169,28 @@ def test_file_transport_round_trips_and_removes_its_files(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []  # a result is read once, by the driver
 
 
+def test_the_zygote_ends_cleanly_when_its_driver_lets_go(tmp_path) -> None:
+    # it skips the interpreter's shutdown (os._exit): still exit code 0, its folder removed, and
+    # what it logged is in the log
+    from fedctl.sim.procs import Zygote, transport_dir
+
+    folder = transport_dir(tmp_path)
+    log = tmp_path / "workers.log"
+    zygote = Zygote(log, folder)
+    try:
+        pid, conn = zygote.fork()  # it serves: torch and the worker are imported
+        conn.close()  # the worker ends without a config (EOF), printing its traceback
+        deadline = time.monotonic() + 30
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(pid)
+    finally:
+        zygote.close()
+    assert zygote.proc.returncode == 0
+    assert not folder.exists()
+    assert "EOFError" in log.read_text()
+
+
 def test_a_lost_zygote_fails_the_run_with_one_line(toy_dir, tmp_path) -> None:
     client = toy_dir / "client.py"
     client.write_text(
