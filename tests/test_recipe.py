@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -208,13 +210,21 @@ def test_bad_recipes_get_one_clear_line(tmp_path: Path, capsys, case, body, mess
     assert err.startswith("error: ") and message in err
 
 
-def test_client_script_syntax_error_is_one_line(toy_dir: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("backend", ["local", "process"])
+def test_client_script_syntax_error_is_one_line(
+    toy_dir: Path, tmp_path: Path, capsys, backend: str
+) -> None:
     (toy_dir / "client.py").write_text("import fedctl.client as flare\nwhile True print(1)\n")
-    code = main(
-        ["simulate", str(toy_dir), "--backend", "local", "--workspace", str(tmp_path / "w")]
-    )
+    workspace = tmp_path / "w"
+    code = main(["simulate", str(toy_dir), "--backend", backend, "--workspace", str(workspace)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "client.py:2:" in err and len(err.splitlines()) == 1
+    # nothing is left: no run folder, and (process) the zygote started early has ended
+    assert list(workspace.glob("*")) == []
+    assert not [
+        p for p in psutil.Process().children() if "fedctl.sim.zygote" in " ".join(p.cmdline())
+    ]
+    assert list(Path("/dev/shm").glob(f"fedctl-{os.getpid()}-*")) == []
 
 
 def test_recipe_file_can_be_given_directly(toy_dir: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Iterator
@@ -261,18 +262,27 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     started = time.monotonic()
     job_id = new_job_id(recipe.name)
     run_dir = (env.workspace_path / job_id).resolve()
-    job = load_job(recipe.export(run_dir / "job"))
-    script = run_dir / "job" / "code" / job.train_script
-    try:
-        compile(script.read_text(), str(script), "exec")
-    except SyntaxError as exc:
-        raise RecipeError(f"{recipe.train_script}:{exc.lineno}: {exc.msg}") from None
     backend = env.resolved_backend()
-    # the process backend's zygote imports torch while this process prepares the run
+    # the process backend's zygote imports torch (about a second) while this process exports
+    # the job (a large model's file: as long again) and prepares the run
     zygote = (
         Zygote(run_dir / "workers.log", transport_dir(run_dir)) if backend == "process" else None
     )
     try:
+        try:
+            job = load_job(recipe.export(run_dir / "job"))
+            script = run_dir / "job" / "code" / job.train_script
+            try:
+                compile(script.read_text(), str(script), "exec")
+            except SyntaxError as exc:
+                raise RecipeError(f"{recipe.train_script}:{exc.lineno}: {exc.msg}") from None
+        except BaseException:
+            # a job that cannot run leaves no run folder (its zygote's log would be the only file)
+            if zygote is not None:
+                zygote.proc.kill()  # it has forked no worker yet; no need to wait for its import
+                zygote.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         return _simulate(env, job, run_dir, job_id, started, backend, zygote)
     finally:
         if zygote is not None:
