@@ -227,6 +227,22 @@ def test_client_script_syntax_error_is_one_line(
     assert list(Path("/dev/shm").glob(f"fedctl-{os.getpid()}-*")) == []
 
 
+@pytest.mark.parametrize("backend", ["local", "process"])
+def test_a_workspace_that_cannot_hold_a_run_is_one_line(
+    toy_dir: Path, tmp_path: Path, capsys, backend: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    workspace = blocker / "runs"  # under a file: no folder can be made there
+    code = main(["simulate", str(toy_dir), "--backend", backend, "--workspace", str(workspace)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert (
+        err.startswith(f"error: cannot create the run folder {workspace}/") and "Not a dir" in err
+    )
+    assert list(Path("/dev/shm").glob(f"fedctl-{os.getpid()}-*")) == []  # nothing started
+
+
 def test_recipe_file_can_be_given_directly(toy_dir: Path) -> None:
     loaded = load_recipe(toy_dir / "recipe.py")
     assert loaded.recipe.name == "toy"

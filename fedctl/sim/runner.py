@@ -262,6 +262,12 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     started = time.monotonic()
     job_id = new_job_id(recipe.name)
     run_dir = (env.workspace_path / job_id).resolve()
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the run folder {run_dir} in the workspace: {exc.strerror or exc}"
+        ) from None
     backend = env.resolved_backend()
     # the process backend's zygote imports torch (about a second) while this process exports
     # the job (a large model's file: as long again) and prepares the run
