@@ -283,10 +283,10 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
             except SyntaxError as exc:
                 raise RecipeError(f"{recipe.train_script}:{exc.lineno}: {exc.msg}") from None
         except BaseException:
-            # a job that cannot run leaves no run folder (its zygote's log would be the only file)
+            # a job that cannot run leaves no run folder; its zygote, which has forked no worker,
+            # is killed rather than waited for (and closed below)
             if zygote is not None:
-                zygote.proc.kill()  # it has forked no worker yet; no need to wait for its import
-                zygote.close()
+                zygote.proc.kill()
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         return _simulate(env, job, run_dir, job_id, started, backend, zygote)
