@@ -276,12 +276,7 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     )
     try:
         try:
-            job = load_job(recipe.export(run_dir / "job"))
-            script = run_dir / "job" / "code" / job.train_script
-            try:
-                compile(script.read_text(), str(script), "exec")
-            except SyntaxError as exc:
-                raise RecipeError(f"{recipe.train_script}:{exc.lineno}: {exc.msg}") from None
+            job = _export_job(recipe, run_dir)
         except BaseException:
             # a job that cannot run leaves no run folder; its zygote, which has forked no worker,
             # is killed rather than waited for (and closed below)
@@ -293,6 +288,18 @@ def simulate(recipe: Recipe, env: SimEnv) -> Run:
     finally:
         if zygote is not None:
             zygote.close()  # already closed by the pool, unless the run failed before it
+
+
+def _export_job(recipe: Recipe, run_dir: Path) -> Recipe:
+    """The recipe exported to ``run_dir/job`` and loaded back, its client script compiled (a
+    syntax error is a RecipeError naming the script's line)."""
+    job = load_job(recipe.export(run_dir / "job"))
+    script = run_dir / "job" / "code" / job.train_script
+    try:
+        compile(script.read_text(), str(script), "exec")
+    except SyntaxError as exc:
+        raise RecipeError(f"{recipe.train_script}:{exc.lineno}: {exc.msg}") from None
+    return job
 
 
 def _simulate(
