@@ -327,3 +327,47 @@ def test_a_dead_drivers_old_folder_is_removed_and_live_or_recent_ones_kept(tmp_p
     assert remove_stale(tmp_path) == [dead_old]
     assert not dead_old.exists()
     assert dead_recent.exists() and alive_old.exists() and other.exists()
+
+
+#: a per-round client script whose module-level function ties its globals into a reference cycle
+#: (the common shape: ``def evaluate(...)`` next to the training loop), holding 64 MiB at module
+#: level; it fails if an earlier script's memory is still alive in its worker when it starts
+_LINGER_SCRIPT = """
+import gc
+import weakref
+
+import torch
+import tracker
+
+import fedctl.client as flare
+
+gc.disable()  # only the worker's own collection may free the cycle (the test's point)
+
+
+def helper():  # its __globals__ is this script's namespace: a cycle
+    return big
+
+
+flare.init()
+big = torch.ones(16 << 20)  # 64 MiB
+alive = sum(r() is not None for r in tracker.refs)
+tracker.refs.append(weakref.ref(big))
+gc.enable()
+if alive:
+    raise RuntimeError(f"{alive} earlier scripts' memory is still alive in this worker")
+while flare.is_running():
+    received = flare.receive()
+    flare.send(flare.FLModel(params=received.params, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["process", "local"])
+def test_a_per_round_script_leaves_no_memory_in_its_worker(toy_dir, tmp_path, backend) -> None:
+    (toy_dir / "client.py").write_text(_LINGER_SCRIPT)
+    (toy_dir / "tracker.py").write_text("refs = []\n")
+    recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=2, train_args="")
+    run = recipe.run(
+        SimEnv(num_clients=3, workers=1, backend=backend, workspace=tmp_path, display="none")
+    )
+    assert run.ok, run.reason
+    assert run.extra["resident"] is False

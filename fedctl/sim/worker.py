@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import os
 import queue
@@ -53,6 +54,9 @@ STATE_FILE = "state.safetensors"
 LOG_FILE = "client.log"
 #: what a resident script's thread reports when it blocks for its next task
 PARKED = ("parked",)
+#: a per-round script that leaves its worker at least this much bigger than it found it is
+#: followed by a garbage collection (see :meth:`ScriptHost._run_inline`)
+RECLAIM_BYTES = 32 << 20
 
 
 @dataclass
@@ -384,8 +388,15 @@ class ScriptHost(HostSteps):
         self.worker.make_site_dir(self.site_dir)
         self.channel = SimChannel(self, [task])
         self.sent = None
+        before = _rss()
         status = self._execute()
         sent, self.sent = self.sent, None
+        # A script's globals are usually in a reference cycle (a module-level def or class
+        # refers to them), so what the script held (its model, data, optimizer) outlives it
+        # until Python's cyclic collector happens to run: with a large model, several sites'
+        # models at once. A script that left the worker bigger gets that collection now.
+        if _rss() - before >= RECLAIM_BYTES:
+            gc.collect()
         # An error after send() (code after the loop) is in the site's client.log; the result
         # that was sent stands.
         return status if sent is None else sent
@@ -429,6 +440,20 @@ class ScriptHost(HostSteps):
             self.channel.inbox.put(None)
             assert self.thread is not None
             self.thread.join(timeout)
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (one small read on Linux)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):  # not Linux
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _script_traceback(exc: BaseException, script: str) -> str:
