@@ -16,6 +16,16 @@ parser.add_argument("--lr", type=float, default=0.05)
 parser.add_argument("--trivial", action="store_true", help="send back what was received")
 args = parser.parse_args()
 
+
+def result(model, loss: float, steps: int) -> flare.FLModel:
+    """What a site sends (a module-level function, as most client scripts have one)."""
+    return flare.FLModel(
+        params=model.state_dict(),
+        metrics={"train_loss": loss},
+        meta={"NUM_STEPS_CURRENT_ROUND": steps},
+    )
+
+
 flare.init()
 if args.trivial:
     while flare.is_running():
@@ -27,10 +37,4 @@ else:
     while flare.is_running():
         model.load_state_dict(flare.receive().params)
         steps, loss = local_train(model, x, y, args.epochs, args.batch_size, args.lr)
-        flare.send(
-            flare.FLModel(
-                params=model.state_dict(),
-                metrics={"train_loss": loss},
-                meta={"NUM_STEPS_CURRENT_ROUND": steps},
-            )
-        )
+        flare.send(result(model, loss, steps))
