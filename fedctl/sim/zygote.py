@@ -106,10 +106,10 @@ def _serve(control: socket.socket) -> int:
     import fedctl.sim.procs
     import fedctl.sim.worker  # noqa: F401
 
-    # What is imported by now lives as long as the workers do: out of the cyclic collector's
-    # reach, a worker's collections stay short (torch alone brings ~170k objects: 70 ms a full
-    # collection, against well under 1 ms) and never write to these objects' pages, which
-    # then stay shared with the zygote instead of being copied into every worker.
+    # What is imported by now (~170k objects with torch) lives as long as the workers do. Frozen,
+    # it is out of their cyclic collections, which then neither walk it (a full collection in a
+    # worker: 52 ms instead of 140, the rest being what a worker imports itself, such as torch's
+    # _dynamo at a script's first optimizer) nor write to its pages, which stay shared.
     gc.freeze()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
     me = os.getpid()
