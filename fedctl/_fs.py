@@ -251,6 +251,25 @@ def _total_memory() -> int:
     return _pages("SC_PHYS_PAGES")
 
 
+def resident_bytes() -> int:
+    """This process's resident memory in bytes: on Linux one read (2 µs) of ``/proc/self/statm``
+    through a descriptor kept open per process, as the simulator asks before and after every
+    per-round script; psutil elsewhere."""
+    global _statm
+    try:
+        if _statm is None or _statm[0] != os.getpid():
+            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+        return int(os.pread(_statm[1], 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError, AttributeError):  # not Linux
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+#: (pid, descriptor of /proc/self/statm opened by that process)
+_statm: tuple[int, int] | None = None
+
+
 def open_new(dest: str | os.PathLike[str], *, reuse: bool = True) -> tuple[int, str]:
     """(descriptor open for writing, temporary path) of a file to be written and renamed onto
     ``dest``: a spare of ``dest``'s folder, overwritten from its start (truncate it to what was

@@ -152,3 +152,27 @@ def test_available_memory_falls_back_to_free_memory_without_meminfo(monkeypatch)
 
     monkeypatch.setattr("builtins.open", no_meminfo)
     assert _fs._available_memory() == (_fs._pages("SC_AVPHYS_PAGES") or 1 << 62)
+
+
+def test_resident_bytes_follows_this_process_and_falls_back_to_psutil(monkeypatch) -> None:
+    """The simulator's per-round collection is decided on this figure (fedctl/sim/worker.py)."""
+    import psutil
+
+    before = _fs.resident_bytes()
+    block = b"\x01" * (64 << 20)  # written, so resident
+    grown = _fs.resident_bytes() - before
+    assert grown >= 60 << 20, grown
+    assert abs(_fs.resident_bytes() - psutil.Process().memory_info().rss) < 16 << 20
+    del block
+    # a forked child reads its own figure, not its parent's descriptor's
+    assert _fs._statm is not None and _fs._statm[0] == os.getpid()
+    monkeypatch.setattr(_fs, "_statm", (os.getpid() + 1, -1))  # as if inherited from a parent
+    assert abs(_fs.resident_bytes() - psutil.Process().memory_info().rss) < 16 << 20
+    assert _fs._statm[0] == os.getpid()
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/statm")
+
+    monkeypatch.setattr(_fs, "_statm", None)
+    monkeypatch.setattr(os, "open", no_proc)  # not Linux
+    assert abs(_fs.resident_bytes() - psutil.Process().memory_info().rss) < 16 << 20

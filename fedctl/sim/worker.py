@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fedctl._fs import resident_bytes
 from fedctl._imports import isolated_imports
 from fedctl.client import channel as client_channel
 from fedctl.client.channel import Channel, SiteInfo, derive_seed
@@ -388,14 +389,14 @@ class ScriptHost(HostSteps):
         self.worker.make_site_dir(self.site_dir)
         self.channel = SimChannel(self, [task])
         self.sent = None
-        before = _rss()
+        before = resident_bytes()
         status = self._execute()
         sent, self.sent = self.sent, None
         # A script's globals are usually in a reference cycle (a module-level def or class
         # refers to them), so what the script held (its model, data, optimizer) outlives it
         # until Python's cyclic collector happens to run: with a large model, several sites'
         # models at once. A script that left the worker bigger gets that collection now.
-        if _rss() - before >= RECLAIM_BYTES:
+        if resident_bytes() - before >= RECLAIM_BYTES:
             gc.collect()
         # An error after send() (code after the loop) is in the site's client.log; the result
         # that was sent stands.
@@ -440,25 +441,6 @@ class ScriptHost(HostSteps):
             self.channel.inbox.put(None)
             assert self.thread is not None
             self.thread.join(timeout)
-
-
-def _rss() -> int:
-    """This process's resident memory in bytes (on Linux one read, 2 µs, of a file kept open
-    per process; 1,000 per-round scripts a second call this twice each)."""
-    global _statm
-    try:
-        if _statm is None or _statm[0] != os.getpid():
-            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
-        return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):  # not Linux
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-
-
-#: (pid, descriptor of /proc/self/statm opened by that process)
-_statm: tuple[int, int] | None = None
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _script_traceback(exc: BaseException, script: str) -> str:
