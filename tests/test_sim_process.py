@@ -371,3 +371,20 @@ def test_a_per_round_script_leaves_no_memory_in_its_worker(toy_dir, tmp_path, ba
     )
     assert run.ok, run.reason
     assert run.extra["resident"] is False
+
+
+def test_a_resident_script_that_ends_leaves_no_memory_for_its_successor(toy_dir, tmp_path) -> None:
+    # resident (2 sites, 2 workers), but the script has no loop: it ends after each task and its
+    # worker starts it again for the next round
+    one_task = _LINGER_SCRIPT.replace(
+        "while flare.is_running():\n    received", "if flare.is_running():\n    received"
+    )
+    assert one_task != _LINGER_SCRIPT
+    (toy_dir / "client.py").write_text(one_task)
+    (toy_dir / "tracker.py").write_text("refs = []\n")
+    recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=3, train_args="")
+    run = recipe.run(
+        SimEnv(num_clients=2, workers=2, backend="process", workspace=tmp_path, display="none")
+    )
+    assert run.ok, run.reason
+    assert run.extra["resident"] is True

@@ -406,6 +406,10 @@ class ScriptHost(HostSteps):
         """Resident mode: hand the task to the site's long-lived script thread."""
         for _ in range(2):
             if not self.alive:
+                if self.channel is not None:
+                    # this site's earlier script has ended (on its own or failing): free what
+                    # it held before its successor starts (see _run_inline; this is rare)
+                    gc.collect()
                 self._start()
             assert self.channel is not None
             self.channel.inbox.put(task)
