@@ -256,14 +256,18 @@ def resident_bytes() -> int:
     through a descriptor kept open per process, as the simulator asks before and after every
     per-round script; psutil elsewhere."""
     global _statm
-    try:
-        if _statm is None or _statm[0] != os.getpid():
-            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
-        return int(os.pread(_statm[1], 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError, AttributeError):  # not Linux
-        import psutil
+    for _ in range(2):
+        try:
+            if _statm is None or _statm[0] != os.getpid():
+                _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+            return int(os.pread(_statm[1], 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError, AttributeError):
+            # not Linux, or a script closed the descriptor (its number may now be another
+            # file's): open it again once
+            _statm = None
+    import psutil
 
-        return int(psutil.Process().memory_info().rss)
+    return int(psutil.Process().memory_info().rss)
 
 
 #: (pid, descriptor of /proc/self/statm opened by that process)

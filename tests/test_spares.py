@@ -154,7 +154,9 @@ def test_available_memory_falls_back_to_free_memory_without_meminfo(monkeypatch)
     assert _fs._available_memory() == (_fs._pages("SC_AVPHYS_PAGES") or 1 << 62)
 
 
-def test_resident_bytes_follows_this_process_and_falls_back_to_psutil(monkeypatch) -> None:
+def test_resident_bytes_follows_this_process_and_falls_back_to_psutil(
+    monkeypatch, tmp_path
+) -> None:
     """The simulator's per-round collection is decided on this figure (fedctl/sim/worker.py)."""
     import psutil
 
@@ -169,6 +171,19 @@ def test_resident_bytes_follows_this_process_and_falls_back_to_psutil(monkeypatc
     monkeypatch.setattr(_fs, "_statm", (os.getpid() + 1, -1))  # as if inherited from a parent
     assert abs(_fs.resident_bytes() - psutil.Process().memory_info().rss) < 16 << 20
     assert _fs._statm[0] == os.getpid()
+
+    # a script that closed the descriptor, its number since taken by another file
+    os.close(_fs._statm[1])
+    other = tmp_path / "data.txt"
+    other.write_text("not a statm line\n")
+    taken = os.open(other, os.O_RDONLY)
+    try:
+        assert taken == _fs._statm[1]
+        assert abs(_fs.resident_bytes() - psutil.Process().memory_info().rss) < 16 << 20
+        assert _fs._statm[1] != taken
+        assert os.pread(_fs._statm[1], 128, 0).split()[1].isdigit()
+    finally:
+        os.close(taken)
 
     def no_proc(*args, **kwargs):
         raise FileNotFoundError("/proc/self/statm")
