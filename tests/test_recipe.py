@@ -170,6 +170,52 @@ def test_recipe_folders_import_their_own_modules(tmp_path: Path) -> None:
     assert a.base_dir == tmp_path / "a"
 
 
+def test_a_folders_modules_are_dropped_afterwards_however_their_files_reach_it(
+    tmp_path: Path,
+) -> None:
+    """isolated_imports drops exactly the modules whose files resolve into the folder: through a
+    symlinked file, a symlinked folder or '..' too (it caches each folder's answer)."""
+    import sys
+    from types import ModuleType
+
+    from fedctl._imports import _module_in, isolated_imports
+
+    job, outside = tmp_path / "job", tmp_path / "outside"
+    (job / "pkg").mkdir(parents=True)
+    outside.mkdir()
+    for f in (job / "helper.py", job / "pkg" / "inner.py", outside / "elsewhere.py"):
+        f.write_text("")
+    (outside / "linked.py").symlink_to(job / "helper.py")
+    (tmp_path / "door").symlink_to(job)
+    files = {
+        "fx_in": job / "helper.py",
+        "fx_inner": job / "pkg" / "inner.py",
+        "fx_link": outside / "linked.py",
+        "fx_door": tmp_path / "door" / "helper.py",
+        "fx_dotdot": f"{job / 'pkg'}/../helper.py",
+        "fx_out": outside / "elsewhere.py",
+        "fx_out2": outside / "other.py",
+        "fx_nofile": None,
+    }
+    inside = {"fx_in", "fx_inner", "fx_link", "fx_door", "fx_dotdot"}
+    modules = {}
+    for name, f in files.items():
+        modules[name] = m = ModuleType(name)
+        if f is not None:
+            m.__file__ = str(f)
+    folder = job.resolve()
+    try:
+        with isolated_imports(job):
+            sys.modules.update(modules)
+        assert {n for n in files if n in sys.modules} == set(files) - inside
+        cache: dict[str, bool] = {}
+        for name, m in modules.items():
+            assert _module_in(m, folder, cache) == _module_in(m, folder) == (name in inside)
+    finally:
+        for name in files:
+            sys.modules.pop(name, None)
+
+
 def _bad_recipe(tmp_path: Path, body: str) -> Path:
     d = tmp_path / "bad"
     d.mkdir(exist_ok=True)
