@@ -19,7 +19,7 @@ The reference is a plain sequential loop in one process with the same model, dat
 process; the parent samples the PSS of the child's whole process tree (Ray's daemons and
 workers included), so start-up cost and memory are both counted.
 
-    python bench/bench_sim.py            # everything (~5 minutes on 2 cores; make bench: --repeat 3)
+    python bench/bench_sim.py            # everything (~5 min on 2 cores; make bench: --repeat 3)
     python bench/bench_sim.py --quick    # smaller sizes, a smoke run
     python bench/bench_sim.py --cases a,d
     python bench/bench_sim.py --cases c --repeat 3   # (c)'s median over three alternating pairs
@@ -176,6 +176,7 @@ def child_fedctl(case: dict[str, Any], out: Path) -> dict[str, Any]:
                 seed=SEED,
                 workers=case.get("workers"),
                 backend=case.get("backend", "auto"),
+                resident=case.get("resident"),
             )
         )
         if not run.ok:
@@ -369,7 +370,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         action="store_true",
-        help="(b), (o) also with Ray; (c) also with 1 worker, Ray and local",
+        help="(b), (o) also with Ray; (c) also with 2 workers, resident scripts, Ray and local",
     )
     p.add_argument(
         "--repeat",
@@ -565,6 +566,7 @@ def measure(args: argparse.Namespace) -> int:
         if args.variants:
             for label, extra in (
                 ("workers=2", {"workers": 2}),
+                ("resident=True", {"resident": True}),
                 ("backend=ray", {"backend": "ray"}),
                 ("backend=local", {"backend": "local"}),
             ):
