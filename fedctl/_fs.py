@@ -64,6 +64,59 @@ class BackgroundSHA256:
         self.close()
 
 
+#: a ``fedctl-<pid>-*`` folder whose process is gone is removed once unchanged this long (s)
+STALE_AFTER = 3600
+
+
+def private_dir(root: str | os.PathLike[str]) -> Path:
+    """A new folder of mode 0700 in ``root``, named ``fedctl-<pid>-*`` after this process, for
+    files that only live as long as it does (model files in /dev/shm, unix sockets in /tmp). A
+    process killed before it could remove its folder leaves it behind: such folders of this
+    user in ``root`` are removed first (:func:`remove_stale`)."""
+    root = Path(root)
+    remove_stale(root)
+    return Path(tempfile.mkdtemp(prefix=f"fedctl-{os.getpid()}-", dir=root))
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Remove this user's ``fedctl-<pid>-*`` folders in ``root`` whose process is gone and that
+    nothing changed for :data:`STALE_AFTER` seconds (left when a process was killed with no
+    chance to clean up). A folder whose PID is alive (or, in another PID namespace, merely
+    looks dead but is in use), or not this user's, is kept. Returns what it removed."""
+    import shutil
+
+    removed = []
+    now = time.time()
+    for folder in root.glob("fedctl-*-*"):
+        pid = folder.name.split("-")[1]
+        try:
+            st = folder.lstat()
+            if (
+                not pid.isdigit()
+                or not folder.is_dir()
+                or folder.is_symlink()
+                or st.st_uid != os.getuid()
+                or now - st.st_mtime < STALE_AFTER
+                or _alive(int(pid))
+            ):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -310,7 +310,7 @@ def test_a_run_with_fewer_workers_says_why_and_keeps_an_explicit_choice(
 def test_a_dead_drivers_old_folder_is_removed_and_live_or_recent_ones_kept(tmp_path) -> None:
     import subprocess
 
-    from fedctl.sim.procs import STALE_AFTER, remove_stale
+    from fedctl._fs import STALE_AFTER, remove_stale
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a PID that no longer runs

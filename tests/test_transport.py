@@ -362,3 +362,43 @@ def test_a_model_held_when_the_script_forks_is_dropped_not_released(tmp_path) ->
     gc.collect()
     assert held.take() == ([str(tmp_path / "b")], [str(tmp_path / "a")])
     assert held.take() == (None, None)
+
+
+def test_a_killed_processs_socket_folder_is_removed_by_the_next_process(tmp_path) -> None:
+    """Unix sockets live in ``fedctl-<pid>-*`` in the temporary folder; a process killed with
+    no chance to clean up (SIGKILL) leaves its folder, which the next process that makes its
+    own removes once it is old, while a live process's folder is kept."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fedctl._fs import STALE_AFTER
+
+    make = (
+        "import os, signal\n"
+        "from fedctl.transport.local import listen_unix, socket_path\n"
+        "p = socket_path('site-1-job')\n"
+        "listen_unix(p)\n"
+        "print(os.getpid(), p.parent.name, flush=True)\n"
+        "if os.environ.get('DIE'): os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed = subprocess.run(
+        [sys.executable, "-c", make], env={**env, "DIE": "1"}, capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    pid, name = killed.stdout.split()
+    left = tmp_path / name
+    assert name.startswith(f"fedctl-{pid}-") and left.is_dir()
+    assert list(left.iterdir())  # the socket is still there
+    live = tmp_path / f"fedctl-{os.getpid()}-live"  # this process's: alive
+    live.mkdir()
+    old = time.time() - STALE_AFTER - 60
+    for d in (left, live):
+        os.utime(d, (old, old))
+    clean = subprocess.run([sys.executable, "-c", make], env=env, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    assert not left.exists()  # swept
+    assert live.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]  # its own removed at its exit

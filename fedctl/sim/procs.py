@@ -28,7 +28,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedctl._fs import private_dir
 from fedctl.errors import RunFailed
 from fedctl.sim.pool import Pool, WorkerDied
 from fedctl.sim.transport import Packed, _clone, pack, unpack
@@ -56,8 +56,6 @@ FILE_INLINE_BYTES = 64 * 1024
 QUEUE_BYTES = 64 * 1024
 #: /dev/shm is used when it has at least this much room; else the run folder (page cache)
 SHM_MIN_FREE = 1 << 30
-#: a dead driver's folder in /dev/shm is removed once unchanged for this long (seconds)
-STALE_AFTER = 3600
 Meta = list[tuple[str, str, tuple[int, ...]]]
 
 
@@ -69,46 +67,7 @@ def transport_dir(run_dir: Path) -> Path:
         roomy = st.f_bavail * st.f_frsize >= SHM_MIN_FREE and os.access(root, os.W_OK)
     except OSError:
         roomy = False
-    if roomy:
-        remove_stale(root)
-    base = root if roomy else run_dir
-    return Path(tempfile.mkdtemp(prefix=f"fedctl-{os.getpid()}-", dir=base))
-
-
-def remove_stale(root: Path) -> list[Path]:
-    """Remove this user's ``fedctl-<pid>-*`` folders in ``root`` whose driver process is gone
-    and that nothing changed for :data:`STALE_AFTER` seconds (left when a driver and its
-    zygote were killed together, e.g. by an OOM kill of the group). A folder whose PID is alive
-    (or, in another PID namespace, merely looks dead but is in use), or not this user's, is
-    kept. Returns what it removed."""
-    removed = []
-    now = time.time()
-    for folder in root.glob("fedctl-*-*"):
-        pid = folder.name.split("-")[1]
-        try:
-            st = folder.stat()
-            if (
-                not pid.isdigit()
-                or st.st_uid != os.getuid()
-                or now - st.st_mtime < STALE_AFTER
-                or _alive(int(pid))
-            ):
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+    return private_dir(root if roomy else run_dir)
 
 
 class SharedFile:

@@ -1,8 +1,9 @@
 """Private unix sockets on this machine (a site agent and its script, a server and its jobs).
 
-Socket paths live in a per-process folder of mode 0700 (removed at exit), because unix socket
-paths are limited to 108 bytes and cannot live deep inside a workspace; each socket is created
-with mode 0600, so only this user can connect.
+Socket paths live in a per-process folder of mode 0700 in the temporary folder (removed at exit;
+a killed process's folder by the next one that makes its own, see :func:`fedctl._fs.private_dir`),
+because unix socket paths are limited to 108 bytes and cannot live deep inside a workspace; each
+socket is created with mode 0600, so only this user can connect.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from fedctl._fs import safe_name
+from fedctl._fs import private_dir, safe_name
 
 _socket_dir: Path | None = None
 
@@ -23,7 +24,7 @@ def socket_path(name: str) -> Path:
     """A path for a unix socket in this process's private folder."""
     global _socket_dir
     if _socket_dir is None:
-        _socket_dir = Path(tempfile.mkdtemp(prefix="fedctl-"))
+        _socket_dir = private_dir(tempfile.gettempdir())
         atexit.register(shutil.rmtree, _socket_dir, True)
     return _socket_dir / f"{safe_name(name)[-60:]}.sock"
 
