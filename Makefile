@@ -71,8 +71,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check fedctl tests tests_flower bench recipes
 	$(BIN)/mypy
 
-# (c)'s ratios are medians of three alternating reference/fedctl pairs: one pair moves by ±10%
-# with this machine's speed (about 8 minutes in all on 2 cores)
+# (c)'s time ratio is the median of three alternating reference/fedctl pairs (one pair moves by
+# ±10% with this machine's speed), timed unwatched; its peaks come from a fourth pair whose
+# memory is sampled (about 10 minutes in all on 2 cores)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_sim.py --repeat 3
 

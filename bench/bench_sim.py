@@ -251,13 +251,16 @@ def tree_pss(pid: int) -> int:
 
 def measure_tree(
     cmd: list[str],
-    interval: float = 0.25,
+    interval: float | None = 0.25,
     *,
     cwd: str | os.PathLike[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> tuple[int, str, float, int]:
     """Run ``cmd`` in a fresh process: (exit code, its stdout, wall time, peak PSS of its whole
-    process tree, sampled every ``interval`` seconds from outside)."""
+    process tree, sampled every ``interval`` seconds from outside; with ``interval=None`` it is
+    not sampled and the peak is 0). Sampling is not free: each sample walks the page tables of
+    every process in the tree, which with gigabytes resident costs ~50 ms and stalls the
+    processes' own memory mapping meanwhile."""
     peak = 0
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -272,16 +275,21 @@ def measure_tree(
             stop.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if interval is not None:
+        sampler.start()
     stdout, _ = proc.communicate()
     wall = time.perf_counter() - t0
     stop.set()
-    sampler.join()
+    if interval is not None:
+        sampler.join()
     return proc.returncode, stdout, wall, peak
 
 
-def run_child(impl: str, case_name: str, case: dict[str, Any], interval: float) -> dict[str, Any]:
-    """Run one implementation in a fresh process; wall time and peak tree PSS from outside."""
+def run_child(
+    impl: str, case_name: str, case: dict[str, Any], interval: float | None
+) -> dict[str, Any]:
+    """Run one implementation in a fresh process; wall time and peak tree PSS from outside
+    (not sampled with ``interval=None``)."""
     out = Path(tempfile.mkdtemp(prefix=f"{impl}-{case_name}-", dir=OUT_DIR)) / "final.safetensors"
     cmd = [
         sys.executable,
@@ -302,7 +310,7 @@ def run_child(impl: str, case_name: str, case: dict[str, Any], interval: float) 
 
 
 def paired_runs(
-    case_name: str, case: dict[str, Any], interval: float, repeat: int
+    case_name: str, case: dict[str, Any], interval: float | None, repeat: int
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """``repeat`` runs of the reference and of fedctl, alternating, so that a drift in this
     machine's speed reaches both sides of each pair alike."""
@@ -530,30 +538,39 @@ def measure(args: argparse.Namespace) -> int:
 
     if "c" in wanted:
         print("\n(c) 4 clients × 3 rounds, ~100M-parameter model")
-        pairs = paired_runs("c", cases["c"], 0.5, args.repeat)
+        # Wall times come from runs nobody watches, the peaks from one more pair whose process
+        # trees are sampled: here a sample costs ~50 ms (the kernel walks every page of the
+        # trees' gigabytes), which slowed the runs it watched by 8% (reference) and 10% (fedctl).
+        pairs = paired_runs("c", cases["c"], None, args.repeat)
+        watched_ref, watched_fed = paired_runs("c", cases["c"], 0.5, 1)[0]
         ref, fed = pairs[-1]
         t_ratio = median(f["wall"] / r["wall"] for r, f in pairs)
-        m_ratio = median(f["peak_pss"] / r["peak_pss"] for r, f in pairs)
+        m_ratio = watched_fed["peak_pss"] / watched_ref["peak_pss"]
         for i, (r, f) in enumerate(pairs, 1):
             tag = f" (run {i} of {len(pairs)})" if len(pairs) > 1 else ""
-            line(f"reference wall / peak PSS{tag}", f"{r['wall']:.2f} s / {gib(r['peak_pss'])}")
             line(
-                f"fedctl wall / peak PSS{tag}",
-                f"{f['wall']:.2f} s / {gib(f['peak_pss'])} "
-                f"({f['wall'] / r['wall']:.2f}×, {f['peak_pss'] / r['peak_pss']:.2f}×)",
+                f"reference / fedctl wall{tag}",
+                f"{r['wall']:.2f} s / {f['wall']:.2f} s ({f['wall'] / r['wall']:.2f}×)",
             )
+        line(
+            "watched pair: reference / fedctl peak PSS",
+            f"{gib(watched_ref['peak_pss'])} / {gib(watched_fed['peak_pss'])} ({m_ratio:.2f}×); "
+            f"wall {watched_ref['wall']:.2f} s / {watched_fed['wall']:.2f} s "
+            f"({watched_fed['wall'] / watched_ref['wall']:.2f}×, sampling included)",
+        )
         line("fedctl start-up / shutdown", startup_text(fed))
         d, s = max_diff(ref["model"], fed["model"])
         line("final model max |fedctl − reference|", f"{d:.2e} (max |w| = {s:.3f})")
         of = f"median of {len(pairs)} " if len(pairs) > 1 else ""
         verdict("c.wall", t_ratio <= 1.3, f"{of}wall-time ratio = {t_ratio:.2f} (target ≤ 1.3)")
-        verdict("c.mem", m_ratio <= 1.5, f"{of}peak-memory ratio = {m_ratio:.2f} (target ≤ 1.5)")
+        verdict("c.mem", m_ratio <= 1.5, f"peak-memory ratio = {m_ratio:.2f} (target ≤ 1.5)")
         report["c"] = {
             "reference": ref,
             "fedctl": fed,
             "time_ratio": t_ratio,
             "mem_ratio": m_ratio,
             "pairs": [{"reference": r, "fedctl": f} for r, f in pairs],
+            "watched": {"reference": watched_ref, "fedctl": watched_fed},
         }
         snap = snapshot_cost(cases["c"]["size"])
         line(
@@ -573,8 +590,8 @@ def measure(args: argparse.Namespace) -> int:
                 var = run_child("fedctl", "c", {**cases["c"], **extra}, 0.5)
                 line(
                     f"variant {label}: wall / peak PSS",
-                    f"{var['wall']:.2f} s ({var['wall'] / ref['wall']:.2f}×) / "
-                    f"{gib(var['peak_pss'])} ({var['peak_pss'] / ref['peak_pss']:.2f}×)",
+                    f"{var['wall']:.2f} s ({var['wall'] / watched_ref['wall']:.2f}×) / "
+                    f"{gib(var['peak_pss'])} ({var['peak_pss'] / watched_ref['peak_pss']:.2f}×)",
                 )
                 report["c"][label] = var
 
