@@ -181,7 +181,10 @@ def child_fedctl(case: dict[str, Any], out: Path) -> dict[str, Any]:
         )
         if not run.ok:
             raise SystemExit(f"fedctl run failed: {run.reason}")
-        shutil.copyfile(run.final_model, out)  # type: ignore[arg-type]
+        try:  # the run's own final model, not a second 400 MB write the reference does not make
+            os.link(run.final_model, out)  # type: ignore[arg-type]
+        except OSError:
+            shutil.copyfile(run.final_model, out)  # type: ignore[arg-type]
         sites = [
             json.loads(line)
             for line in (run.result_dir / "metrics" / "sites.jsonl").read_text().splitlines()
