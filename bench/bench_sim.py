@@ -565,7 +565,7 @@ def measure(args: argparse.Namespace) -> int:
         d, s = max_diff(ref["model"], fed["model"])
         line("final model max |fedctl − reference|", f"{d:.2e} (max |w| = {s:.3f})")
         of = f"median of {len(pairs)} " if len(pairs) > 1 else ""
-        verdict("c.wall", t_ratio <= 1.3, f"{of}wall-time ratio = {t_ratio:.2f} (target ≤ 1.3)")
+        verdict("c.wall", t_ratio <= 1.3, f"{of}wall-time ratio = {t_ratio:.3f} (target ≤ 1.3)")
         verdict("c.mem", m_ratio <= 1.5, f"peak-memory ratio = {m_ratio:.2f} (target ≤ 1.5)")
         report["c"] = {
             "reference": ref,
