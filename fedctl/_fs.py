@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -90,11 +91,10 @@ def remove_stale(root: Path) -> list[Path]:
     for folder in root.glob("fedctl-*-*"):
         pid = folder.name.split("-")[1]
         try:
-            st = folder.lstat()
+            st = folder.lstat()  # a symbolic link is not a folder here: it is never followed
             if (
                 not pid.isdigit()
-                or not folder.is_dir()
-                or folder.is_symlink()
+                or not stat.S_ISDIR(st.st_mode)
                 or st.st_uid != os.getuid()
                 or now - st.st_mtime < STALE_AFTER
                 or _alive(int(pid))

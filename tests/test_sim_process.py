@@ -324,9 +324,16 @@ def test_a_dead_drivers_old_folder_is_removed_and_live_or_recent_ones_kept(tmp_p
         (d / "model").write_bytes(b"x" * 10)
     for d in (dead_old, alive_old, other):
         os.utime(d, (old, old))
+    target = tmp_path / "elsewhere"  # a link named like a dead process's folder is not followed
+    target.mkdir()
+    (target / "keep").write_bytes(b"x")
+    link = tmp_path / f"fedctl-{gone.pid}-lnk"
+    link.symlink_to(target)
+    os.utime(link, (old, old), follow_symlinks=False)
     assert remove_stale(tmp_path) == [dead_old]
     assert not dead_old.exists()
     assert dead_recent.exists() and alive_old.exists() and other.exists()
+    assert link.is_symlink() and (target / "keep").exists()
 
 
 #: a per-round client script whose module-level function ties its globals into a reference cycle
