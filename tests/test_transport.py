@@ -402,3 +402,34 @@ def test_a_killed_processs_socket_folder_is_removed_by_the_next_process(tmp_path
     assert not left.exists()  # swept
     assert live.exists()
     assert [p.name for p in tmp_path.iterdir()] == [live.name]  # its own removed at its exit
+
+
+def test_socket_names_fit_a_long_temporary_folder_or_the_error_says_so(monkeypatch) -> None:
+    """A unix socket's path is at most 107 bytes: under a long TMPDIR a socket's name keeps
+    its last characters (where a job's token is), and a folder too long for any name is one
+    clear error naming TMPDIR."""
+    import shutil
+    import tempfile
+
+    from fedctl.errors import UsageError
+    from fedctl.transport import local
+
+    name = "hospital-a-" + "x" * 40 + "-0123abcd"
+    base = Path(tempfile.mkdtemp(prefix="s-", dir="/tmp"))  # short, whatever tmp_path is
+    try:
+        long_dir = base / ("d" * (60 - len(str(base)) - 1))  # 60 bytes in all
+        too_long = base / ("e" * (95 - len(str(base)) - 1))
+        long_dir.mkdir()
+        too_long.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+        monkeypatch.setattr(local, "_socket_dir", None)
+        path = local.socket_path(name)
+        assert len(os.fsencode(path)) <= 107  # Linux: 108 bytes with the terminating NUL
+        assert path.name.endswith("-0123abcd.sock") and len(path.name) < len(name) + 5
+        local.listen_unix(path).close()  # the kernel takes it
+        monkeypatch.setattr(tempfile, "tempdir", str(too_long))
+        monkeypatch.setattr(local, "_socket_dir", None)
+        with pytest.raises(UsageError, match="too long a path for unix sockets.*set TMPDIR"):
+            local.socket_path(name)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -16,17 +16,29 @@ import tempfile
 from pathlib import Path
 
 from fedctl._fs import private_dir, safe_name
+from fedctl.errors import UsageError
 
 _socket_dir: Path | None = None
+#: bytes of a unix socket's path on Linux (108 with the terminating NUL)
+SUN_PATH_MAX = 107
+#: a socket's name keeps at least this many of its last characters (where names differ)
+MIN_NAME = 16
 
 
 def socket_path(name: str) -> Path:
-    """A path for a unix socket in this process's private folder."""
+    """A path for a unix socket in this process's private folder; the name keeps its last
+    characters, as many as the path's limit leaves room for (60 at most)."""
     global _socket_dir
     if _socket_dir is None:
         _socket_dir = private_dir(tempfile.gettempdir())
         atexit.register(shutil.rmtree, _socket_dir, True)
-    return _socket_dir / f"{safe_name(name)[-60:]}.sock"
+    room = SUN_PATH_MAX - len(os.fsencode(_socket_dir)) - len("/.sock")
+    if room < MIN_NAME:
+        raise UsageError(
+            f"the temporary folder {tempfile.gettempdir()} is too long a path for unix sockets "
+            f"(at most {SUN_PATH_MAX} bytes each); set TMPDIR to a shorter folder, such as /tmp"
+        )
+    return _socket_dir / f"{safe_name(name)[-min(60, room) :]}.sock"
 
 
 def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
