@@ -427,6 +427,9 @@ def test_socket_names_fit_a_long_temporary_folder_or_the_error_says_so(monkeypat
         assert len(os.fsencode(path)) <= 107  # Linux: 108 bytes with the terminating NUL
         assert path.name.endswith("-0123abcd.sock") and len(path.name) < len(name) + 5
         local.listen_unix(path).close()  # the kernel takes it
+        wide = local.socket_path("hôpital-" + "é" * 40 + "-0123abcd")  # 2 bytes a letter
+        assert len(os.fsencode(wide)) <= 107 and wide.name.endswith("-0123abcd.sock")
+        local.listen_unix(wide).close()
         monkeypatch.setattr(tempfile, "tempdir", str(too_long))
         monkeypatch.setattr(local, "_socket_dir", None)
         with pytest.raises(UsageError, match="too long a path for unix sockets.*set TMPDIR"):

@@ -38,7 +38,9 @@ def socket_path(name: str) -> Path:
             f"the temporary folder {tempfile.gettempdir()} is too long a path for unix sockets "
             f"(at most {SUN_PATH_MAX} bytes each); set TMPDIR to a shorter folder, such as /tmp"
         )
-    return _socket_dir / f"{safe_name(name)[-min(60, room) :]}.sock"
+    # counted in bytes (a letter may take several); a letter cut at the start is dropped
+    tail = safe_name(name).encode()[-min(60, room) :].decode(errors="ignore")
+    return _socket_dir / f"{tail}.sock"
 
 
 def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
