@@ -387,8 +387,8 @@ def main() -> int:
         "--repeat",
         type=int,
         default=1,
-        help="(c): run the reference and fedctl this many times, alternating; the median ratios "
-        "are held to the targets",
+        help="(c): time the reference and fedctl this many times, alternating and unwatched; "
+        "the median time ratio is held to its target (the peaks come from one more, watched pair)",
     )
     p.add_argument("--child", choices=["reference", "fedctl"], help=argparse.SUPPRESS)
     p.add_argument("--case-json", help=argparse.SUPPRESS)
