@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedctl.cli.main import main
+from fedctl.errors import RecipeError
 from fedctl.recipe import SimEnv, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,3 +196,33 @@ def test_bad_env_values(bad) -> None:
 
     with pytest.raises(UsageError):
         SimEnv(**bad)
+
+
+def test_the_simulator_does_not_hash_again_the_job_it_has_just_exported(
+    toy_recipe, tmp_path: Path, monkeypatch
+) -> None:
+    """The run folder's job is written and hashed by the simulator itself, then loaded back
+    with every check a server makes but the hashes (a large model's file: 0.24 s a 400 MB)."""
+    from fedctl.recipe import jobfolder
+    from fedctl.sim.runner import _export_job
+
+    hashed: list[Path] = []
+    real = jobfolder.sha256_file
+
+    def counting(path):
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(jobfolder, "sha256_file", counting)
+    job = _export_job(toy_recipe, tmp_path)
+    model = tmp_path / "job" / jobfolder.MODEL_FILE
+    assert model.is_file()
+    # the code files were hashed once, as written (in the folder that became job/), not again
+    assert hashed and not any(p.is_relative_to(tmp_path / "job") for p in hashed)
+    assert job.to_spec() == toy_recipe.to_spec()
+    # what the folder says is still checked: a spec naming a missing model is refused
+    spec = tmp_path / "job" / jobfolder.JOB_SPEC
+    model.unlink()
+    with pytest.raises(RecipeError, match="model"):
+        jobfolder.load_job(tmp_path / "job", verify=False)
+    assert spec.is_file()
