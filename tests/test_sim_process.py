@@ -3,7 +3,6 @@ moved as shared-memory files, every process stopped by PID and every file remove
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -379,48 +378,6 @@ def test_a_per_round_script_leaves_no_memory_in_its_worker(toy_dir, tmp_path, ba
     )
     assert run.ok, run.reason
     assert run.extra["resident"] is False
-
-
-#: a per-round script that reports how many objects its worker has frozen out of collections
-_FROZEN_SCRIPT = """
-import gc
-
-import torch
-
-import fedctl.client as flare
-
-flare.init()
-while flare.is_running():
-    received = flare.receive()
-    model = torch.nn.Linear(4, 2)
-    torch.optim.SGD(model.parameters(), lr=0.1).step()  # torch imports more at a first step
-    flare.send(
-        flare.FLModel(
-            params=received.params,
-            metrics={"frozen": gc.get_freeze_count()},
-            meta={"NUM_STEPS_CURRENT_ROUND": 1},
-        )
-    )
-"""
-
-
-def test_a_per_round_worker_freezes_what_its_first_batch_imported(toy_dir, tmp_path) -> None:
-    """After its first batch a per-round worker freezes what is alive (the scripts' imports
-    among it), so the collection after each later script does not walk it again; scripts
-    after the freeze still leave nothing behind (the test above, with its worker frozen)."""
-    (toy_dir / "client.py").write_text(_FROZEN_SCRIPT)
-    recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=3, train_args="")
-    run = recipe.run(
-        SimEnv(num_clients=2, workers=1, backend="process", workspace=tmp_path, display="none")
-    )
-    assert run.ok, run.reason
-    assert run.extra["resident"] is False
-    rows = [
-        json.loads(x) for x in (run.result_dir / "metrics/sites.jsonl").read_text().splitlines()
-    ]
-    # one site per batch here: the first script sees what the zygote froze, every later one more
-    first, *later = [int(r["metrics"]["frozen"]) for r in rows]
-    assert len(later) == 5 and all(n > first for n in later), (first, later)
 
 
 def test_a_resident_script_that_ends_leaves_no_memory_for_its_successor(toy_dir, tmp_path) -> None:

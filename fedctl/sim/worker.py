@@ -570,21 +570,6 @@ class WorkerCore:
                 return params
         return {k: v.clone() for k, v in base.items()}
 
-    def freeze(self) -> None:
-        """Collect, then leave what survives out of this process's later collections
-        (``gc.freeze``). A worker process calls it once, after its first batch in per-round
-        mode: what that batch's scripts imported (torch's ``_dynamo`` at a script's first
-        optimizer step, ~120k objects) has then joined what the zygote froze, and the collection
-        that follows each per-round script (see ``_run_inline``) walks only what is newer (with
-        a 400 MB model: 48 ms instead of 90, freeing the script's tensors included). Nothing of a
-        script is alive by then; what is (the worker, the job's modules, torch's caches) lives
-        as long as the worker. Not for resident scripts, whose objects are alive (one that later
-        became unreachable in a cycle would never be freed), nor in the local backend (the
-        process is the user's)."""
-        self._settle()
-        gc.collect()
-        gc.freeze()
-
     def _settle(self) -> None:
         """Let the script that ran last finish its code after send() before another starts."""
         if self._active is not None:

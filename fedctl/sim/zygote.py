@@ -70,7 +70,6 @@ def worker_main(fd: int, zygote: int) -> None:
         _send(conn, ("error", f"{type(exc).__name__}: {exc}"))
         return
     _send(conn, ("ready", os.getpid()))
-    batches = 0
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -90,9 +89,6 @@ def worker_main(fd: int, zygote: int) -> None:
             sys.stderr.write(traceback.format_exc())
             data = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
         conn.send_bytes(data)
-        batches += 1
-        if batches == 1 and not config.resident:
-            core.freeze()  # once, while the driver takes the reply in
 
 
 def main(argv: list[str]) -> int:
