@@ -202,7 +202,7 @@ def test_the_simulator_does_not_hash_again_the_job_it_has_just_exported(
     toy_recipe, tmp_path: Path, monkeypatch
 ) -> None:
     """The run folder's job is written and hashed by the simulator itself, then loaded back
-    with every check a server makes but the hashes (a large model's file: 0.24 s a 400 MB)."""
+    with every check a server makes but the hashes (hashing them again: 0.24 s for 400 MB)."""
     from fedctl.recipe import jobfolder
     from fedctl.sim.runner import _export_job
 
