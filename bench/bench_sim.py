@@ -282,13 +282,13 @@ def measure_tree(
             peak = max(peak, tree_pss(proc.pid))
             stop.wait(interval)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    if interval is not None:
+    sampler = None if interval is None else threading.Thread(target=sample, daemon=True)
+    if sampler is not None:
         sampler.start()
     stdout, _ = proc.communicate()
     wall = time.perf_counter() - t0
     stop.set()
-    if interval is not None:
+    if sampler is not None:
         sampler.join()
     return proc.returncode, stdout, wall, peak
 
