@@ -47,15 +47,22 @@ def test_background_sha256_equals_hashlib_and_always_stops_its_thread() -> None:
 
     pieces = [b"a" * 5000, memoryview(b"b" * 70000), b"", bytes(range(256)) * 99]
     expected = hashlib.sha256(b"".join(bytes(p) for p in pieces)).hexdigest()
-    before = threading.active_count()
+    before = set(threading.enumerate())
+
+    def ours() -> set[threading.Thread]:
+        """This test's hashing threads still alive (other tests' threads may end meanwhile)."""
+        return {t for t in set(threading.enumerate()) - before if t.name == "sha256"}
+
     h = BackgroundSHA256(depth=2)
+    assert len(ours()) == 1
     for p in pieces:
         h.update(p)
     assert h.hexdigest() == expected and h.hexdigest() == expected  # idempotent
     with pytest.raises(RuntimeError), BackgroundSHA256() as h2:
         h2.update(b"x")
+        assert len(ours()) == 1  # the first one has ended, the second runs
         raise RuntimeError("the writer failed")
-    assert threading.active_count() == before  # both threads ended
+    assert not ours()  # both threads ended
 
 
 @pytest.mark.parametrize(
