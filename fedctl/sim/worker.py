@@ -392,6 +392,10 @@ class ScriptHost(HostSteps):
         before = resident_bytes()
         status = self._execute()
         sent, self.sent = self.sent, None
+        # The channel holds the task the script received (its copy of the global model) and
+        # refers back to this host, which the worker keeps until the next script starts: kept,
+        # it would hold the previous round's global model through the next round's first site.
+        self.channel = None
         # A script's globals are usually in a reference cycle (a module-level def or class
         # refers to them), so what the script held (its model, data, optimizer) outlives it
         # until Python's cyclic collector happens to run: with a large model, several sites'
