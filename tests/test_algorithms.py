@@ -31,6 +31,7 @@ from fedctl.codec.model import (
 from fedctl.sampling import sample_count, sample_sites
 from fedctl.tracking.store import RunStore, cross_site_lines
 from fedctl.workflows.base import NotEnoughResults, WorkflowContext
+from fedctl.workflows.cyclic import Cyclic
 from fedctl.workflows.fedavg import FedAvg
 from fedctl.workflows.fedavgm import FedAvgM
 from fedctl.workflows.fednova import FedNova
@@ -489,3 +490,49 @@ def test_workflows_never_modify_broadcast_params_in_place(workflow) -> None:
     workflow().run(_ctx(comm), INITIAL)
     assert len(sent) >= 6
     assert all(torch.equal(t, before) for t, before in sent)
+
+
+@pytest.mark.parametrize(
+    "workflow",
+    [
+        lambda: FedAvg(3, 5),
+        lambda: FedAdam(3, 5, eta=0.1),
+        lambda: Scaffold(3, 5),
+        lambda: Personalized(3, 5, fedbn=True, local=["n"]),
+        lambda: Cyclic(2, 5),
+    ],
+    ids=["fedavg", "fedadam", "scaffold", "personalized", "cyclic"],
+)
+def test_no_workflow_holds_the_initial_model_once_it_is_replaced(workflow) -> None:
+    """The first global model is dropped once its round is over: held for the whole run, a
+    400 MB model would be in memory twice from round 2 on (the simulator maps it from shared
+    memory). Checked at every broadcast of a later round (a cyclic round is a whole cycle: its
+    starting model is kept until the cycle ends, for the run's best-model record)."""
+    import gc
+    import weakref
+
+    first: list[weakref.ref[torch.Tensor]] = []
+    alive: list[bool] = []
+    broadcasts = [0]
+    per_round = len(SITES) if isinstance(workflow(), Cyclic) else 1
+
+    class Watching(ScriptedComm):
+        def broadcast(self, task, targets):
+            self.tasks.clear()  # this test's communicator keeps no earlier task
+            broadcasts[0] += 1
+            if broadcasts[0] > per_round:
+                gc.collect()
+                alive.append(first[0]() is not None)
+            return super().broadcast(task, targets)
+
+    def make(site: str, task: Task) -> TaskResult:
+        extra = {}
+        if SCAFFOLD_C_PREFIX + "w" in task.model.params:
+            extra = {SCAFFOLD_DC_PREFIX + "w": OFFSETS[site] * 0.1}
+        return _train(site, task, extra=extra)
+
+    comm = Watching(SITES, lambda s, t: (0.0, lambda: make(s, t)))
+    box = [{"w": torch.zeros(3), "n": torch.tensor(0)}]
+    first.append(weakref.ref(box[0]["w"]))
+    workflow().run(_ctx(comm), box.pop())  # the workflow holds the only reference
+    assert len(alive) >= 2 and not any(alive), alive

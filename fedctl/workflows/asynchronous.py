@@ -150,6 +150,7 @@ class AsyncAggregation(Evaluation, Workflow):
     ) -> dict[str, torch.Tensor]:
         """Run until ``num_rounds`` new global models were made; return the last one."""
         model, version, _ = self.resume(ctx, initial)
+        del initial  # replaced by the first update: hold no second reference (see FedAvg.run)
         ctx.emit(
             "run_started",
             num_rounds=self.num_rounds,

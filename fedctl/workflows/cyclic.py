@@ -74,6 +74,7 @@ class Cyclic(Workflow):
     ) -> dict[str, torch.Tensor]:
         """Run the cycles from ``initial`` (or from a checkpoint); return the last site's model."""
         model, start, _ = self.resume(ctx, initial)
+        del initial  # replaced by the first site's model: hold no second reference
         ctx.emit(
             "run_started",
             num_rounds=self.num_rounds,

@@ -270,6 +270,7 @@ class FedAvg(Evaluation, Workflow):
     ) -> dict[str, torch.Tensor]:
         """Run the rounds from ``initial`` (or from a checkpoint); return the final model."""
         model, start, state = self.resume(ctx, initial)
+        del initial  # the first round's model is replaced after it: hold no second reference
         if start:
             self.load_state(state)
         check_compatible(

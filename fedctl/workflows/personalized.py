@@ -78,11 +78,13 @@ class Personalized(FedAvg):
                 raise RunFailed("personalization keeps every parameter local: nothing to federate")
         return self._local
 
-    def run(
+    def resume(
         self, ctx: WorkflowContext, initial: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        self.local_keys(initial)  # a spec that leaves nothing to federate fails before round 1
-        return super().run(ctx, initial)
+    ) -> tuple[dict[str, torch.Tensor], int, dict[str, Any]]:
+        # a spec that leaves nothing to federate fails before round 1 (here, not in an override
+        # of run(), whose frame would hold the initial model for the whole run)
+        self.local_keys(initial)
+        return super().resume(ctx, initial)
 
     def add_result(
         self,
