@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_sim import tree_pss, tree_sum  # the same measures as the simulator benchmark
+from bench_sim import tree_pss, tree_sum  # PSS per process group: the POC keeps no file in /dev/shm
 
 
 def tree_cpu(pid: int) -> float:

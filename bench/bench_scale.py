@@ -57,7 +57,8 @@ def child(clients: int, rounds: int) -> dict[str, Any]:
 
 
 def measure(clients: int, rounds: int) -> dict[str, Any]:
-    """Run ``child`` in a fresh process; wall time and peak tree PSS from outside."""
+    """Run ``child`` in a fresh process; wall time and the process tree's peak memory
+    (``bench_sim.tree_memory``), from outside."""
     sys.path.insert(0, str(HERE))
     from bench_sim import measure_tree
 
@@ -66,7 +67,7 @@ def measure(clients: int, rounds: int) -> dict[str, Any]:
     if code != 0:
         raise SystemExit(f"{clients} clients: exit code {code}")
     data: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
-    data.update(wall=wall, peak_pss=peak)
+    data.update(wall=wall, peak_mem=peak)
     return data
 
 
@@ -83,13 +84,14 @@ def main() -> int:
     for n, r in res.items():
         later = r["round_times"][1:] or r["round_times"]
         print(
-            f"  {n:>6} clients: wall {r['wall']:.1f} s, peak PSS {r['peak_pss'] / 2**30:.2f} GiB, "
+            f"  {n:>6} clients: wall {r['wall']:.1f} s, "
+            f"peak memory {r['peak_mem'] / 2**30:.2f} GiB, "
             f"mean round {sum(later) / len(later) * 1000:.0f} ms, "
             f"{r['state_files']} state files ({r['state_bytes'] / 2**20:.1f} MiB on disk), "
             f"{r['site_folders']} site folders"
         )
     small, big = res[1000], res[10_000]
-    mem = big["peak_pss"] / small["peak_pss"]
+    mem = big["peak_mem"] / small["peak_mem"]
 
     def mean_round(r: dict[str, Any]) -> float:
         later = r["round_times"][1:] or r["round_times"]

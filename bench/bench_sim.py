@@ -5,7 +5,7 @@ Cases (issue #2):
      per-round orchestration overhead; target ≤ 2× the reference's wall time. Ground truth:
      after round 1 fedctl's global model equals the reference's to float32 rounding.
   b) 64 and 1000 clients × 5 rounds of a trivial client (echoes the model): wall time, client
-     calls/s, peak memory of the whole process tree (PSS); targets ≥ 1000 calls/s and
+     calls/s, peak memory of the whole process tree; targets ≥ 1000 calls/s and
      peak(1000) ≤ 1.5 × peak(64).
   c) 4 clients × 3 rounds, ~100M-parameter MLP: wall time and peak memory; targets ≤ 1.3× the
      reference's wall time and ≤ 1.5× its peak memory. A diagnostic run of the reference that
@@ -18,8 +18,10 @@ Cases (issue #2):
 
 The reference is a plain sequential loop in one process with the same model, data, mini-batches
 (same seeds) and FedAvg (running weighted sum). Every implementation runs in a fresh child
-process; the parent samples the PSS of the child's whole process tree (Ray's daemons and
-workers included), so start-up cost and memory are both counted.
+process; the parent samples the memory of the child's whole process tree (Ray's daemons and
+workers included), so start-up cost and memory are both counted: each process's PSS outside
+shared memory plus all the shared memory made since the child started (a file in /dev/shm
+counts whether or not a process maps it at that moment; PSS alone would miss it).
 
     python bench/bench_sim.py            # everything (~5 min on 2 cores; make bench: --repeat 3)
     python bench/bench_sim.py --quick    # smaller sizes, a smoke run
@@ -247,7 +249,7 @@ def tree_sum(pid: int, measure: Any) -> float:
     for p in procs:
         try:
             total += measure(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             pass
     return total
 
@@ -257,6 +259,41 @@ def tree_pss(pid: int) -> int:
     return int(tree_sum(pid, lambda p: p.memory_full_info().pss))
 
 
+def _rollup(pid: int) -> tuple[int, int]:
+    """A process's (PSS, the part of it in shared memory) in bytes (Linux smaps_rollup)."""
+    pss = shmem = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for row in f:
+            if row.startswith("Pss:"):
+                pss = int(row.split()[1]) * 1024
+            elif row.startswith("Pss_Shmem:"):
+                shmem = int(row.split()[1]) * 1024
+    return pss, shmem
+
+
+def shmem_bytes() -> int:
+    """All shared memory on this machine (/dev/shm files, mapped or not; /proc/meminfo)."""
+    with open("/proc/meminfo") as f:
+        for row in f:
+            if row.startswith("Shmem:"):
+                return int(row.split()[1]) * 1024
+    return 0
+
+
+def tree_memory(pid: int, shmem_base: int) -> int:
+    """Memory of a process tree with every page counted once: its processes' PSS outside
+    shared memory, plus all the machine's shared memory above ``shmem_base`` (taken before the
+    tree started). PSS alone misses a file in /dev/shm that no process maps at that moment (a
+    result written by a simulator worker that the driver has not opened yet); shared memory
+    made by processes outside the tree meanwhile would be counted too (none in these runs)."""
+
+    def own(p: Any) -> int:
+        pss, shmem = _rollup(p.pid)
+        return pss - shmem
+
+    return int(tree_sum(pid, own)) + max(0, shmem_bytes() - shmem_base)
+
+
 def measure_tree(
     cmd: list[str],
     interval: float | None = 0.25,
@@ -264,12 +301,13 @@ def measure_tree(
     cwd: str | os.PathLike[str] | None = None,
     env: dict[str, str] | None = None,
 ) -> tuple[int, str, float, int]:
-    """Run ``cmd`` in a fresh process: (exit code, its stdout, wall time, peak PSS of its whole
-    process tree, sampled every ``interval`` seconds from outside; with ``interval=None`` it is
-    not sampled and the peak is 0). Sampling is not free: each sample walks the page tables of
-    every process in the tree, which with gigabytes resident costs ~50 ms and stalls the
-    processes' own memory mapping meanwhile."""
+    """Run ``cmd`` in a fresh process: (exit code, its stdout, wall time, peak memory of its
+    whole process tree (:func:`tree_memory`), sampled every ``interval`` seconds from outside;
+    with ``interval=None`` it is not sampled and the peak is 0). Sampling is not free: each
+    sample walks the page tables of every process in the tree, which with gigabytes resident
+    costs ~50 ms and stalls the processes' own memory mapping meanwhile."""
     peak = 0
+    shmem_base = shmem_bytes()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, text=True, cwd=cwd, env=env or {**os.environ}
@@ -279,7 +317,7 @@ def measure_tree(
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, tree_pss(proc.pid))
+            peak = max(peak, tree_memory(proc.pid, shmem_base))
             stop.wait(interval)
 
     sampler = None if interval is None else threading.Thread(target=sample, daemon=True)
@@ -296,8 +334,8 @@ def measure_tree(
 def run_child(
     impl: str, case_name: str, case: dict[str, Any], interval: float | None
 ) -> dict[str, Any]:
-    """Run one implementation in a fresh process; wall time and peak tree PSS from outside
-    (not sampled with ``interval=None``)."""
+    """Run one implementation in a fresh process; wall time and the process tree's peak memory
+    (:func:`tree_memory`), from outside (not sampled with ``interval=None``)."""
     out = Path(tempfile.mkdtemp(prefix=f"{impl}-{case_name}-", dir=OUT_DIR)) / "final.safetensors"
     cmd = [
         sys.executable,
@@ -313,7 +351,7 @@ def run_child(
     if code != 0:
         raise SystemExit(f"{impl} {case_name} failed with exit code {code}")
     data = json.loads(stdout.strip().splitlines()[-1])
-    data.update(wall=wall, peak_pss=peak, model=str(out))
+    data.update(wall=wall, peak_mem=peak, model=str(out))
     return data
 
 
@@ -486,17 +524,17 @@ def measure(args: argparse.Namespace) -> int:
             res[name] = {"reference": ref, "fedctl": fed, "calls_per_s": cps}
             n = case["clients"]
             line(
-                f"{n} clients: reference wall / peak PSS",
-                f"{ref['wall']:.2f} s / {gib(ref['peak_pss'])}",
+                f"{n} clients: reference wall / peak memory",
+                f"{ref['wall']:.2f} s / {gib(ref['peak_mem'])}",
             )
             line(
-                f"{n} clients: fedctl wall / peak PSS",
-                f"{fed['wall']:.2f} s / {gib(fed['peak_pss'])}",
+                f"{n} clients: fedctl wall / peak memory",
+                f"{fed['wall']:.2f} s / {gib(fed['peak_mem'])}",
             )
             line(f"{n} clients: fedctl client calls/s (rounds only)", f"{cps:.0f}")
         big, small = res["b1000"], res["b64"]
         n_big = cases["b1000"]["clients"]
-        mem_ratio = big["fedctl"]["peak_pss"] / small["fedctl"]["peak_pss"]
+        mem_ratio = big["fedctl"]["peak_mem"] / small["fedctl"]["peak_mem"]
         verdict(
             "b.calls",
             big["calls_per_s"] >= 1000,
@@ -514,7 +552,7 @@ def measure(args: argparse.Namespace) -> int:
             line(
                 f"variant backend=ray, {n_big} clients",
                 f"{var_cps:.0f} client calls/s, wall {var['wall']:.2f} s, "
-                f"peak {gib(var['peak_pss'])}",
+                f"peak {gib(var['peak_mem'])}",
             )
             report["b"]["backend=ray"] = var
 
@@ -528,19 +566,19 @@ def measure(args: argparse.Namespace) -> int:
             ref = run_child("reference", name, case, 0.25)
             fed = run_child("fedctl", name, case, 0.25)
             t_ratio = fed["wall"] / ref["wall"]
-            line("reference wall / peak PSS", f"{ref['wall']:.2f} s / {gib(ref['peak_pss'])}")
-            line("fedctl wall / peak PSS", f"{fed['wall']:.2f} s / {gib(fed['peak_pss'])}")
+            line("reference wall / peak memory", f"{ref['wall']:.2f} s / {gib(ref['peak_mem'])}")
+            line("fedctl wall / peak memory", f"{fed['wall']:.2f} s / {gib(fed['peak_mem'])}")
             line("fedctl start-up / shutdown", startup_text(fed))
             verdict(f"{name}.wall", t_ratio <= 2.0, f"wall-time ratio = {t_ratio:.2f} (target ≤ 2)")
-            peak_gb = fed["peak_pss"] / 1e9
+            peak_gb = fed["peak_mem"] / 1e9
             verdict(f"{name}.mem", peak_gb <= 0.8, f"peak = {peak_gb:.2f} GB (target ≤ 0.8 GB)")
             report[name] = {"reference": ref, "fedctl": fed, "time_ratio": t_ratio}
             if args.variants:
                 var = run_child("fedctl", name, {**case, "backend": "ray"}, 0.25)
                 line(
-                    "variant backend=ray: wall / peak PSS",
+                    "variant backend=ray: wall / peak memory",
                     f"{var['wall']:.2f} s ({var['wall'] / ref['wall']:.2f}×) / "
-                    f"{var['peak_pss'] / 1e9:.2f} GB; start-up {startup_text(var)}",
+                    f"{var['peak_mem'] / 1e9:.2f} GB; start-up {startup_text(var)}",
                 )
                 report[name]["backend=ray"] = var
 
@@ -553,7 +591,7 @@ def measure(args: argparse.Namespace) -> int:
         watched_ref, watched_fed = paired_runs("c", cases["c"], 0.5, 1)[0]
         ref, fed = pairs[-1]
         t_ratio = median(f["wall"] / r["wall"] for r, f in pairs)
-        m_ratio = watched_fed["peak_pss"] / watched_ref["peak_pss"]
+        m_ratio = watched_fed["peak_mem"] / watched_ref["peak_mem"]
         for i, (r, f) in enumerate(pairs, 1):
             tag = f" (run {i} of {len(pairs)})" if len(pairs) > 1 else ""
             line(
@@ -561,8 +599,8 @@ def measure(args: argparse.Namespace) -> int:
                 f"{r['wall']:.2f} s / {f['wall']:.2f} s ({f['wall'] / r['wall']:.2f}×)",
             )
         line(
-            "watched pair: reference / fedctl peak PSS",
-            f"{gib(watched_ref['peak_pss'])} / {gib(watched_fed['peak_pss'])} ({m_ratio:.2f}×); "
+            "watched pair: reference / fedctl peak memory",
+            f"{gib(watched_ref['peak_mem'])} / {gib(watched_fed['peak_mem'])} ({m_ratio:.2f}×); "
             f"wall {watched_ref['wall']:.2f} s / {watched_fed['wall']:.2f} s "
             f"({watched_fed['wall'] / watched_ref['wall']:.2f}×, sampling included)",
         )
@@ -612,9 +650,9 @@ def measure(args: argparse.Namespace) -> int:
             ):
                 var = run_child("fedctl", "c", {**cases["c"], **extra}, 0.5)
                 line(
-                    f"variant {label}: wall / peak PSS",
+                    f"variant {label}: wall / peak memory",
                     f"{var['wall']:.2f} s ({var['wall'] / watched_ref['wall']:.2f}×) / "
-                    f"{gib(var['peak_pss'])} ({var['peak_pss'] / watched_ref['peak_pss']:.2f}×)",
+                    f"{gib(var['peak_mem'])} ({var['peak_mem'] / watched_ref['peak_mem']:.2f}×)",
                 )
                 report["c"][label] = var
 
