@@ -392,9 +392,9 @@ class ScriptHost(HostSteps):
         before = resident_bytes()
         status = self._execute()
         sent, self.sent = self.sent, None
-        # The channel holds the task the script received (its copy of the global model) and
-        # refers back to this host, which the worker keeps until the next script starts: kept,
-        # it would hold the previous round's global model through the next round's first site.
+        # The channel refers back to this host: kept, that cycle would keep the host (and the
+        # round's global model it holds as ``base``) past the next script's start, until
+        # Python's cyclic collector ran: through the next round's first site, with a large model.
         self.channel = None
         # A script's globals are usually in a reference cycle (a module-level def or class
         # refers to them), so what the script held (its model, data, optimizer) outlives it
