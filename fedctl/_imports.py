@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,18 +51,31 @@ def _module_in(module: ModuleType, folder: Path, dirs: dict[str, bool] | None = 
         return False
 
 
+#: folders with an isolated_imports open now, in any thread: how many times, their top names
+_open: dict[Path, tuple[int, set[str]]] = {}
+_open_lock = threading.Lock()
+
+
 @contextmanager
 def isolated_imports(folder: str | os.PathLike[str]) -> Iterator[None]:
-    """Make ``folder``'s modules importable, shadowing same-named ones, for the duration."""
+    """Make ``folder``'s modules importable, shadowing same-named ones, for the duration.
+
+    The shadowed modules come back at the end, but for one whose own folder's isolated_imports
+    (in another thread) has ended meanwhile, which dropped its modules, and for one whose name
+    a folder still open provides: a job with a ``model.py`` of its own must never import another
+    job's (open contexts may end in any order when a simulator replaces a hung worker)."""
     folder = Path(folder).resolve()
     names = _top_level_names(folder)
-    # sys.modules.copy(): one step in C, so a script importing in another thread meanwhile (the
-    # in-process simulator runs scripts while an asynchronous workflow evaluates) cannot break it
-    hidden = {
-        n: m
-        for n, m in sys.modules.copy().items()
-        if n.split(".")[0] in names and not _module_in(m, folder)
-    }
+    with _open_lock:
+        # sys.modules.copy(): one step in C, so a script importing in another thread meanwhile
+        # (the in-process simulator runs scripts while an asynchronous workflow evaluates)
+        # cannot break it
+        hidden = {
+            n: (m, next((f for f in _open if _module_in(m, f)), None))
+            for n, m in sys.modules.copy().items()
+            if n.split(".")[0] in names and not _module_in(m, folder)
+        }
+        _open[folder] = (_open.get(folder, (0, names))[0] + 1, names)
     for n in hidden:
         sys.modules.pop(n, None)
     before = set(sys.modules.copy())
@@ -77,8 +91,18 @@ def isolated_imports(folder: str | os.PathLike[str]) -> Iterator[None]:
         for n, m in sys.modules.copy().items():
             if n not in before and _module_in(m, folder, dirs):
                 sys.modules.pop(n, None)
-        for n, m in hidden.items():
-            sys.modules.setdefault(n, m)
+        with _open_lock:
+            count = _open[folder][0]
+            if count == 1:
+                del _open[folder]
+            else:
+                _open[folder] = (count - 1, names)
+            provided = {name for f, (_, top) in _open.items() for name in top}
+            for n, (m, owner) in hidden.items():
+                if owner is None and n.split(".")[0] in provided:
+                    continue  # an open folder has its own module of that name
+                if owner is None or owner in _open:
+                    sys.modules.setdefault(n, m)
 
 
 def where(exc: BaseException, path: Path) -> str:

@@ -295,3 +295,44 @@ def test_recipe_file_can_be_given_directly(toy_dir: Path) -> None:
     (toy_dir / "notes.txt").write_text("hello")
     with pytest.raises(RecipeError, match="a recipe is a .py file"):
         load_recipe(toy_dir / "notes.txt")
+
+
+def test_a_shadowed_module_whose_own_folder_closed_meanwhile_is_not_brought_back(
+    tmp_path: Path,
+) -> None:
+    """Two jobs' folders open at once (a script's worker and a workflow's hook, in two threads of
+    the in-process simulator), closed in the other order: the second must not put back the first
+    job's ``model`` when it ends, or a later job's ``from model import …`` finds the stale one."""
+    import importlib
+    import sys
+
+    from fedctl._imports import isolated_imports
+
+    for name, value in (("a", 1), ("b", 2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.py").write_text(f"VALUE = {value}\n")
+    sys.modules.pop("model", None)
+    try:
+        first, second = isolated_imports(tmp_path / "a"), isolated_imports(tmp_path / "b")
+        first.__enter__()
+        assert importlib.import_module("model").VALUE == 1
+        second.__enter__()  # shadows a's model
+        assert importlib.import_module("model").VALUE == 2
+        first.__exit__(None, None, None)  # a's job ends while b's is open
+        second.__exit__(None, None, None)
+        assert "model" not in sys.modules
+        # a module from outside any such folder is still put back
+        outside = type(sys)("model")
+        outside.__file__ = str(tmp_path / "elsewhere" / "model.py")
+        sys.modules["model"] = outside
+        with isolated_imports(tmp_path / "b"):
+            assert importlib.import_module("model").VALUE == 2
+        assert sys.modules["model"] is outside
+        # and one whose folder is still open when the shadowing ends, too
+        with isolated_imports(tmp_path / "a"):
+            mine = importlib.import_module("model")
+            with isolated_imports(tmp_path / "b"):
+                assert importlib.import_module("model").VALUE == 2
+            assert sys.modules["model"] is mine
+    finally:
+        sys.modules.pop("model", None)
