@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,9 @@ def test_example_recipes_run_from_the_cli(tmp_path: Path, capsys, path: str, cli
     out = json.loads(capsys.readouterr().out)["result"]
     assert code == 0 and out["status"] == "FINISHED", out["reason"]
     assert out["rounds_completed"] == 2
+    # nothing of the run's job stays importable in this process (an asynchronous run replaces
+    # its in-process worker when it cancels tasks: the replaced one is closed too)
+    run_files = str(tmp_path)
+    modules = sys.modules.copy().items()
+    left = [n for n, m in modules if run_files in str(getattr(m, "__file__", ""))]
+    assert left == [] and not any(run_files in p for p in sys.path), left

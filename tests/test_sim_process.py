@@ -397,7 +397,6 @@ def test_a_resident_script_that_ends_leaves_no_memory_for_its_successor(toy_dir,
     assert run.extra["resident"] is True
 
 
-
 #: a per-round client script that fails if its worker still maps an earlier round's global model
 #: when it starts (the worker maps the round's model file, and the script's copy is a mapping of
 #: the same file: one file in all)

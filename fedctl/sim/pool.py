@@ -113,6 +113,8 @@ class LocalPool(Pool):
         self.config = config
         self.core = WorkerCore(config, self.transport)
         self.jobs, self.thread = _daemon_executor()
+        #: closes of cores replaced by restart(), run by their threads once these are free
+        self._retired: list[concurrent.futures.Future[Any]] = []
 
     def _call(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -141,15 +143,20 @@ class LocalPool(Pool):
                 break
             if job is not None:
                 job[2].cancel()
+        # the old core is closed by its own thread once its batch is over (its job folder's
+        # modules and importability go with it), however long that takes
+        self._retired.append(self._call(self.core.close))
         self.jobs.put(None)
         self.core = WorkerCore(self.config, self.transport)
         self.jobs, self.thread = _daemon_executor()
 
     def close(self) -> None:
-        try:
-            self._call(self.core.close).result(timeout=30)
-        except concurrent.futures.TimeoutError:
-            pass  # a hung script holds the thread; it is a daemon and dies with the process
+        deadline = time.monotonic() + 30
+        for fut in [self._call(self.core.close), *self._retired]:
+            try:
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                pass  # a hung script holds its thread; a daemon, it dies with the process
         self.jobs.put(None)
 
 
