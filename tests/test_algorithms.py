@@ -58,6 +58,14 @@ def _train(site: str, task: Task, steps: int | None = 2, samples: int | None = N
     return TaskResult(site, task.task_id, model=FLModel(params=params, meta=meta))
 
 
+def _train_any(site: str, task: Task) -> TaskResult:
+    """``_train``, with the control variate's update SCAFFOLD's tasks ask for."""
+    extra = {}
+    if SCAFFOLD_C_PREFIX + "w" in task.model.params:
+        extra = {SCAFFOLD_DC_PREFIX + "w": OFFSETS[site] * 0.1}
+    return _train(site, task, extra=extra)
+
+
 def _comm(make, sites=SITES) -> ScriptedComm:
     return ScriptedComm(sites, lambda s, t: (0.0, lambda: make(s, t)))
 
@@ -480,13 +488,7 @@ def test_workflows_never_modify_broadcast_params_in_place(workflow) -> None:
                 sent.append((t, t.clone()))
             return super().broadcast(task, targets)
 
-    def make(site: str, task: Task) -> TaskResult:
-        extra = {}
-        if SCAFFOLD_C_PREFIX + "w" in task.model.params:
-            extra = {SCAFFOLD_DC_PREFIX + "w": OFFSETS[site] * 0.1}
-        return _train(site, task, extra=extra)
-
-    comm = Recording(SITES, lambda s, t: (0.0, lambda: make(s, t)))
+    comm = Recording(SITES, lambda s, t: (0.0, lambda: _train_any(s, t)))
     workflow().run(_ctx(comm), INITIAL)
     assert len(sent) >= 6
     assert all(torch.equal(t, before) for t, before in sent)
@@ -525,13 +527,7 @@ def test_no_workflow_holds_the_initial_model_once_it_is_replaced(workflow) -> No
                 alive.append(first[0]() is not None)
             return super().broadcast(task, targets)
 
-    def make(site: str, task: Task) -> TaskResult:
-        extra = {}
-        if SCAFFOLD_C_PREFIX + "w" in task.model.params:
-            extra = {SCAFFOLD_DC_PREFIX + "w": OFFSETS[site] * 0.1}
-        return _train(site, task, extra=extra)
-
-    comm = Watching(SITES, lambda s, t: (0.0, lambda: make(s, t)))
+    comm = Watching(SITES, lambda s, t: (0.0, lambda: _train_any(s, t)))
     box = [{"w": torch.zeros(3), "n": torch.tensor(0)}]
     first.append(weakref.ref(box[0]["w"]))
     workflow().run(_ctx(comm), box.pop())  # the workflow holds the only reference
