@@ -139,7 +139,7 @@ def test_the_local_pool_runs_no_queued_batch_after_a_restart(tmp_path) -> None:
             release.wait(10)
             return []
 
-        def close(self) -> None:
+        def close(self, restore_cwd: bool = True) -> None:
             ran.append("closed")
 
     pool.core = Core()  # type: ignore[assignment]

@@ -144,8 +144,9 @@ class LocalPool(Pool):
             if job is not None:
                 job[2].cancel()
         # the old core is closed by its own thread once its batch is over (its job folder's
-        # modules and importability go with it), however long that takes
-        self._retired.append(self._call(self.core.close))
+        # modules and importability go with it), however long that takes; the working folder
+        # is the new core's by then
+        self._retired.append(self._call(self.core.close, False))
         self.jobs.put(None)
         self.core = WorkerCore(self.config, self.transport)
         self.jobs, self.thread = _daemon_executor()

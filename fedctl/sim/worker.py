@@ -580,14 +580,18 @@ class WorkerCore:
             self._active.settle()
             self._active = None
 
-    def close(self) -> None:
-        """Stop resident scripts and undo this worker's changes to the process."""
+    def close(self, restore_cwd: bool = True) -> None:
+        """Stop resident scripts and undo this worker's changes to the process (but for the
+        working folder with ``restore_cwd=False``: a core replaced while another runs scripts
+        must not move the process out of that one's site folder)."""
         self._settle()
         for host in self.hosts.values():
             host.stop()
         self.hosts.clear()
         self._model = None
         self._imports.close()
+        if not restore_cwd:
+            return
         try:
             os.chdir(self._cwd)
         except OSError:
