@@ -12,6 +12,7 @@ each model exists in memory and reads are zero-copy.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedctl._fs import private_dir
 from fedctl.errors import RunFailed
+from fedctl.sim import remap
 from fedctl.sim.pool import Pool, WorkerDied
 from fedctl.sim.transport import Packed, _clone, pack, unpack
 
@@ -96,15 +98,39 @@ class FileTransport:
         self.dir = Path(directory)
         self._names = itertools.count()
 
-    def _write(self, packed: Packed) -> Path:
+    def _write(
+        self,
+        packed: Packed,
+        offsets: list[int] | None = None,
+        in_place: Sequence[tuple[int, int] | None] = (),
+    ) -> Path:
+        """Write ``packed`` to a new file, each tensor at its ``offsets`` entry (else where
+        :func:`_layout` places it). Where ``in_place`` gives a tensor's (start, length) of whole
+        pages, those pages are mapped from the file as soon as each piece of them is written
+        (fedctl.sim.remap): the tensor's bytes never exist twice for longer than a piece."""
         meta, arrays = packed
+        if offsets is None:
+            offsets = [o for o, _ in _layout(meta)[0]]
         path = self.dir / f"{os.getpid()}-{next(self._names)}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            for arr, (offset, _) in zip(arrays, _layout(meta)[0], strict=True):
-                if arr is not None:
-                    f.seek(offset)
-                    f.write(memoryview(arr))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for i, (arr, offset) in enumerate(zip(arrays, offsets, strict=True)):
+                if arr is None:
+                    continue
+                view = memoryview(arr).cast("B")
+                span = in_place[i] if i < len(in_place) else None
+                if span is None:
+                    _pwrite(fd, view, offset)
+                    continue
+                start, length = span
+                _pwrite(fd, view[:start], offset)
+                for a in range(start, start + length, remap.PIECE):
+                    b = min(a + remap.PIECE, start + length)
+                    _pwrite(fd, view[a:b], offset + a)
+                    remap.remap(fd, arr.ctypes.data + a, b - a, offset + a)
+                _pwrite(fd, view[start + length :], offset + start + length)
+        finally:
+            os.close(fd)
         return path
 
     def share(self, params: dict[str, torch.Tensor]) -> SharedFile:
@@ -112,14 +138,46 @@ class FileTransport:
         packed = pack(params)
         return SharedFile(self._write(packed), packed[0])
 
-    def snapshot(self, params: dict[str, torch.Tensor]) -> Any:
+    def snapshot(self, params: dict[str, torch.Tensor], *, in_place: bool = False) -> Any:
         """Freeze what a script sent, at send time: small results are cloned into the batch's
-        reply, large ones written to a file now."""
+        reply, large ones written to a file now. With ``in_place``, the pages of the sent
+        tensors are then mapped from that file (fedctl.sim.remap): one copy in memory, not two.
+        Only for a script that ends after this result (per-round), whose worker calls
+        :meth:`release` once it has."""
         nbytes = sum(t.numel() * t.element_size() for t in params.values())
         if nbytes <= FILE_INLINE_BYTES:
             return ("inline", pack(_clone(params)))
         packed = pack(params)
-        return ("result", str(self._write(packed)), packed[0])
+        meta, arrays = packed
+        spans = [(a.ctypes.data, a.nbytes) if a is not None else (0, 0) for a in arrays]
+        planned = remap.plan(spans) if in_place else []
+        if not planned:
+            return ("result", str(self._write(packed)), meta)
+        # each remapped tensor at a file offset on the same place within a page as in memory
+        pages = {lo - delta: (delta, length) for lo, length, delta in planned}
+        offsets: list[int] = []
+        spans_in_place: list[tuple[int, int] | None] = []
+        end = 0
+        for addr, n in spans:
+            span = pages.get(addr) if n else None
+            if span is None:
+                offset = -(-end // ALIGN) * ALIGN
+            else:  # on the same place within a page as in memory
+                offset = end + (addr - end) % remap.PAGE
+            offsets.append(offset)
+            spans_in_place.append(span)
+            end = offset + n
+        path = self._write(packed, offsets, spans_in_place)
+        return ("result", str(path), meta, offsets)
+
+    def release(self) -> int:
+        """Give anything a finished script kept of its results its own memory again (see
+        fedctl.sim.remap.unpin); returns the bytes moved."""
+        prefix = f"{self.dir}/{os.getpid()}-"
+        if not remap.mapped(prefix):
+            return 0
+        gc.collect()  # what a script held may only be in a reference cycle
+        return remap.unpin(prefix)
 
     def get(self, handle: Any) -> dict[str, torch.Tensor]:
         """The params behind ``handle`` (views of a private mapping for files)."""
@@ -128,8 +186,8 @@ class FileTransport:
         kind = handle[0]
         if kind == "inline":
             return unpack(handle[1])
-        _, path, meta = handle
-        params = _map(path, meta)
+        path, meta = handle[1], handle[2]
+        params = _map(path, meta, handle[3] if len(handle) > 3 else None)
         if kind == "result":
             _unlink(path)  # read once, by the driver; the mapping stays valid
         return params
@@ -144,15 +202,26 @@ class FileTransport:
         return _map(path, meta)
 
 
-def _map(path: str, meta: Meta) -> dict[str, torch.Tensor]:
-    """The file's tensors, in ``meta``'s order, as views of one private (copy-on-write) mapping:
-    pages stay shared with every other mapping of the file until this process writes them, and
-    a write never reaches the file. torch keeps no file descriptor open for the mapping."""
+def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+    """All of ``view`` at ``offset`` (pwrite may write less than asked)."""
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _map(path: str, meta: Meta, offsets: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """The file's tensors, in ``meta``'s order (at ``offsets``, else where :func:`_layout`
+    places them), as views of one private (copy-on-write) mapping: pages stay shared with every
+    other mapping of the file until this process writes them, and a write never reaches the
+    file. torch keeps no file descriptor open for the mapping."""
     import torch
 
     from fedctl.codec.tensors import torch_dtype
 
     spans, total = _layout(meta)
+    if offsets is not None:
+        spans = _placed(meta, spans, offsets)
+        total = max((o + n for o, n in spans if n), default=0)
     whole = torch.from_file(path, shared=False, size=total, dtype=torch.uint8) if total else None
     out: dict[str, torch.Tensor] = {}
     for (name, dname, shape), (offset, n) in zip(meta, spans, strict=True):
@@ -161,6 +230,22 @@ def _map(path: str, meta: Meta) -> dict[str, torch.Tensor]:
             out[name] = whole[offset : offset + n].view(dtype).reshape(shape)
         else:
             out[name] = torch.empty(shape, dtype=dtype)
+    return out
+
+
+def _placed(
+    meta: Meta, spans: list[tuple[int, int]], offsets: Sequence[int]
+) -> list[tuple[int, int]]:
+    """``spans`` moved to ``offsets`` (a worker's result file), if each is a usable place."""
+    from fedctl.codec.tensors import torch_dtype
+
+    if len(offsets) != len(spans):
+        raise ValueError("a result file's offsets do not match its tensors")
+    out = []
+    for m, (_, n), o in zip(meta, spans, offsets, strict=True):
+        if isinstance(o, bool) or not isinstance(o, int) or o < 0 or o % torch_dtype(m[1]).itemsize:
+            raise ValueError(f"a result file's tensor offset {o!r} is not usable")
+        out.append((o, n))
     return out
 
 

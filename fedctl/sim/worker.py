@@ -186,7 +186,7 @@ class SimChannel(Channel):
                 self._deliver(("failed", f"swarm: {exc}", None))
                 return
         if model.params is not None:
-            handle = self.host.transport.snapshot(dict(model.params))
+            handle = self.host.snapshot(dict(model.params))
         sent = replace(
             model,
             params=None,
@@ -318,6 +318,14 @@ class ScriptHost(HostSteps):
         ctx = self._filter_context("result_out", model, task)
         return self.filters.apply("result_out", model, ctx)
 
+    def snapshot(self, params: dict[str, Any]) -> Any:
+        """The transport's snapshot of what the script sent. A per-round script's tensors then
+        share their pages with it where the transport can (fedctl.sim.remap): the script ends
+        after this result, and ``_run_inline`` releases anything it kept."""
+        if not self.resident and hasattr(self.transport, "release"):
+            return self.transport.snapshot(params, in_place=True)
+        return self.transport.snapshot(params)
+
     def enter_context(self) -> None:
         """Per-process settings for this script (it is the only one running in the worker)."""
         os.chdir(self.site_dir)
@@ -402,6 +410,9 @@ class ScriptHost(HostSteps):
         # models at once. A script that left the worker bigger gets that collection now.
         if resident_bytes() - before >= RECLAIM_BYTES:
             gc.collect()
+        release = getattr(self.transport, "release", None)
+        if release is not None:
+            release()  # what the script kept of what it sent gets its own memory back
         # An error after send() (code after the loop) is in the site's client.log; the result
         # that was sent stands.
         return status if sent is None else sent
