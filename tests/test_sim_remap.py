@@ -4,6 +4,7 @@ nothing the user mapped is touched, and nothing outlives the script."""
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -213,3 +214,37 @@ def test_per_round_results_equal_the_local_backend_with_cached_and_changed_tenso
     shared = [line for text in logs for line in text.splitlines() if line.startswith("SHARED")]
     assert shared == ["SHARED True"] * 15, shared  # every send, also with the cached model
     assert (run_dir / "workers.log").read_text() == ""
+
+
+def test_a_result_the_driver_cannot_read_fails_only_its_site(toy_dir, tmp_path) -> None:
+    # site-2's worker hands over a result whose offsets are unusable (as a script that patches
+    # the simulator's own code in its worker could): that site fails, the round goes on
+    (toy_dir / "model.py").write_text(_MODEL)
+    client = toy_dir / "client.py"
+    client.write_text(
+        client.read_text()
+        .replace(
+            "    flare.send(\n",
+            "    import fedctl.sim.procs as _procs\n"
+            "    _real = _procs.FileTransport.snapshot\n"
+            "    if site == 'site-2' and rnd == 0:\n"
+            "        _procs.FileTransport.snapshot = lambda self, p, **kw: (\n"
+            "            *_real(self, p, **kw)[:3], [3] * len(p))\n"
+            "    flare.send(\n",
+        )
+        .replace(
+            "            meta=meta,\n        )\n    )\n",
+            "            meta=meta,\n        )\n    )\n    _procs.FileTransport.snapshot = _real\n",
+        )
+    )
+    assert "_procs.FileTransport.snapshot = _real" in client.read_text()
+    recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=2)
+    env = SimEnv(num_clients=3, workers=1, backend="process", workspace=tmp_path, display="none")
+    run = recipe.run(env)
+    assert run.ok, run.reason
+    assert run.metrics[0]["failed"] == ["site-2"] and run.metrics[1]["accepted"] == 3
+    assert (
+        "its result is unreadable: a result file's tensor offset 3"
+        in (run.result_dir / "run.log").read_text()
+    )
+    assert list(Path("/dev/shm").glob(f"fedctl-{os.getpid()}-*")) == []

@@ -462,7 +462,12 @@ class SimCommunicator(Communicator):
                 if batch.stream.cancelled:
                     continue  # late: dropped, its object freed with the handle
                 if handle is not None and result.model is not None:
-                    result.model.params = self.pool.transport.get(handle)
+                    try:
+                        result.model.params = self.pool.transport.get(handle)
+                    except (ValueError, RuntimeError, OSError) as exc:  # that site's failure
+                        result = replace(
+                            result, model=None, error=f"its result is unreadable: {exc}"
+                        )
                 batch.stream.deliver(result)
 
     def _collect(self, batch: _Batch) -> list[tuple[TaskResult, Any]]:

@@ -187,10 +187,11 @@ class FileTransport:
         if kind == "inline":
             return unpack(handle[1])
         path, meta = handle[1], handle[2]
-        params = _map(path, meta, handle[3] if len(handle) > 3 else None)
-        if kind == "result":
-            _unlink(path)  # read once, by the driver; the mapping stays valid
-        return params
+        try:
+            return _map(path, meta, handle[3] if len(handle) > 3 else None)
+        finally:
+            if kind == "result":
+                _unlink(path)  # read once, by the driver (or refused); a mapping stays valid
 
     def private_copy(self, handle: Any) -> dict[str, torch.Tensor] | None:
         """A script's own copy of the global params behind ``handle``: a copy-on-write mapping
