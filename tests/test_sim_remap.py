@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -248,3 +250,18 @@ def test_a_result_the_driver_cannot_read_fails_only_its_site(toy_dir, tmp_path) 
         in (run.result_dir / "run.log").read_text()
     )
     assert list(Path("/dev/shm").glob(f"fedctl-{os.getpid()}-*")) == []
+
+
+def test_a_worker_whose_remap_fails_ends_at_once() -> None:
+    # mmap refused: the range may be a hole, so the worker process must not run on (its pool
+    # replaces it and the site's task fails: tests/test_sim.py, a worker that dies)
+    code = (
+        "from fedctl.sim import remap\n"
+        "remap._Libc.tried = True\n"
+        "remap._Libc.fn = lambda *a: None\n"
+        "remap.remap(-1, 4096, 4096, 0)\n"
+        "print('ran on')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 70 and "ran on" not in done.stdout
+    assert "fedctl: remapping a sent tensor failed" in done.stderr

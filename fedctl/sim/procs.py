@@ -7,7 +7,9 @@ when ``/dev/shm`` is small): the driver writes the round's global model once and
 maps it (privately: copy-on-write, a write never reaches the file); a result above
 :data:`FILE_INLINE_BYTES` is written once by its worker and mapped by the driver, smaller ones
 travel in their batch's reply. So, as with Ray's object store, one copy of
-each model exists in memory and reads are zero-copy.
+each model exists in memory and reads are zero-copy. A per-round script's large tensors then
+share their pages with the result file they were written to (:mod:`fedctl.sim.remap`), so what
+it sent is not held twice while it ends.
 """
 
 from __future__ import annotations

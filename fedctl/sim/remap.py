@@ -124,14 +124,19 @@ def plan(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
 
 def remap(fd: int, addr: int, length: int, offset: int) -> None:
     """Map file ``fd`` from ``offset`` privately over ``length`` bytes at ``addr`` (whole
-    pages). A failure leaves the process's memory in an unknown state: the worker ends (its pool
-    replaces it and the site's task fails), so nothing runs on with a hole where a tensor was."""
+    pages)."""
+    _fixed(addr, length, mmap.MAP_PRIVATE, fd, offset, "remapping a sent tensor")
+
+
+def _fixed(addr: int, length: int, flags: int, fd: int, offset: int, what: str) -> None:
+    """mmap with MAP_FIXED. A failure may leave a hole where the tensor was: the worker ends
+    (its pool replaces it and the site's task fails), so nothing runs on with it."""
     fn = _Libc.mmap()
     assert fn is not None
-    got = fn(addr, length, _PROT, mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)  # type: ignore[operator]
+    got = fn(addr, length, _PROT, flags | _MAP_FIXED, fd, offset)  # type: ignore[operator]
     if got != addr:
-        err = ctypes.get_errno()
-        os.write(2, f"fedctl: remapping a sent tensor failed: {os.strerror(err)}\n".encode())
+        err = os.strerror(ctypes.get_errno())
+        os.write(2, f"fedctl: {what} failed ({err}); this worker ends\n".encode())
         os._exit(70)
 
 
@@ -142,24 +147,22 @@ def mapped(prefix: str) -> bool:
 
 def unpin(prefix: str) -> int:
     """Give every page still mapped from a file whose path starts with ``prefix`` (this
-    worker's result files) its own memory again (same values, same addresses), so the file is
-    freed; returns the bytes so moved."""
+    worker's result files) its own memory again (same values, same addresses), a piece at a
+    time, so the file is freed; returns the bytes so moved."""
     maps = _maps()
-    fn = _Libc.mmap()
-    if not maps or fn is None:
+    if not maps or _Libc.mmap() is None:
         return 0
     moved = 0
-    for lo, hi, _, _, path in maps:
-        if not path.startswith(prefix):
+    for lo, hi, perms, _, path in maps:
+        if not path.startswith(prefix) or perms != "rw-p":
             continue
-        n = hi - lo
-        data = ctypes.string_at(lo, n)
-        got = fn(lo, n, _PROT, mmap.MAP_PRIVATE | _MAP_FIXED | mmap.MAP_ANONYMOUS, -1, 0)  # type: ignore[operator]
-        if got != lo:  # the range may now be a hole: this process cannot go on
-            os.write(2, b"fedctl: giving a kept tensor its own memory failed\n")
-            os._exit(70)
-        ctypes.memmove(lo, data, n)
-        moved += n
+        for a in range(lo, hi, PIECE):
+            n = min(PIECE, hi - a)
+            data = ctypes.string_at(a, n)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            _fixed(a, n, flags, -1, 0, "giving a kept tensor its own memory")
+            ctypes.memmove(a, data, n)
+        moved += hi - lo
     return moved
 
 
