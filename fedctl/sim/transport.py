@@ -78,8 +78,9 @@ class LocalTransport:
         """Make the round's global params available to workers."""
         return params
 
-    def snapshot(self, params: dict[str, torch.Tensor]) -> Any:
-        """Freeze what a script sent, at send time: a private copy."""
+    def snapshot(self, params: dict[str, torch.Tensor], *, in_place: bool = False) -> Any:
+        """Freeze what a script sent, at send time: a private copy (``in_place``: see
+        FileTransport; ignored here)."""
         return _clone(params)
 
     def get(self, handle: Any) -> dict[str, torch.Tensor]:
@@ -97,9 +98,10 @@ class RayTransport:
 
         return ("ref", ray.put(pack(params)))
 
-    def snapshot(self, params: dict[str, torch.Tensor]) -> Any:
+    def snapshot(self, params: dict[str, torch.Tensor], *, in_place: bool = False) -> Any:
         """Freeze what a script sent, at send time: small results are cloned and travel in
-        their batch's return value; large ones are copied into the object store now."""
+        their batch's return value; large ones are copied into the object store now
+        (``in_place``: see FileTransport; ignored here)."""
         import ray
 
         nbytes = sum(t.numel() * t.element_size() for t in params.values())

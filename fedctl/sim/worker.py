@@ -186,7 +186,8 @@ class SimChannel(Channel):
                 self._deliver(("failed", f"swarm: {exc}", None))
                 return
         if model.params is not None:
-            handle = self.host.snapshot(dict(model.params))
+            params, resident = dict(model.params), self.host.resident
+            handle = self.host.transport.snapshot(params, in_place=not resident)  # see release
         sent = replace(
             model,
             params=None,
@@ -318,14 +319,6 @@ class ScriptHost(HostSteps):
         ctx = self._filter_context("result_out", model, task)
         return self.filters.apply("result_out", model, ctx)
 
-    def snapshot(self, params: dict[str, Any]) -> Any:
-        """The transport's snapshot of what the script sent. A per-round script's tensors then
-        share their pages with it where the transport can (fedctl.sim.remap): the script ends
-        after this result, and ``_run_inline`` releases anything it kept."""
-        if not self.resident and hasattr(self.transport, "release"):
-            return self.transport.snapshot(params, in_place=True)
-        return self.transport.snapshot(params)
-
     def enter_context(self) -> None:
         """Per-process settings for this script (it is the only one running in the worker)."""
         os.chdir(self.site_dir)
@@ -400,9 +393,8 @@ class ScriptHost(HostSteps):
         before = resident_bytes()
         status = self._execute()
         sent, self.sent = self.sent, None
-        # The channel refers back to this host: kept, that cycle would keep the host (and the
-        # round's global model it holds as ``base``) past the next script's start, until
-        # Python's cyclic collector ran: through the next round's first site, with a large model.
+        # The channel refers back to this host: that cycle would keep the host (and the round's
+        # global model it holds as ``base``) until a cyclic collection, past the next script.
         self.channel = None
         # A script's globals are usually in a reference cycle (a module-level def or class
         # refers to them), so what the script held (its model, data, optimizer) outlives it
@@ -410,9 +402,8 @@ class ScriptHost(HostSteps):
         # models at once. A script that left the worker bigger gets that collection now.
         if resident_bytes() - before >= RECLAIM_BYTES:
             gc.collect()
-        release = getattr(self.transport, "release", None)
-        if release is not None:
-            release()  # what the script kept of what it sent gets its own memory back
+        if hasattr(self.transport, "release"):  # what it kept of what it sent: its own memory
+            self.transport.release()
         # An error after send() (code after the loop) is in the site's client.log; the result
         # that was sent stands.
         return status if sent is None else sent
