@@ -107,9 +107,9 @@ bench-compression: $(STAMP)
 	$(BIN)/python bench/bench_compression.py
 
 # 10,000 virtual sites beside 1,000, 100 sampled per round: peak memory and round time ratios
-# (about 1 minute; docs/simulation.md).
+# (three alternating pairs, medians reported: about 4 minutes; docs/simulation.md).
 bench-scale: $(STAMP)
-	$(BIN)/python bench/bench_scale.py
+	$(BIN)/python bench/bench_scale.py --repeat 3
 
 # Simulated time to 75% accuracy of FedAvg, FedBuff and FedAsync with a tenfold spread of site
 # speeds (about 15 seconds; docs/algorithms.md).
