@@ -196,6 +196,9 @@ class AsyncAggregation(Evaluation, Workflow):
                     # the same simulated moment all come in before anyone gets new work
                     if agg.count < self.buffer_size and not self._simultaneous(ctx):
                         self._fill(ctx, model, version, width)
+                    # kept, these would hold this version's model (through the aggregator and
+                    # the task) until the next version's first result is in
+                    del add, flight, result
                 new_model = self._finish(agg, model)
                 out_metrics = self.evaluate_round(ctx, new_model, version, [])
                 ctx.emit(
