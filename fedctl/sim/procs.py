@@ -99,6 +99,8 @@ class FileTransport:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
         self._names = itertools.count()
+        #: a result's pages were mapped over a script's tensors since the last release()
+        self._remapped = False
 
     def _write(
         self,
@@ -169,6 +171,7 @@ class FileTransport:
             offsets.append(offset)
             spans_in_place.append(span)
             end = offset + n
+        self._remapped = True
         path = self._write(packed, offsets, spans_in_place)
         return ("result", str(path), meta, offsets)
 
@@ -176,6 +179,9 @@ class FileTransport:
         """Give anything a finished script kept of its results its own memory again (see
         fedctl.sim.remap.unpin); returns the bytes moved."""
         prefix = f"{self.dir}/{os.getpid()}-"
+        if not self._remapped:
+            return 0  # nothing to look for (reading /proc/self/maps costs ~0.5 ms)
+        self._remapped = False
         if not remap.mapped(prefix):
             return 0
         gc.collect()  # what a script held may only be in a reference cycle
