@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -157,31 +157,22 @@ class FileTransport:
         planned = remap.plan(spans) if in_place else []
         if not planned:
             return ("result", str(self._write(packed)), meta)
-        # each remapped tensor at a file offset on the same place within a page as in memory
         pages = {lo - delta: (delta, length) for lo, length, delta in planned}
-        offsets: list[int] = []
-        spans_in_place: list[tuple[int, int] | None] = []
-        end = 0
-        for addr, n in spans:
-            span = pages.get(addr) if n else None
-            if span is None:
-                offset = -(-end // ALIGN) * ALIGN
-            else:  # on the same place within a page as in memory
-                offset = end + (addr - end) % remap.PAGE
-            offsets.append(offset)
-            spans_in_place.append(span)
-            end = offset + n
+        anchors = {i: addr for i, (addr, n) in enumerate(spans) if n and addr in pages}
+        offsets = [o for o, _ in _layout(meta, anchors)[0]]
+        # each such tensor's whole pages: (where they start in it, their length)
+        whole = [pages[addr] if i in anchors else None for i, (addr, _) in enumerate(spans)]
         self._remapped = True
-        path = self._write(packed, offsets, spans_in_place)
+        path = self._write(packed, offsets, whole)
         return ("result", str(path), meta, offsets)
 
     def release(self) -> int:
         """Give anything a finished script kept of its results its own memory again (see
         fedctl.sim.remap.unpin); returns the bytes moved."""
-        prefix = f"{self.dir}/{os.getpid()}-"
         if not self._remapped:
             return 0  # nothing to look for (reading /proc/self/maps costs ~0.5 ms)
         self._remapped = False
+        prefix = f"{self.dir}/{os.getpid()}-"
         if not remap.mapped(prefix):
             return 0
         gc.collect()  # what a script held may only be in a reference cycle
@@ -262,17 +253,24 @@ def _placed(
 ALIGN = 64
 
 
-def _layout(meta: Meta) -> tuple[list[tuple[int, int]], int]:
-    """Each tensor's (offset, bytes) in a model file, and the file's size."""
+def _layout(
+    meta: Meta, anchors: Mapping[int, int] | None = None
+) -> tuple[list[tuple[int, int]], int]:
+    """Each tensor's (offset, bytes) in a model file, and the file's size. A tensor with an
+    address in ``anchors`` (by its index) starts on the same place within a page as that
+    address (so its pages can be mapped over it: fedctl.sim.remap); the others at the next
+    multiple of :data:`ALIGN`."""
     from fedctl.codec.tensors import torch_dtype
 
-    spans, offset = [], 0
-    for _, dname, shape in meta:
+    spans, end = [], 0
+    for i, (_, dname, shape) in enumerate(meta):
         n = torch_dtype(dname).itemsize
         for d in shape:
             n *= d
+        addr = anchors.get(i) if anchors else None
+        offset = -(-end // ALIGN) * ALIGN if addr is None else end + (addr - end) % remap.PAGE
         spans.append((offset, n))
-        offset += -(-n // ALIGN) * ALIGN
+        end = offset + n
     return spans, max((o + n for o, n in spans if n), default=0)
 
 
