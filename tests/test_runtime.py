@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import grpc
+import hugepages
 import psutil
 import pytest
 import torch
@@ -86,6 +87,17 @@ def test_poc_equals_the_framework_free_loop(poc_ws, tmp_path) -> None:
     run = recipe.run(PocEnv(workspace=poc_ws, display="none", results=tmp_path))
     assert run.ok, run.reason
     ground_truth.assert_bit_identical(run.load_final(), ground_truth.fedavg(2, 3))
+
+
+def test_a_sites_script_backs_large_tensors_with_huge_pages(poc_ws, toy_dir, tmp_path) -> None:
+    # as the simulator's workers do (fedctl.constants.SCRIPT_ENV_DEFAULTS): a script trains at
+    # the same speed in simulation and on a site
+    (toy_dir / "client.py").write_text(hugepages.CLIENT)
+    recipe = _toy(toy_dir, num_rounds=2, train_args="")
+    run = recipe.run(PocEnv(workspace=poc_ws, display="none", results=tmp_path))
+    assert run.ok, run.reason
+    logs = [p.read_text() for p in run.result_dir.rglob("client.log")]
+    assert hugepages.reported(logs) == ["HUGE_PAGES True"] * 4
 
 
 KEEPING_CLIENT = """\

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import hugepages
 import psutil
 import pytest
 import torch
@@ -444,3 +445,22 @@ def test_a_worker_maps_no_earlier_rounds_model(toy_dir, tmp_path) -> None:
     )
     assert run.ok, run.reason
     assert run.extra["resident"] is False
+
+
+@pytest.mark.parametrize("setting, advised", [(None, True), ("0", False)])
+def test_workers_back_large_tensors_with_huge_pages_unless_told_not_to(
+    toy_dir, tmp_path, monkeypatch, setting, advised
+) -> None:
+    # fedctl.constants.SCRIPT_ENV_DEFAULTS: a worker's PyTorch asks for huge pages under tensors
+    # of 2 MiB or more; the user's own THP_MEM_ALLOC_ENABLE wins
+    if setting is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", setting)
+    (toy_dir / "client.py").write_text(hugepages.CLIENT)
+    recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=2, train_args="")
+    env = SimEnv(num_clients=2, workers=1, backend="process", workspace=tmp_path, display="none")
+    run = recipe.run(env)
+    assert run.ok, run.reason
+    logs = [p.read_text() for p in run.result_dir.rglob("client.log")]
+    assert hugepages.reported(logs) == [f"HUGE_PAGES {advised}"] * 4

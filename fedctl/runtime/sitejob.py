@@ -49,7 +49,7 @@ from fedctl.codec.protocol import (
     SiteTask,
     TaskFailed,
 )
-from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE, MAX_BLOB_BYTES
+from fedctl.constants import ENV_AGENT_SOCKET, ENV_MODE, MAX_BLOB_BYTES, SCRIPT_ENV_DEFAULTS
 from fedctl.errors import FedctlError
 from fedctl.privacy.compression import job_chain
 from fedctl.privacy.he import model as he_model
@@ -176,6 +176,7 @@ class SiteJob(ModelFileSteps):
         d = self.deploy_msg
         script = self.root / "job" / "code" / self.recipe.train_script
         env = {
+            **SCRIPT_ENV_DEFAULTS,
             **os.environ,
             ENV_MODE: d.mode,
             # the rest (site, index, seed, …) the script learns over this socket

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedctl._fs import private_dir
+from fedctl.constants import SCRIPT_ENV_DEFAULTS
 from fedctl.errors import RunFailed
 from fedctl.sim import remap
 from fedctl.sim.pool import Pool, WorkerDied
@@ -284,7 +285,7 @@ class Zygote:
         ours, theirs = socket.socketpair()
         import fedctl
 
-        env = dict(os.environ)
+        env = {**SCRIPT_ENV_DEFAULTS, **os.environ}  # the workers run client scripts
         here = str(Path(fedctl.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         log_path.parent.mkdir(parents=True, exist_ok=True)
