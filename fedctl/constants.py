@@ -35,7 +35,7 @@ ENV_TRACKING = "FEDCTL_TRACKING"
 #: what a client script's process gets unless its environment already sets it (the simulator's
 #: worker processes, a site's script): PyTorch backs each tensor of 2 MiB or more with huge pages
 #: (``madvise(MADV_HUGEPAGE)``), which spares most page faults and TLB misses of a large model
-#: (a run of bench case (c)'s 100M-parameter MLP takes 1.1-1.2x less time on our machine);
+#: (a run of bench case (c)'s 100M-parameter MLP takes up to 1.3x less time on our machine);
 #: ``THP_MEM_ALLOC_ENABLE=0`` in the environment keeps PyTorch's default (docs/simulation.md)
 SCRIPT_ENV_DEFAULTS: dict[str, str] = {"THP_MEM_ALLOC_ENABLE": "1"}
 
