@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import hugepages
 import pytest
 import torch
 
@@ -70,6 +71,17 @@ def test_sixty_four_clients_on_two_workers(ray_cluster, toy_recipe, tmp_path: Pa
     assert [r["accepted"] for r in run.metrics] == [64, 64]
     assert run.extra["resident"] is False
     assert len(_lines(run.result_dir / "metrics/sites.jsonl")) == 128
+
+
+def test_ray_workers_back_large_tensors_with_huge_pages(ray_cluster, toy_dir, tmp_path) -> None:
+    # as the process backend's workers do (tests/test_sim_process.py)
+    (toy_dir / "client.py").write_text(hugepages.CLIENT)
+    recipe = load_recipe(toy_dir).recipe.with_overrides(num_rounds=2, train_args="")
+    env = SimEnv(num_clients=2, backend="ray", workspace=tmp_path, display="none")
+    run = recipe.run(env)
+    assert run.ok, run.reason
+    logs = [p.read_text() for p in run.result_dir.rglob("client.log")]
+    assert hugepages.reported(logs) == ["HUGE_PAGES True"] * 4
 
 
 def test_failing_client_with_enough_survivors(ray_cluster, toy_recipe, tmp_path, capsys) -> None:

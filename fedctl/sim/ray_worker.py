@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fedctl.constants import SCRIPT_ENV_DEFAULTS
 from fedctl.sim.transport import RayTransport
 from fedctl.sim.worker import WorkerConfig, WorkerCore, WorkItem
 
@@ -13,6 +14,11 @@ class SimWorkerActor:
     """One simulator worker process."""
 
     def __init__(self, config: WorkerConfig) -> None:
+        # What the process backend's zygote gives its workers (huge pages for large tensors),
+        # unless this Ray node's environment says otherwise. torch reads it once, at its first
+        # allocation: a Ray worker has not imported torch before its actor is made.
+        for key, value in SCRIPT_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         self.core = WorkerCore(config, RayTransport())
 
     def ready(self) -> tuple[int, str]:
