@@ -1,6 +1,16 @@
 """A client script that reports whether PyTorch asked for huge pages under a 4 MiB tensor it
 allocates (the ``hg`` flag of the tensor's mapping in /proc/self/smaps), one line per round."""
 
+from pathlib import Path
+
+import pytest
+
+#: a kernel built without transparent huge pages refuses the advice: nothing to check there
+needs_thp = pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage").is_dir(),
+    reason="this kernel has no transparent huge pages",
+)
+
 CLIENT = """\
 import torch
 

@@ -89,6 +89,7 @@ def test_poc_equals_the_framework_free_loop(poc_ws, tmp_path) -> None:
     ground_truth.assert_bit_identical(run.load_final(), ground_truth.fedavg(2, 3))
 
 
+@hugepages.needs_thp
 def test_a_sites_script_backs_large_tensors_with_huge_pages(poc_ws, toy_dir, tmp_path) -> None:
     # as the simulator's workers do (fedctl.constants.SCRIPT_ENV_DEFAULTS): a script trains at
     # the same speed in simulation and on a site

@@ -73,6 +73,7 @@ def test_sixty_four_clients_on_two_workers(ray_cluster, toy_recipe, tmp_path: Pa
     assert len(_lines(run.result_dir / "metrics/sites.jsonl")) == 128
 
 
+@hugepages.needs_thp
 def test_ray_workers_back_large_tensors_with_huge_pages(ray_cluster, toy_dir, tmp_path) -> None:
     # as the process backend's workers do (tests/test_sim_process.py)
     (toy_dir / "client.py").write_text(hugepages.CLIENT)

@@ -447,6 +447,7 @@ def test_a_worker_maps_no_earlier_rounds_model(toy_dir, tmp_path) -> None:
     assert run.extra["resident"] is False
 
 
+@hugepages.needs_thp
 @pytest.mark.parametrize("setting, advised", [(None, True), ("0", False)])
 def test_workers_back_large_tensors_with_huge_pages_unless_told_not_to(
     toy_dir, tmp_path, monkeypatch, setting, advised
