@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import pytest
 import torch
 from conftest import in_process_poc
 
@@ -121,6 +122,30 @@ def test_a_transfer_is_tried_five_times_then_fails_in_one_line() -> None:
     err, calls = _agent_transfer(_Stopping(), [_Dropped(grpc.StatusCode.CANCELLED)] * 5)
     assert calls == 5 and isinstance(err, FedctlError)
     assert str(err) == "upload of the result of t:1 failed: CANCELLED: Channel closed!"
+
+
+def _closed_channel_error() -> ValueError:
+    """What grpc raises for a call on a channel already closed (the agent's session loop closes
+    its channel when a session ends, and a transfer may have taken its stubs just before)."""
+    channel = grpc.insecure_channel("127.0.0.1:1")
+    call = channel.unary_unary("/fedctl.Test/Call")
+    channel.close()
+    try:
+        call(b"")
+    except ValueError as exc:
+        return exc
+    raise AssertionError("grpc called a closed channel")
+
+
+def test_a_call_on_a_channel_closed_under_it_is_tried_again() -> None:
+    stopping = _Stopping()
+    assert _agent_transfer(stopping, [_closed_channel_error()]) == ("done", 2)
+    assert stopping.waits == [0.5]
+    err, calls = _agent_transfer(_Stopping(), [_closed_channel_error() for _ in range(5)])
+    assert calls == 5
+    assert str(err) == "upload of the result of t:1 failed: Cannot invoke RPC on closed channel!"
+    with pytest.raises(ValueError, match="not a channel"):  # any other ValueError is a bug
+        _agent_transfer(_Stopping(), [ValueError("not a channel")])
 
 
 def test_a_refusal_or_a_stopping_agent_is_not_tried_again() -> None:

@@ -262,8 +262,10 @@ class SiteAgent:
         for attempt in range(TRANSFER_ATTEMPTS):
             try:
                 return once()
-            except grpc.RpcError as exc:
-                dropped = exc.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            except (grpc.RpcError, ValueError) as exc:
+                dropped = _dropped(exc)
+                if isinstance(exc, ValueError) and not dropped:
+                    raise
                 if not dropped or self.stopping.is_set() or attempt == TRANSFER_ATTEMPTS - 1:
                     raise FedctlError(f"{what} failed: {_rpc_message(exc)}") from None
                 log.info("%s interrupted (%s); again once reconnected", what, _rpc_message(exc))
@@ -274,6 +276,18 @@ class SiteAgent:
         if not self.connected.wait(60) or self.stubs is None:
             raise FedctlError("not connected to the server")
         return self.stubs
+
+
+def _dropped(exc: BaseException) -> bool:
+    """Whether a call failed because its session's connection went away (worth doing again on the
+    next session): cancelled or unavailable, or made on a channel the session loop had just
+    closed (grpc raises ValueError for that: the session can end between ``_stubs()`` and the
+    call)."""
+    import grpc
+
+    if isinstance(exc, grpc.RpcError):
+        return exc.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    return isinstance(exc, ValueError) and str(exc).startswith("Cannot invoke RPC")
 
 
 def _rpc_message(exc: Any) -> str:
