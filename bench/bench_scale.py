@@ -107,14 +107,17 @@ def main() -> int:
     rounds = [mean_round(res[10_000]) / mean_round(res[1000]) for res in pairs]
     mem, per_round = statistics.median(mems), statistics.median(rounds)
     full = all(a == SAMPLED for res in pairs for r in res.values() for a in r["accepted"])
-    of = f" (median of {', '.join(f'{x:.2f}' for x in rounds)})" if len(pairs) > 1 else ""
-    ofm = f" (median of {', '.join(f'{x:.2f}' for x in mems)})" if len(pairs) > 1 else ""
+
+    def of(xs: list[float]) -> str:
+        return f" (median of {', '.join(f'{x:.2f}' for x in xs)})" if len(xs) > 1 else ""
+
     print(
-        f"  {'PASS' if mem <= 1.5 else 'SHORT'} peak memory 10,000 / 1,000 = {mem:.2f}{ofm} (≤ 1.5)"
+        f"  {'PASS' if mem <= 1.5 else 'SHORT'} peak memory 10,000 / 1,000 = {mem:.2f}{of(mems)} "
+        "(≤ 1.5)"
     )
     print(
         f"  {'PASS' if per_round <= 1.25 else 'SHORT'} mean round time 10,000 / 1,000 = "
-        f"{per_round:.2f}{of} (≤ 1.25: set by the sampled sites, not the total)"
+        f"{per_round:.2f}{of(rounds)} (≤ 1.25: set by the sampled sites, not the total)"
     )
     print(f"  {'PASS' if full else 'SHORT'} every round aggregated {SAMPLED} sites")
     return 0

@@ -32,6 +32,7 @@ PIECE = 8 << 20
 MAP_HEADROOM = 4096
 
 _PROT = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
 
 
 class _Libc:
@@ -164,6 +165,3 @@ def unpin(prefix: str) -> int:
             ctypes.memmove(a, data, n)
         moved += hi - lo
     return moved
-
-
-_MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
