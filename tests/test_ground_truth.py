@@ -24,6 +24,7 @@ VARIANTS = {
     "cache-mutate": f"{CACHE} --mutate",
     "cache-diff": f"{CACHE} --diff",
     "mutate-diff": "--mutate --diff",
+    "build-mutate": "--build-model --mutate",
 }
 
 
@@ -59,6 +60,7 @@ def test_local_backend_after_one_round(resident, tmp_path) -> None:
         ("cache", 1, {"num_clients": 5, "workers": 2}),
         ("mutate", 3, {"num_clients": 5, "workers": 2}),
         ("cache-diff", 3, {"num_clients": 5, "workers": 2}),
+        ("build-mutate", 3, {"num_clients": 5, "workers": 2}),
         ("cache-mutate", 3, {"num_clients": 4, "workers": 2, "resident": True}),
     ],
     ids=[
@@ -68,6 +70,7 @@ def test_local_backend_after_one_round(resident, tmp_path) -> None:
         "per-round-1",
         "per-round-mutate",
         "per-round-diff",
+        "per-round-build-model",
         "resident-shared-workers",
     ],
 )
@@ -92,3 +95,15 @@ def test_same_seed_same_model_across_runs(ray_cluster, env, tmp_path) -> None:
     assert_bit_identical(again, first)
     other = _simulate(tmp_path / "c", args, 2, num_clients=5, seed=4, **env)
     assert any(not torch.equal(other[k], first[k]) for k in first)
+
+
+@pytest.mark.parametrize("backend", ["local", "process"])
+def test_a_model_built_without_its_initialisation_trains_the_same(backend, tmp_path) -> None:
+    """build_model draws nothing from torch's global generator, but fedctl seeds it when a
+    script receives its task: the seeded mini-batch order, and so the model, are unchanged."""
+    args = "--mutate --global-rng"
+    plain = _simulate(tmp_path / "a", args, 2, num_clients=3, seed=3, backend=backend)
+    built = _simulate(
+        tmp_path / "b", f"{args} --build-model", 2, num_clients=3, seed=3, backend=backend
+    )
+    assert_bit_identical(built, plain)

@@ -22,6 +22,7 @@ from fedctl.client.api import (
     send,
     system_info,
 )
+from fedctl.client.build import build_model
 from fedctl.client.dp import PrivateTraining, make_private
 from fedctl.client.evaluation import keep_local_model, local_model
 from fedctl.client.fedprox import proximal_term
@@ -39,6 +40,7 @@ __all__ = [
     "Personalization",
     "PrivateTraining",
     "Scaffold",
+    "build_model",
     "get_job_id",
     "get_num_sites",
     "get_site_index",

@@ -5,9 +5,11 @@
 --mutate          change the model's tensors right after send() (the next epoch, say)
 --diff            send DIFF updates instead of full weights
 --global-rng      mini-batch order from torch's global generator (which fedctl seeds)
+--build-model     build the model with flare.build_model (no random initialisation)
 """
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -21,11 +23,14 @@ parser.add_argument("--cache-dir", default="")
 parser.add_argument("--mutate", action="store_true")
 parser.add_argument("--diff", action="store_true")
 parser.add_argument("--global-rng", action="store_true")
+parser.add_argument("--build-model", action="store_true")
 args = parser.parse_args()
 
 if args.cache_dir:
     sys.path.insert(0, args.cache_dir)
     from model_cache import get_model
+elif args.build_model:
+    get_model = functools.partial(flare.build_model, Net)
 else:
     get_model = Net
 
