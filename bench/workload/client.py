@@ -14,6 +14,9 @@ parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--lr", type=float, default=0.05)
 parser.add_argument("--trivial", action="store_true", help="send back what was received")
+parser.add_argument(
+    "--build-model", action="store_true", help="build the model with flare.build_model (no init)"
+)
 args = parser.parse_args()
 
 
@@ -33,7 +36,7 @@ if args.trivial:
         flare.send(flare.FLModel(params=received.params, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
 else:
     x, y = shard(args.size, flare.get_site_index(), args.samples)
-    model = make_model(args.size)
+    model = flare.build_model(make_model, args.size) if args.build_model else make_model(args.size)
     while flare.is_running():
         model.load_state_dict(flare.receive().params)
         steps, loss = local_train(model, x, y, args.epochs, args.batch_size, args.lr)
