@@ -45,6 +45,16 @@ def test_the_initialisers_are_skipped_and_the_loaded_model_is_the_usual_one() ->
     assert not model._forward_pre_hooks  # the guard is gone once every tensor was loaded
 
 
+def test_attention_layers_skip_theirs_too() -> None:
+    """nn.MultiheadAttention imports its initialisers by name; they are skipped as well."""
+    before = torch.get_rng_state()
+    model = flare.build_model(nn.TransformerEncoderLayer, 8, 2, dim_feedforward=16)
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(ClientAPIError, match="has no value yet"):
+        model(torch.zeros(1, 3, 8))
+    assert nn.modules.activation.xavier_uniform_ is nn.init.xavier_uniform_  # restored
+
+
 def test_arguments_reach_the_factory() -> None:
     model = flare.build_model(nn.Linear, 5, out_features=2, bias=False)
     assert model.weight.shape == (2, 5) and model.bias is None

@@ -13,6 +13,7 @@ a skipped parameter can never reach training or ``send`` with whatever memory he
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -47,10 +48,11 @@ _INITIALISERS = (
 _local = threading.local()
 _patch_lock = threading.Lock()
 _patch_users = 0
-_originals: dict[str, Callable[..., Any]] = {}
+#: (module, attribute name, original function) of every binding patched while a build runs
+_patched: list[tuple[object, str, Callable[..., Any]]] = []
 
 
-def _skipping(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+def _skipping(original: Callable[..., Any]) -> Callable[..., Any]:
     """``original``, except for a parameter on a thread inside ``build_model``: that one is
     recorded and left as it is (a plain tensor is initialised as usual: it may be a temporary
     that state outside the state_dict is computed from)."""
@@ -63,8 +65,24 @@ def _skipping(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         skipped.append(weakref.ref(tensor))
         return tensor
 
-    initialiser.__fedctl_skipping__ = name  # type: ignore[attr-defined]
     return initialiser
+
+
+def _bindings() -> list[tuple[object, str, Callable[..., Any]]]:
+    """Where the initialisers are bound: ``torch.nn.init`` itself, and the torch.nn modules that
+    import them by name (``nn.MultiheadAttention``'s and the transformer layers' modules)."""
+    found: list[tuple[object, str, Callable[..., Any]]] = []
+    for name in _INITIALISERS:
+        original: Callable[..., Any] | None = getattr(nn.init, name, None)
+        if original is None:
+            continue
+        found.append((nn.init, name, original))
+        for module_name, module in list(sys.modules.items()):
+            if module_name.startswith("torch.nn.modules.") and (
+                getattr(module, name, None) is original
+            ):
+                found.append((module, name, getattr(module, name)))
+    return found
 
 
 @contextmanager
@@ -74,11 +92,9 @@ def _initialisers_skipped(skipped: list[weakref.ref[nn.Parameter]]) -> Iterator[
     global _patch_users
     with _patch_lock:
         if _patch_users == 0:
-            for name in _INITIALISERS:
-                original = getattr(nn.init, name, None)
-                if original is not None:
-                    _originals[name] = original
-                    setattr(nn.init, name, _skipping(name, original))
+            _patched[:] = _bindings()
+            for module, name, original in _patched:
+                setattr(module, name, _skipping(original))
         _patch_users += 1
     outer = getattr(_local, "skipped", None)
     _local.skipped = skipped
@@ -89,9 +105,9 @@ def _initialisers_skipped(skipped: list[weakref.ref[nn.Parameter]]) -> Iterator[
         with _patch_lock:
             _patch_users -= 1
             if _patch_users == 0:
-                for name, original in _originals.items():
-                    setattr(nn.init, name, original)
-                _originals.clear()
+                for module, name, original in _patched:
+                    setattr(module, name, original)
+                _patched.clear()
 
 
 def _storage(t: torch.Tensor) -> int:
