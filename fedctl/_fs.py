@@ -247,6 +247,11 @@ SPARE_LIMIT = 4
 #: (free, or page cache the kernel can take back): a spare that only pushes pages out that are
 #: needed (and is then pushed out itself) saves nothing
 SPARE_FREE_MARGIN = 0.125
+#: a file is kept as a spare only while its filesystem keeps this share of its size free, plus
+#: room for two more files as large: spares trade disk for speed, and a site's next transfer
+#: must never fail for want of the disk they hold (a 2.2 GiB model's POC of a server and two
+#: sites peaked at 33.5 GiB of disk with spares in every folder)
+SPARE_DISK_MARGIN = 0.10
 
 
 def enable_spares(folder: str | os.PathLike[str]) -> None:
@@ -264,16 +269,31 @@ def retire(path: str | os.PathLike[str]) -> None:
     spares = path.parent / SPARE_DIR
     try:
         size = path.stat().st_size
-        if (
-            size >= SPARE_MIN_BYTES  # small files never ask about memory
-            and size <= _available_memory() - SPARE_FREE_MARGIN * _total_memory()
-            and len(os.listdir(spares)) < SPARE_LIMIT
-        ):
-            os.replace(path, spares / f"{os.getpid()}-{time.monotonic_ns()}")
-            return
+        if size >= SPARE_MIN_BYTES and spares.is_dir():  # small files never ask about memory
+            if not _disk_has_room(spares, size):
+                # the disk is short: this folder's spares go too, not only the file
+                for name in os.listdir(spares):
+                    remove_soon(spares / name)
+            elif (
+                size <= _available_memory() - SPARE_FREE_MARGIN * _total_memory()
+                and len(os.listdir(spares)) < SPARE_LIMIT
+            ):
+                os.replace(path, spares / f"{os.getpid()}-{time.monotonic_ns()}")
+                return
     except FileNotFoundError:  # no such file, or the folder keeps no spares (or no more)
         pass
     remove_soon(path)
+
+
+def _disk_has_room(folder: Path, size: int) -> bool:
+    """Whether ``folder``'s filesystem may keep a spare of ``size`` bytes: it has
+    :data:`SPARE_DISK_MARGIN` of its size free and room for two more such files."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    return free >= SPARE_DISK_MARGIN * total + 2 * size
 
 
 def _pages(name: str) -> int:

@@ -129,6 +129,38 @@ def test_a_file_is_not_kept_when_memory_is_short(tmp_path, small_spares, monkeyp
     assert len(_spares(tmp_path)) == 1
 
 
+def test_a_file_is_not_kept_and_the_spares_go_when_the_disk_is_short(
+    tmp_path, small_spares, monkeypatch
+) -> None:
+    """Spares hold disk: below a tenth of the filesystem free plus two files' room, the retired
+    file is removed and so are the folder's spares."""
+    _fs.enable_spares(tmp_path)
+    free = {"bytes": 10**12}
+    real = os.statvfs
+
+    class Stat:
+        f_frsize, f_blocks = 1, 100_000
+
+        @property
+        def f_bavail(self) -> int:
+            return free["bytes"]
+
+    monkeypatch.setattr(
+        os, "statvfs", lambda p: Stat() if Path(p).is_relative_to(tmp_path) else real(p)
+    )
+    (tmp_path / "f").write_bytes(b"x" * 5000)
+    _fs.retire(tmp_path / "f")
+    assert len(_spares(tmp_path)) == 1
+    free["bytes"] = 10_000 + 2 * 5000 - 1  # a tenth of 100,000 and two files, less one byte
+    (tmp_path / "g").write_bytes(b"x" * 5000)
+    _fs.retire(tmp_path / "g")
+    assert not (tmp_path / "g").exists() and _spares(tmp_path) == []
+    free["bytes"] += 1
+    (tmp_path / "h").write_bytes(b"x" * 5000)
+    _fs.retire(tmp_path / "h")
+    assert len(_spares(tmp_path)) == 1
+
+
 def test_available_memory_counts_the_page_cache_the_kernel_can_take_back() -> None:
     """Spares are weighed against MemAvailable, not MemFree: once a machine's page cache has
     filled its memory, free memory alone would keep no spare at all."""
