@@ -171,6 +171,24 @@ def test_other_threads_initialise_as_usual_meanwhile() -> None:
         built[0](torch.zeros(1, 2))
 
 
+def test_a_build_inside_a_factory_is_guarded_by_the_outer_model_too() -> None:
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = flare.build_model(nn.Linear, 2, 2)
+            self.head = nn.Linear(2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.inner(x))
+
+    model = flare.build_model(Outer)
+    model.load_state_dict({"head.weight": torch.ones(1, 2), "head.bias": torch.ones(1)}, False)
+    with pytest.raises(ClientAPIError, match=r"'inner.bias' has no value yet"):
+        model(torch.zeros(1, 2))
+    model.load_state_dict({"inner.weight": torch.eye(2), "inner.bias": torch.zeros(2)}, False)
+    assert torch.equal(model(torch.ones(1, 2)), torch.full((1, 1), 3.0))
+
+
 def test_a_model_built_on_the_meta_device_is_left_alone() -> None:
     with torch.device("meta"):
         model = flare.build_model(nn.Linear, 3, 2)

@@ -59,10 +59,11 @@ def _skipping(original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def initialiser(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        skipped: list[weakref.ref[nn.Parameter]] | None = getattr(_local, "skipped", None)
-        if skipped is None or not isinstance(tensor, nn.Parameter) or tensor.is_meta:
+        builds: list[list[weakref.ref[nn.Parameter]]] = getattr(_local, "builds", [])
+        if not builds or not isinstance(tensor, nn.Parameter) or tensor.is_meta:
             return original(tensor, *args, **kwargs)
-        skipped.append(weakref.ref(tensor))
+        for skipped in builds:  # a build inside another's factory: the outer model guards it too
+            skipped.append(weakref.ref(tensor))
         return tensor
 
     return initialiser
@@ -96,12 +97,12 @@ def _initialisers_skipped(skipped: list[weakref.ref[nn.Parameter]]) -> Iterator[
             for module, name, original in _patched:
                 setattr(module, name, _skipping(original))
         _patch_users += 1
-    outer = getattr(_local, "skipped", None)
-    _local.skipped = skipped
+    builds = _local.__dict__.setdefault("builds", [])
+    builds.append(skipped)
     try:
         yield
     finally:
-        _local.skipped = outer
+        builds.pop()
         with _patch_lock:
             _patch_users -= 1
             if _patch_users == 0:
@@ -147,7 +148,11 @@ def _guard(model: nn.Module, skipped: set[int]) -> None:
     """Make ``model`` refuse ``forward``/``state_dict`` until ``load_state_dict`` filled every
     storage in ``skipped``."""
     names: dict[int, list[str]] = {}
-    loadable = set(model.state_dict(keep_vars=True))
+    _local.inspecting = True  # a model built inside this one's factory must not refuse this
+    try:
+        loadable = set(model.state_dict(keep_vars=True))
+    finally:
+        _local.inspecting = False
     for name, t in model.named_parameters(remove_duplicate=False):
         if t.numel() and _storage(t) in skipped:
             names.setdefault(_storage(t), []).append(name)
@@ -167,7 +172,7 @@ def _guard(model: nn.Module, skipped: set[int]) -> None:
     guards: list[Any] = []
 
     def refuse(*_: Any, **__: Any) -> None:
-        if pending:
+        if pending and not getattr(_local, "inspecting", False):
             first = min(n for ns in pending.values() for n in ns)
             raise ClientAPIError(
                 f"build_model(): '{first}' has no value yet; load the received weights first "
