@@ -3,6 +3,8 @@ until the received weights are loaded into it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -193,3 +195,11 @@ def test_a_model_built_on_the_meta_device_is_left_alone() -> None:
     with torch.device("meta"):
         model = flare.build_model(nn.Linear, 3, 2)
     assert model.weight.is_meta and not model._forward_pre_hooks
+
+
+def test_importing_the_client_api_does_not_import_torch() -> None:
+    """build_model imports torch when it builds: a script's ``import fedctl.client`` (and the
+    Flower bridge's) stays as light as before it existed."""
+    code = "import sys, fedctl.client; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

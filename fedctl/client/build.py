@@ -18,14 +18,15 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedctl.errors import ClientAPIError
 
-M = TypeVar("M", bound=nn.Module)
+if TYPE_CHECKING:  # torch is imported when a model is built: ``import fedctl.client`` stays light
+    import torch
+    from torch import nn
+
+M = TypeVar("M", bound="nn.Module")
 
 #: ``torch.nn.init``'s in-place initialisers: each fills its tensor argument and returns it
 _INITIALISERS = (
@@ -56,6 +57,7 @@ def _skipping(original: Callable[..., Any]) -> Callable[..., Any]:
     """``original``, except for a parameter on a thread inside ``build_model``: that one is
     recorded and left as it is (a plain tensor is initialised as usual: it may be a temporary
     that state outside the state_dict is computed from)."""
+    from torch import nn
 
     @functools.wraps(original)
     def initialiser(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -72,6 +74,8 @@ def _skipping(original: Callable[..., Any]) -> Callable[..., Any]:
 def _bindings() -> list[tuple[object, str, Callable[..., Any]]]:
     """Where the initialisers are bound: ``torch.nn.init`` itself, and the torch.nn modules that
     import them by name (``nn.MultiheadAttention``'s and the transformer layers' modules)."""
+    from torch import nn
+
     found: list[tuple[object, str, Callable[..., Any]]] = []
     for name in _INITIALISERS:
         original: Callable[..., Any] | None = getattr(nn.init, name, None)
@@ -130,6 +134,8 @@ def build_model(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
     given to an initialiser. A factory that keeps a skipped parameter where ``load_state_dict``
     cannot reach it (unregistered, or left out of the state_dict) is refused.
     """
+    from torch import nn
+
     skipped: list[weakref.ref[nn.Parameter]] = []
     with _initialisers_skipped(skipped):
         model = factory(*args, **kwargs)
