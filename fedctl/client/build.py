@@ -76,17 +76,17 @@ def _bindings() -> list[tuple[object, str, Callable[..., Any]]]:
     import them by name (``nn.MultiheadAttention``'s and the transformer layers' modules)."""
     from torch import nn
 
-    found: list[tuple[object, str, Callable[..., Any]]] = []
-    for name in _INITIALISERS:
-        original: Callable[..., Any] | None = getattr(nn.init, name, None)
-        if original is None:
-            continue
-        found.append((nn.init, name, original))
-        for module_name, module in list(sys.modules.items()):
-            if module_name.startswith("torch.nn.modules.") and (
-                getattr(module, name, None) is original
-            ):
-                found.append((module, name, getattr(module, name)))
+    originals: dict[str, Callable[..., Any]] = {
+        name: f for name in _INITIALISERS if (f := getattr(nn.init, name, None))
+    }
+    found: list[tuple[object, str, Callable[..., Any]]] = [
+        (nn.init, name, f) for name, f in originals.items()
+    ]
+    layers = [m for n, m in list(sys.modules.items()) if n.startswith("torch.nn.modules.")]
+    for module in layers:
+        for name, fn in originals.items():
+            if getattr(module, name, None) is fn:
+                found.append((module, name, fn))
     return found
 
 
