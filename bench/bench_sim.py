@@ -12,8 +12,8 @@ Cases (issue #2):
      reference with PyTorch's huge pages on, as fedctl runs client scripts (it speeds up the
      training itself), and for the client script building its model with
      ``flare.build_model`` (no random initialisation) against that reference. Diagnostic runs of
-     the reference that builds its model every site-round
-     (as a per-round script does), with and without huge pages, show how much that build costs.
+     the reference that builds its model every site-round (as a per-round script does), with
+     and without huge pages, show how much that build costs.
   d) ``fedctl --help`` < 0.3 s.
   o) orchestration-bound (issue #15): the ~100k-parameter MLP with one local step per round,
      8 clients × 20 rounds and 64 clients × 5 rounds: wall time (start-up included) and peak
